@@ -1,0 +1,179 @@
+"""Command line: search | resume | report | export | zoo | demo, each a thin call into the package.
+
+Exit codes: 0 success, 2 user error (one line on stderr naming what is wrong), 1 internal failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from evomerge.errors import EvomergeError
+
+logger = logging.getLogger("evomerge")
+DEMO_CONFIG = Path("search_spaces/demo.yaml")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return args.func(args) or 0
+    except EvomergeError as exc:
+        print(f"evomerge: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("evomerge: interrupted; the run directory is intact: `evomerge resume RUN` continues it",
+              file=sys.stderr)
+        return 130
+    except Exception:  # noqa: BLE001 - the last resort: an internal failure, with its traceback
+        logger.exception("internal error")
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evomerge", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    cmd = commands.add_parser("search", help="start a search from a config file")
+    cmd.add_argument("config", type=Path, help="YAML config (see search_spaces/)")
+    cmd.add_argument("--run-dir", type=Path, help="output folder (default: runs/<name>)")
+    cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config field, e.g. --set search.generations=5 (repeatable)")
+    cmd.set_defaults(func=cmd_search)
+
+    cmd = commands.add_parser("resume", help="continue a stopped run from its checkpoint and journal")
+    cmd.add_argument("run_dir", type=Path)
+    cmd.set_defaults(func=cmd_resume)
+
+    cmd = commands.add_parser("report", help="summarise a run (best trial, references, progress)")
+    cmd.add_argument("run_dir", type=Path)
+    cmd.add_argument("--json", action="store_true", help="print one JSON object")
+    cmd.set_defaults(func=cmd_report)
+
+    cmd = commands.add_parser("export", help="write a trial as an HF model folder + mergekit YAML + recipe")
+    cmd.add_argument("run_dir", type=Path)
+    cmd.add_argument("--out", type=Path, required=True, help="target folder (must be empty unless --force)")
+    cmd.add_argument("--trial", type=int, help="trial id (default: the best trial)")
+    cmd.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    cmd.add_argument("--verify", action="store_true", help="re-evaluate the exported folder and compare")
+    cmd.set_defaults(func=cmd_export)
+
+    cmd = commands.add_parser("zoo", help="build the tiny demo models (tokenizer, base, experts)")
+    cmd.add_argument("out", type=Path, nargs="?", default=Path("runs/zoo"))
+    cmd.add_argument("--quick", action="store_true", help="few training steps (for tests)")
+    cmd.set_defaults(func=cmd_zoo)
+
+    cmd = commands.add_parser("demo", help="build the demo zoo if missing, then run search_spaces/demo.yaml")
+    cmd.add_argument("--config", type=Path, default=DEMO_CONFIG)
+    cmd.add_argument("--run-dir", type=Path, default=Path("runs/demo"),
+                     help="output folder; an existing demo run is resumed (and just reported if finished)")
+    cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    cmd.set_defaults(func=cmd_demo)
+    return parser
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "lm_eval", "lm-eval", "ray", "datasets", "urllib3", "filelock", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def log_to_run_dir(run_dir: Path) -> None:
+    handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("evomerge").addHandler(handler)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from evomerge.config import load_config
+    from evomerge.search import search
+
+    config = load_config(args.config, args.overrides)
+    run_dir = args.run_dir or Path("runs") / config.name
+    summary = search(config, run_dir, on_created=log_to_run_dir)
+    print(_text(summary))
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from evomerge.search import resume
+
+    if (args.run_dir / "config.yaml").is_file():
+        log_to_run_dir(args.run_dir)
+    print(_text(resume(args.run_dir)))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from evomerge.report import summarize
+    from evomerge.run_dir import RunDir
+
+    run = RunDir.open(args.run_dir)
+    summary = summarize(run.records(), run.config())
+    print(json.dumps(summary, indent=1) if args.json else _text(summary))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from evomerge.export import evaluate_folder, export
+    from evomerge.run_dir import RunDir
+
+    record = export(args.run_dir, args.out, trial_id=args.trial, force=args.force)
+    print(f"exported trial {record['trial']} (quality {record['quality']:.4f}) to {args.out}")
+    if args.verify:
+        reproduced = evaluate_folder(RunDir.open(args.run_dir).config(), args.out)
+        same = reproduced == record["quality"]
+        print(f"re-evaluated: quality {reproduced:.4f} ({'equal to' if same else 'DIFFERS from'} the journal)")
+        return 0 if same else 1
+    return 0
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from evomerge.zoo import build_zoo
+
+    paths = build_zoo(args.out, quick=args.quick)
+    print("\n".join(f"{name}: {path}" for name, path in paths.items()))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from evomerge.config import load_config, read_yaml
+    from evomerge.search import resume, search
+    from evomerge.zoo import build_zoo
+
+    if not args.config.is_file():
+        raise EvomergeError(f"--config: {args.config} not found; run `evomerge demo` from the repository root "
+                            f"or pass --config path/to/search_spaces/demo.yaml")
+    raw = read_yaml(args.config)
+    zoo_dir = (args.config.resolve().parent / str(raw.get("models", {}).get("base", ""))).parent
+    if not (zoo_dir / "zoo.json").is_file():
+        logger.info("building the demo zoo in %s (about two minutes)", zoo_dir)
+        build_zoo(zoo_dir)
+    if (args.run_dir / "config.yaml").is_file():
+        logger.info("%s holds a demo run already: resuming it (a finished run is only reported)", args.run_dir)
+        log_to_run_dir(args.run_dir)
+        summary = resume(args.run_dir)
+    else:
+        summary = search(load_config(args.config, args.overrides), args.run_dir, on_created=log_to_run_dir)
+    print(_text(summary))
+    print(f"\nexport the best trial: evomerge export {args.run_dir} --out {args.run_dir}/export --verify")
+    return 0
+
+
+def _text(summary: dict) -> str:
+    from evomerge.report import format_text
+
+    return format_text(summary)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""One run's configuration: frozen pydantic models, loaded from YAML with every error at once.
+
+`load_config(path, overrides)` reads the YAML safely, applies `a.b=value` overrides, validates
+every field, resolves relative paths against the config file's folder and checks that the
+model folders and task folders exist. All problems are reported together in one ConfigError
+whose message is one line: `file: field: problem; field: problem`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evomerge.errors import ConfigError
+
+MERGE_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp")
+DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_BOUNDS = {"weight": (0.0, 1.5), "density": (0.1, 1.0), "t": (0.0, 1.0)}
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelsConfig(_Frozen):
+    base: str = Field(min_length=1)
+    experts: list[str] = Field(min_length=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    trust_remote_code: bool = False
+
+    @property
+    def sources(self) -> list[str]:
+        """Base first, then the experts in config order."""
+        return [self.base, *self.experts]
+
+
+class MergeConfig(_Frozen):
+    method: Literal["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp"] = (
+        "task_arithmetic"
+    )
+    granularity: str = "layer"
+    bounds: dict[Literal["weight", "density", "t"], tuple[float, float]] = Field(default_factory=dict)
+
+    @field_validator("granularity")
+    @classmethod
+    def _granularity(cls, value: str) -> str:
+        if value in ("global", "layer"):
+            return value
+        match = re.fullmatch(r"block:(\d+)", value)
+        if match and int(match.group(1)) >= 1:
+            return value
+        raise ValueError(f"expected one of: global, layer, block:N with N >= 1 (got {value!r})")
+
+    @field_validator("bounds")
+    @classmethod
+    def _bounds(cls, value: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        for gene, (low, high) in value.items():
+            if not (math.isfinite(low) and math.isfinite(high) and low < high):
+                raise ValueError(f"{gene}: expected [low, high] with finite low < high (got [{low}, {high}])")
+            if gene in ("density", "t") and not (0.0 <= low and high <= 1.0):
+                raise ValueError(f"{gene}: expected bounds within [0, 1] (got [{low}, {high}])")
+            if gene == "density" and low <= 0.0:
+                raise ValueError(f"density: expected low > 0 (got {low})")
+        return value
+
+    def bound(self, gene: str) -> tuple[float, float]:
+        return tuple(self.bounds.get(gene, DEFAULT_BOUNDS[gene]))  # type: ignore[return-value]
+
+    @property
+    def block_size(self) -> int | None:
+        """Layers per group for `block:N`, None for global and layer."""
+        return int(self.granularity.split(":")[1]) if self.granularity.startswith("block:") else None
+
+
+class TaskSpec(_Frozen):
+    name: str = Field(min_length=1)
+    metric: str = Field(min_length=1)
+    weight: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
+    filter: str = "none"
+    higher_is_better: bool | None = None  # None: take lm-eval's own direction for the metric
+
+
+class EvalConfig(_Frozen):
+    include_path: list[str] = Field(default_factory=list)
+    tasks: list[TaskSpec] = Field(min_length=1)
+    limit: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    num_fewshot: int | None = Field(default=None, ge=0)
+
+    @field_validator("include_path", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else ([] if value is None else value)
+
+    @model_validator(mode="after")
+    def _unique_tasks(self) -> EvalConfig:
+        names = [task.name for task in self.tasks]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"tasks: each task once (repeated: {', '.join(duplicates)})")
+        return self
+
+
+class SearchConfig(_Frozen):
+    strategy: Literal["cma", "random"] = "cma"
+    population: int | None = Field(default=None, ge=2)  # None: CMA-ES default 4 + floor(3 ln n)
+    generations: int = Field(default=10, ge=1)
+    sigma0: float = Field(default=0.2, gt=0.0, le=1.0)  # in the normalised [0, 1] box
+    x0: float = Field(default=0.5, ge=0.0, le=1.0)  # every gene starts here (normalised)
+    references: bool = True  # evaluate the sources and the uniform merge in generation 0
+
+
+class WorkersConfig(_Frozen):
+    count: int = Field(default=1, ge=1)
+    cpus_per_worker: float = Field(default=1, gt=0)
+    gpus_per_worker: float = Field(default=0, ge=0)
+    ray_address: str | None = None
+
+
+class RunConfig(_Frozen):
+    name: str = Field(default="run", pattern=r"^[\w.-]+$")
+    seed: int = Field(default=0, ge=0, lt=2**32)
+    models: ModelsConfig
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    eval: EvalConfig
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
+
+    @model_validator(mode="after")
+    def _method_fits_models(self) -> RunConfig:
+        if self.merge.method == "slerp" and len(self.models.experts) != 1:
+            raise ValueError(
+                f"merge.method: slerp interpolates base and exactly one expert "
+                f"(got {len(self.models.experts)} experts)"
+            )
+        return self
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read, override, validate and resolve a config file; raise one ConfigError listing all problems."""
+    path = Path(path)
+    raw = read_yaml(path)
+    for override in overrides:
+        _apply_override(raw, override)
+    config = validate(raw, source=str(path))
+    return resolve_paths(config, path.resolve().parent, source=str(path))
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"{path}: no such config file")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, expected a YAML config file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"{path}:{where}: invalid YAML ({problem})") from None
+    except (UnicodeDecodeError, OSError) as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a YAML mapping at the top level (got {type(raw).__name__})")
+    return raw
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a raw mapping; every invalid field is reported at once, by its dotted name."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe(error) for error in exc.errors()]
+        raise ConfigError(f"{source}: {len(problems)} error(s): " + "; ".join(problems)) from None
+
+
+def _describe(error: dict[str, Any]) -> str:
+    field = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        parent = _model_at(error["loc"][:-1])
+        allowed = ", ".join(parent.model_fields) if parent else "?"
+        return f"{field}: unknown key; expected one of: {allowed}"
+    if error["type"] == "missing":
+        return f"{field}: required field is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{field}: {message} (got {_short(error.get('input'))})" if "got" not in message else f"{field}: {message}"
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: Any = RunConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        model = next((a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return None
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. search.generations=5")
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a mapping")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def resolve_paths(config: RunConfig, folder: Path, source: str = "config") -> RunConfig:
+    """Make model and include paths absolute (relative to the config's folder) and check they exist."""
+    problems: list[str] = []
+    base = _resolve_model(config.models.base, folder, "models.base", problems)
+    experts = [
+        _resolve_model(expert, folder, f"models.experts.{i}", problems)
+        for i, expert in enumerate(config.models.experts)
+    ]
+    includes = []
+    for i, include in enumerate(config.eval.include_path):
+        resolved = (folder / include).resolve()
+        if not resolved.is_dir():
+            problems.append(f"eval.include_path.{i}: no such folder {str(resolved)!r}")
+        includes.append(str(resolved))
+    if problems:
+        raise ConfigError(f"{source}: {len(problems)} error(s): " + "; ".join(problems))
+    models = config.models.model_copy(update={"base": base, "experts": experts})
+    evals = config.eval.model_copy(update={"include_path": includes})
+    return config.model_copy(update={"models": models, "eval": evals})
+
+
+def _resolve_model(value: str, folder: Path, field: str, problems: list[str]) -> str:
+    """A local folder (resolved against the config folder) or a Hugging Face id `org/name`."""
+    candidate = (folder / value).expanduser()
+    if candidate.is_dir():
+        if not (candidate / "config.json").is_file():
+            problems.append(f"{field}: folder {str(candidate.resolve())!r} has no config.json (not a model folder)")
+        return str(candidate.resolve())
+    if candidate.exists():
+        problems.append(f"{field}: {str(candidate.resolve())!r} is a file, expected a model folder")
+        return value
+    looks_local = value.startswith((".", "/", "~")) or value.count("/") > 1
+    if looks_local or not _HF_ID.match(value):
+        problems.append(f"{field}: no such model folder {str(candidate.resolve())!r}")
+    return value
+
+
+def dump_config(config: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_yaml_dict(), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,99 @@
+"""lm-eval on an in-memory model: tasks loaded once, one `evaluate` call per candidate.
+
+`lm_eval.simple_evaluate` rebuilds the task index, reseeds python/numpy/torch globally and
+runs `pip list` on every call. A candidate should cost what its forward passes cost, so the
+`Evaluator` does once what simple_evaluate does per call (load the tasks with a TaskManager
+that indexes only our include paths, set few-shot counts and the few-shot seed, wrap the
+model in HFLM) and then calls `lm_eval.evaluator.evaluate` per candidate. The model is the
+worker's preallocated one, whose weights the merger overwrites in place, so the same HFLM
+serves every candidate.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from evomerge.config import EvalConfig, TaskSpec
+from evomerge.errors import EvalError
+
+logger = logging.getLogger(__name__)
+
+FEWSHOT_SEED = 1234  # lm-eval's own default, so few-shot examples match a plain lm-eval run
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    value: float
+    higher_is_better: bool
+
+
+def task_manager(eval_config: EvalConfig):
+    """A TaskManager over our include paths; lm-eval's default index only when a task needs it."""
+    from lm_eval.tasks import TaskManager
+
+    names = [task.name for task in eval_config.tasks]
+    if eval_config.include_path:
+        local = TaskManager(include_path=eval_config.include_path, include_defaults=False, verbosity="ERROR")
+        if all(name in local.all_tasks for name in names):
+            return local
+    manager = TaskManager(include_path=eval_config.include_path or None, include_defaults=True,
+                          verbosity="ERROR")
+    unknown = [name for name in names if name not in manager.all_tasks]
+    if unknown:
+        raise EvalError(f"eval.tasks: unknown lm-eval task(s) {', '.join(unknown)}; "
+                        f"not in eval.include_path nor in lm-eval's own tasks")
+    return manager
+
+
+class Evaluator:
+    """Scores whatever weights `model` holds at call time on the configured tasks."""
+
+    def __init__(self, eval_config: EvalConfig, model: Any, tokenizer: Any, device: str | None = None):
+        from lm_eval.models.huggingface import HFLM
+
+        self.config = eval_config
+        self.tasks = task_manager(eval_config).load([task.name for task in eval_config.tasks])
+        for task in self.tasks["tasks"].values():
+            if eval_config.num_fewshot is not None and task.get_config("num_fewshot") != 0:
+                task.set_config(key="num_fewshot", value=eval_config.num_fewshot)
+            elif task.get_config("num_fewshot") is None:
+                task.set_config(key="num_fewshot", value=0)
+            task.set_fewshot_seed(seed=FEWSHOT_SEED)
+        self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=eval_config.batch_size,
+                       device=device)
+
+    def __call__(self) -> dict[str, TaskScore]:
+        from lm_eval.evaluator import evaluate
+
+        results = evaluate(lm=self.lm, task_dict=self.tasks, limit=self.config.limit, bootstrap_iters=0,
+                           log_samples=False, verbosity="ERROR")
+        return {task.name: read_score(results, task) for task in self.config.tasks}
+
+
+def read_score(results: dict[str, Any], task: TaskSpec) -> TaskScore:
+    """The configured metric of one task from lm-eval's results, with its direction."""
+    per_task = results["results"].get(task.name)
+    if per_task is None:
+        raise EvalError(f"eval.tasks.{task.name}: lm-eval returned no results for this task")
+    key = f"{task.metric},{task.filter}"
+    if key not in per_task:
+        available = sorted(k for k in per_task if "," in k and not k.split(",")[0].endswith("_stderr"))
+        raise EvalError(f"eval.tasks.{task.name}.metric: {key!r} not reported; lm-eval reports: {', '.join(available)}")
+    value = float(per_task[key])
+    if not math.isfinite(value):
+        raise EvalError(f"eval.tasks.{task.name}: metric {key!r} is {value} (not finite)")
+    higher = task.higher_is_better
+    if higher is None:
+        higher = bool(results.get("higher_is_better", {}).get(task.name, {}).get(task.metric, True))
+    return TaskScore(value, higher)
+
+
+def quality(scores: dict[str, TaskScore], tasks: list[TaskSpec]) -> float:
+    """Weighted mean over tasks of the metric, negated where lower is better (higher quality is better)."""
+    total = sum(task.weight for task in tasks)
+    signed = sum(task.weight * (s.value if s.higher_is_better else -s.value)
+                 for task in tasks for s in [scores[task.name]])
+    return signed / total

@@ -1,0 +1,130 @@
+"""A trial -> a Hugging Face model folder, a mergekit YAML and the recipe JSON.
+
+The folder is the exact artifact: it is merged with the same code the workers ran, so
+reloading it and evaluating it reproduces the journaled quality. The mergekit YAML expresses
+per-layer coefficients as tensor-name filters (`model.layers.3.` -> value) with a final
+default for embeddings, norm and head; random-drop methods (dare_*) draw their masks with
+evomerge's seeds, so mergekit reproduces them only in distribution.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from evomerge.config import RunConfig
+from evomerge.errors import ConfigError
+from evomerge.genome import ALL, EMBED_HEAD, Recipe, group_of, layer_index
+from evomerge.merger import load_merge_target
+from evomerge.report import best_trial
+from evomerge.run_dir import RunDir
+from evomerge.sources import load_tokenizer, pick_device
+
+logger = logging.getLogger(__name__)
+
+
+def export(run_dir: str | Path, out: str | Path, trial_id: int | None = None, force: bool = False) -> dict[str, Any]:
+    """Write trial `trial_id` (default: the best) of a run to `out`; return its journal record."""
+    run = RunDir.open(run_dir)
+    config = run.config()
+    record = pick_trial(run, trial_id)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ConfigError(f"--out: {out} exists and is not empty; choose another folder or pass --force")
+    out.mkdir(parents=True, exist_ok=True)
+
+    recipe = Recipe.from_json(record["recipe"])
+    model, merger = load_merge_target(config.models, config.seed, pick_device(config.models.device))
+    merger.merge_into(model, recipe)
+    model.save_pretrained(out, safe_serialization=True)
+    load_tokenizer(config.models.base, config.models).save_pretrained(out)
+    names = [name for name, _ in model.named_parameters()]
+    (out / "mergekit.yaml").write_text(mergekit_yaml(recipe, config, names), encoding="utf-8")
+    (out / "recipe.json").write_text(json.dumps({"trial": record["trial"], "quality": record["quality"],
+                                                 "metrics": record["metrics"], "seed": config.seed,
+                                                 "recipe": record["recipe"]}, indent=1), encoding="utf-8")
+    logger.info("exported trial %d (quality %.4f) to %s", record["trial"], record["quality"], out)
+    return record
+
+
+def pick_trial(run: RunDir, trial_id: int | None) -> dict[str, Any]:
+    records = run.finished()
+    if trial_id is None:
+        record = best_trial(list(records.values()))
+        if record is None:
+            raise ConfigError(f"{run.path}: no completed trial to export yet")
+        return record
+    if trial_id not in records:
+        raise ConfigError(f"--trial: no trial {trial_id} in {run.path} (trials 0..{max(records, default=-1)})")
+    if records[trial_id]["state"] != "complete":
+        raise ConfigError(f"--trial: trial {trial_id} FAILED ({records[trial_id]['error']}); pick a completed one")
+    return records[trial_id]
+
+
+def mergekit_yaml(recipe: Recipe, config: RunConfig, parameter_names: list[str]) -> str:
+    """A mergekit config for the recipe: per-model parameters as layer filters with a default."""
+    experts = list(config.models.experts)
+    layer_prefixes = _layer_prefixes(parameter_names, recipe.num_layers)
+    models: list[dict[str, Any]] = []
+    document: dict[str, Any] = {"merge_method": recipe.method}
+    if recipe.method == "slerp":
+        document["base_model"] = config.models.base
+        document["models"] = [{"model": config.models.base}, {"model": experts[0]}]
+        document["parameters"] = {"t": _values(recipe, "t", 0, layer_prefixes)}
+    else:
+        for index, path in enumerate(experts):
+            genes = next(iter(recipe.params.values())).keys()
+            models.append({"model": path, "parameters": {gene: _values(recipe, gene, index, layer_prefixes)
+                                                         for gene in genes}})
+        if recipe.method != "linear":
+            document["base_model"] = config.models.base
+        document["models"] = models
+    document["dtype"] = config.models.dtype
+    document["tokenizer_source"] = "base"
+    header = f"# evomerge export: recipe {recipe.label or ''} seed {config.seed}\n"
+    if recipe.method.startswith("dare"):
+        header += "# dare masks are random: mergekit draws its own, so its tensors match only in distribution\n"
+    return header + yaml.safe_dump(document, sort_keys=False)
+
+
+def _values(recipe: Recipe, gene: str, expert: int, layer_prefixes: dict[int, str]) -> Any:
+    """A scalar when every group agrees, else `[{filter: 'model.layers.i.', value}, ..., {value}]`."""
+    if set(recipe.params) == {ALL}:
+        return recipe.params[ALL][gene][expert]
+    entries = []
+    for index, prefix in sorted(layer_prefixes.items()):
+        group = group_of(prefix + "weight", recipe.granularity, recipe.num_layers)
+        entries.append({"filter": prefix, "value": recipe.params[group][gene][expert]})
+    entries.append({"value": recipe.params[EMBED_HEAD][gene][expert]})
+    return entries
+
+
+def _layer_prefixes(names: list[str], num_layers: int) -> dict[int, str]:
+    """Layer index -> tensor-name prefix that selects exactly that layer (e.g. 'model.layers.3.')."""
+    prefixes: dict[int, str] = {}
+    for name in names:
+        index = layer_index(name)
+        if index is not None and index < num_layers and index not in prefixes:
+            marker = f".{index}."
+            prefixes[index] = name[: name.index(marker) + len(marker)] if marker in name else f"{index}."
+    return prefixes
+
+
+def evaluate_folder(config: RunConfig, folder: str | Path) -> float:
+    """Score an exported model folder with the run's tasks (the check that export reproduces the journal)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.evaluate import Evaluator, quality
+    from evomerge.sources import torch_dtype
+
+    device = pick_device(config.models.device)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(config.models.dtype)).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    with torch.inference_mode():
+        scores = Evaluator(config.eval, model, tokenizer, device=str(device))()
+    return quality(scores, list(config.eval.tasks))

@@ -1,0 +1,185 @@
+"""A flat vector in the unit box <-> a merge recipe.
+
+The search works in [0, 1]^n; `GenomeLayout.decode` maps each coordinate linearly onto its
+gene's bounds. Genes are laid out group by group, then expert by expert, then gene by gene
+(weight before density), so a layout reads like a table:
+
+    group        expert  gene     index
+    layers.0     0       weight   0
+    layers.0     1       weight   1
+    ...
+    embed_head   1       weight   n-1
+
+Groups follow `merge.granularity`: `global` (one group), `layer` (one per transformer layer),
+`block:N` (N consecutive layers), each plus `embed_head` (embeddings, final norm, lm_head and
+anything else outside the layer stack). A recipe is plain data: JSON in the journal, the
+input of the merger and of the mergekit export.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from evomerge.errors import ConfigError
+
+EMBED_HEAD = "embed_head"
+ALL = "all"
+_LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+# Genes each method evolves per expert ("t" is one value per group: slerp has one expert).
+METHOD_GENES: dict[str, tuple[str, ...]] = {
+    "linear": ("weight",),
+    "task_arithmetic": ("weight",),
+    "ties": ("weight", "density"),
+    "dare_ties": ("weight", "density"),
+    "dare_linear": ("weight", "density"),
+    "slerp": ("t",),
+}
+
+
+def layer_index(name: str) -> int | None:
+    """Index of the transformer layer a parameter belongs to (`model.layers.3.mlp...` -> 3)."""
+    match = _LAYER_INDEX.search(name)
+    return int(match.group(1)) if match else None
+
+
+def group_names(granularity: str, num_layers: int) -> list[str]:
+    if granularity == "global":
+        return [ALL]
+    size = 1 if granularity == "layer" else int(granularity.split(":")[1])
+    groups = [_block_name(start, min(start + size, num_layers), size) for start in range(0, num_layers, size)]
+    return [*groups, EMBED_HEAD]
+
+
+def _block_name(start: int, stop: int, size: int) -> str:
+    return f"layers.{start}" if size == 1 else f"layers.{start}-{stop - 1}"
+
+
+def group_of(name: str, granularity: str, num_layers: int) -> str:
+    """The group a parameter's coefficients come from."""
+    if granularity == "global":
+        return ALL
+    index = layer_index(name)
+    if index is None or index >= num_layers:
+        return EMBED_HEAD
+    size = 1 if granularity == "layer" else int(granularity.split(":")[1])
+    start = index - index % size
+    return _block_name(start, min(start + size, num_layers), size)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What to merge: a method, and per group the per-expert gene values."""
+
+    method: str
+    granularity: str
+    num_layers: int
+    params: dict[str, dict[str, list[float]]]  # group -> gene -> one value per expert (t: one value)
+    label: str | None = None  # references: "base", "expert:1", "uniform"
+
+    def for_tensor(self, name: str) -> dict[str, Any]:
+        """Keyword arguments for the merge method for one parameter tensor."""
+        genes = self.params[group_of(name, self.granularity, self.num_layers)]
+        return {gene: (values[0] if gene == "t" else list(values)) for gene, values in genes.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        data = {"method": self.method, "granularity": self.granularity, "num_layers": self.num_layers,
+                "params": self.params}
+        if self.label is not None:
+            data["label"] = self.label
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Recipe:
+        return cls(method=data["method"], granularity=data["granularity"], num_layers=int(data["num_layers"]),
+                   params={g: {k: [float(v) for v in vs] for k, vs in genes.items()}
+                           for g, genes in data["params"].items()},
+                   label=data.get("label"))
+
+
+@dataclass(frozen=True)
+class Gene:
+    group: str
+    expert: int  # index into models.experts; 0 for slerp's t
+    name: str
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class GenomeLayout:
+    method: str
+    granularity: str
+    num_layers: int
+    num_experts: int
+    genes: tuple[Gene, ...] = field(repr=False)
+
+    @classmethod
+    def build(cls, method: str, granularity: str, num_layers: int, num_experts: int,
+              bounds: dict[str, tuple[float, float]]) -> GenomeLayout:
+        if method not in METHOD_GENES:
+            raise ConfigError(f"merge.method: unknown {method!r}; expected one of: {', '.join(METHOD_GENES)}")
+        per_expert = METHOD_GENES[method]
+        experts = 1 if per_expert == ("t",) else num_experts
+        genes = tuple(
+            Gene(group, expert, gene, *bounds[gene])
+            for group in group_names(granularity, num_layers)
+            for expert in range(experts)
+            for gene in per_expert
+        )
+        return cls(method, granularity, num_layers, num_experts, genes)
+
+    @property
+    def size(self) -> int:
+        return len(self.genes)
+
+    def decode(self, x: Sequence[float], label: str | None = None) -> Recipe:
+        """Map a point of the unit box to a recipe. Raises ValueError naming a bad index or value."""
+        x = np.asarray(x, dtype=float)
+        if x.shape != (self.size,):
+            raise ValueError(f"genome: expected {self.size} values, got shape {tuple(x.shape)}")
+        params: dict[str, dict[str, list[float]]] = {}
+        for index, (gene, value) in enumerate(zip(self.genes, x)):
+            if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"genome[{index}] ({gene.group}/{gene.name}/expert {gene.expert}): "
+                                 f"expected a value in [0, 1], got {value!r}")
+            actual = gene.low + float(value) * (gene.high - gene.low)
+            params.setdefault(gene.group, {}).setdefault(gene.name, []).append(actual)
+        return Recipe(self.method, self.granularity, self.num_layers, params, label)
+
+    def encode(self, recipe: Recipe) -> np.ndarray:
+        """Inverse of decode for a recipe of this layout (values clipped into the box)."""
+        x = np.empty(self.size)
+        counters: dict[tuple[str, str], int] = {}
+        for index, gene in enumerate(self.genes):
+            slot = counters.get((gene.group, gene.name), 0)
+            counters[(gene.group, gene.name)] = slot + 1
+            value = recipe.params[gene.group][gene.name][slot]
+            x[index] = (value - gene.low) / (gene.high - gene.low)
+        return np.clip(x, 0.0, 1.0)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"index": i, "group": g.group, "expert": g.expert, "gene": g.name, "bounds": [g.low, g.high]}
+                for i, g in enumerate(self.genes)]
+
+
+def reference_recipes(num_experts: int, num_layers: int) -> list[Recipe]:
+    """The reference points of generation 0: the base, each expert, the uniform merge of the experts.
+
+    Base is task arithmetic with all weights 0; expert i is a linear merge with one-hot weights
+    (both reproduce the source exactly); uniform is the plain average of the experts.
+    """
+    zeros = [0.0] * num_experts
+    recipes = [Recipe("task_arithmetic", "global", num_layers, {ALL: {"weight": zeros}}, label="base")]
+    for i in range(num_experts):
+        one_hot = [1.0 if j == i else 0.0 for j in range(num_experts)]
+        recipes.append(Recipe("linear", "global", num_layers, {ALL: {"weight": one_hot}}, label=f"expert:{i}"))
+    if num_experts > 1:
+        recipes.append(Recipe("linear", "global", num_layers, {ALL: {"weight": [1.0] * num_experts}},
+                              label="uniform"))
+    return recipes

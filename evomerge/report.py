@@ -1,0 +1,81 @@
+"""Journal -> summary: best trial, reference points, per-generation progress; as JSON or a table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from evomerge.config import RunConfig
+
+
+def summarize(records: list[dict[str, Any]], config: RunConfig) -> dict[str, Any]:
+    best, best_evolved = best_trial(records), best_trial([r for r in records if r["label"] is None])
+    references = [_brief(r) for r in sorted(records, key=lambda r: r["trial"]) if r["label"] is not None]
+    generations = []
+    best_so_far = None
+    for generation in sorted({r["generation"] for r in records}):
+        members = [r for r in records if r["generation"] == generation]
+        scored = [r["quality"] for r in members if r["state"] == "complete" and r["label"] is None]
+        if scored:
+            best_so_far = max(scored) if best_so_far is None else max(best_so_far, max(scored))
+        generations.append({
+            "generation": generation,
+            "trials": len(members),
+            "failed": sum(r["state"] == "failed" for r in members),
+            "best_quality": max(scored) if scored else None,
+            "mean_quality": sum(scored) / len(scored) if scored else None,
+            "best_so_far": best_so_far,
+        })
+    return {
+        "name": config.name,
+        "trials": len(records),
+        "failed": sum(r["state"] == "failed" for r in records),
+        "tasks": [task.name for task in config.eval.tasks],
+        "best": _brief(best) if best else None,
+        "best_evolved": _brief(best_evolved) if best_evolved else None,
+        "references": references,
+        "generations": generations,
+        "failures": [{"trial": r["trial"], "error": r["error"]} for r in records if r["state"] == "failed"],
+    }
+
+
+def _rank(record: dict[str, Any]) -> tuple[float, int]:
+    """Best quality first; among equals the earliest trial (a stable, reproducible choice)."""
+    return record["quality"], -record["trial"]
+
+
+def _brief(record: dict[str, Any]) -> dict[str, Any]:
+    return {"trial": record["trial"], "label": record["label"], "generation": record["generation"],
+            "state": record["state"], "quality": record.get("quality"), "metrics": record.get("metrics", {}),
+            "recipe": record["recipe"], "error": record.get("error")}
+
+
+def best_trial(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    complete = [r for r in records if r["state"] == "complete"]
+    return max(complete, key=_rank) if complete else None
+
+
+def format_text(summary: dict[str, Any]) -> str:
+    tasks = summary["tasks"]
+    lines = [f"run {summary['name']}: {summary['trials']} trials, {summary['failed']} failed", ""]
+    header = f"{'':<22}{'trial':>6}{'quality':>9}" + "".join(f"{t[:12]:>13}" for t in tasks)
+    lines.append(header)
+    rows = [(r["label"], r) for r in summary["references"]]
+    if summary["best_evolved"]:
+        rows.append(("best evolved", summary["best_evolved"]))
+    for name, row in rows:
+        if row["state"] != "complete":
+            lines.append(f"{name:<22}{row['trial']:>6}   FAILED  {row['error']}")
+            continue
+        lines.append(f"{name:<22}{row['trial']:>6}{row['quality']:>9.4f}"
+                     + "".join(f"{row['metrics'].get(t, float('nan')):>13.4f}" for t in tasks))
+    lines += ["", f"{'generation':>10}{'trials':>8}{'failed':>8}{'best':>9}{'mean':>9}{'best so far':>13}"]
+    for g in summary["generations"]:
+        lines.append(f"{g['generation']:>10}{g['trials']:>8}{g['failed']:>8}{_num(g['best_quality']):>9}"
+                     f"{_num(g['mean_quality']):>9}{_num(g['best_so_far']):>13}")
+    for failure in summary["failures"]:
+        lines.append(f"trial {failure['trial']} FAILED: {failure['error']}")
+    return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

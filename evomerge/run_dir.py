@@ -1,0 +1,144 @@
+"""The run directory: everything a run writes, readable after a crash at any instant.
+
+    RUN/
+      config.yaml       the resolved config (absolute paths), written once at creation
+      genome.json       the genome layout: index -> group, expert, gene, bounds
+      journal.jsonl     one line per finished trial, appended, flushed and fsynced
+      checkpoint.pkl    optimiser + RNG state after the last finished generation (temp file + rename)
+      summary.json      best trial, references, per-generation stats (rewritten each generation)
+      run.log           the driver's log
+
+A truncated last journal line (a crash mid-append) is ignored when reading.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from evomerge.config import RunConfig, dump_config, read_yaml, validate
+from evomerge.errors import ConfigError, ResumeError
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+CONFIG, GENOME, JOURNAL, CHECKPOINT, SUMMARY, LOG = (
+    "config.yaml", "genome.json", "journal.jsonl", "checkpoint.pkl", "summary.json", "run.log")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    generation: int  # generations finished
+    next_trial_id: int
+    strategy_state: bytes
+    schema: int = SCHEMA_VERSION
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temp file, fsync, rename over `path`: readers see the old or the new file, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, path: str | Path, config: RunConfig, layout: list[dict[str, Any]]) -> RunDir:
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"--run-dir: {path} exists and is not a directory")
+        if (path / JOURNAL).exists() or (path / CONFIG).exists():
+            raise ConfigError(f"--run-dir: {path} already holds a run; use `evomerge resume {path}` "
+                              f"or choose another --run-dir")
+        path.mkdir(parents=True, exist_ok=True)
+        run = cls(path)
+        dump_config(config, path / CONFIG)
+        write_atomic(path / GENOME, json.dumps(layout, indent=1).encode())
+        (path / JOURNAL).touch()
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path) -> RunDir:
+        path = Path(path)
+        if not (path / CONFIG).is_file():
+            raise ResumeError(f"{path}: not a run directory (no {CONFIG})")
+        return cls(path)
+
+    def config(self) -> RunConfig:
+        return validate(read_yaml(self.path / CONFIG), source=str(self.path / CONFIG))
+
+    # -- journal -------------------------------------------------------------------------
+    def append(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, sort_keys=True, allow_nan=False) + "\n"
+        with open(self.path / JOURNAL, "a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every complete journal line, in the order written; a torn last line is skipped."""
+        path = self.path / JOURNAL
+        if not path.exists():
+            return []
+        records = []
+        lines = path.read_text(encoding="utf-8").split("\n")
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number >= len(lines) - 1:  # the last line, cut short by a crash
+                    logger.warning("%s: ignoring a truncated last line", path)
+                    continue
+                raise ResumeError(f"{path}: line {number} is not valid JSON") from None
+        return records
+
+    def finished(self) -> dict[int, dict[str, Any]]:
+        return {record["trial"]: record for record in self.records()}
+
+    # -- checkpoint and summary ------------------------------------------------------------
+    def save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        write_atomic(self.path / CHECKPOINT, pickle.dumps(checkpoint))
+
+    def load_checkpoint(self) -> Checkpoint | None:
+        path = self.path / CHECKPOINT
+        if not path.exists():
+            return None
+        try:
+            checkpoint = pickle.loads(path.read_bytes())
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem for the user
+            raise ResumeError(f"{path}: unreadable checkpoint ({type(exc).__name__})") from None
+        if getattr(checkpoint, "schema", None) != SCHEMA_VERSION:
+            raise ResumeError(f"{path}: checkpoint schema {getattr(checkpoint, 'schema', None)}, "
+                              f"this evomerge reads {SCHEMA_VERSION}")
+        return checkpoint
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_atomic(self.path / SUMMARY, json.dumps(summary, indent=1, sort_keys=True).encode())
+
+
+def canonical(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Journal records without the fields that vary between identical runs (timings, worker, order)."""
+    volatile = {"seconds", "worker", "traceback"}
+    return sorted(({k: v for k, v in r.items() if k not in volatile} for r in records), key=lambda r: r["trial"])

@@ -1,0 +1,131 @@
+"""The source models of a run: where they live, whether they can be merged, how to load them.
+
+`check_sources` runs in the driver before any worker starts: it reads each model's config,
+tokenizer vocabulary and tensor names/shapes (from the config on the meta device, so it costs
+no weights) and refuses incompatible sources with the field or tensor named.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from evomerge.config import ModelsConfig
+from evomerge.errors import ConfigError, ModelMismatchError
+
+logger = logging.getLogger(__name__)
+
+_ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "intermediate_size", "tie_word_embeddings")
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    num_layers: int
+    tied_embeddings: bool
+    shapes: dict[str, tuple[int, ...]]  # parameter name -> shape (tied duplicates removed)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():  # GPU-only branch guard
+        raise ConfigError("models.device: 'cuda' asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def field_names(models: ModelsConfig) -> list[str]:
+    return ["models.base", *[f"models.experts.{i}" for i in range(len(models.experts))]]
+
+
+def check_sources(models: ModelsConfig) -> SourceInfo:
+    """Refuse sources that cannot be merged, naming the field or tensor; return what the genome needs."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    configs, vocabs, shapes = [], [], []
+    for field, path in zip(field_names(models), models.sources):
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=models.trust_remote_code)
+        except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad folder
+            raise ModelMismatchError(f"{field}: cannot read the model config of {path!r} ({_first_line(exc)})") from None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=models.trust_remote_code)
+            vocabs.append(tokenizer.get_vocab())
+        except Exception as exc:  # noqa: BLE001
+            raise ModelMismatchError(f"{field}: cannot load the tokenizer of {path!r} ({_first_line(exc)})") from None
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=models.trust_remote_code)
+        configs.append(config)
+        shapes.append({name: tuple(p.shape) for name, p in model.named_parameters()})
+        shapes[-1].update(_file_shapes(Path(path)) if Path(path).is_dir() else {})
+
+    base_field, base_config = "models.base", configs[0]
+    for field, config, vocab, shape in zip(field_names(models)[1:], configs[1:], vocabs[1:], shapes[1:]):
+        for key in _ARCH_FIELDS:
+            ours, theirs = getattr(base_config, key, None), getattr(config, key, None)
+            if ours != theirs:
+                raise ModelMismatchError(f"{field}: config.{key} is {theirs!r} but {base_field} has {ours!r}")
+        if vocab != vocabs[0]:
+            differing = sorted(set(vocab.items()) ^ set(vocabs[0].items()))[:3]
+            raise ModelMismatchError(f"{field}: tokenizer vocabulary differs from {base_field} "
+                                     f"(e.g. {differing}); merged models need one vocabulary")
+        _compare_shapes(field, shape, shapes[0])
+    num_layers = int(getattr(base_config, "num_hidden_layers"))
+    tied = bool(getattr(base_config, "tie_word_embeddings", False))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(base_config, trust_remote_code=models.trust_remote_code)
+    params = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    return SourceInfo(num_layers=num_layers, tied_embeddings=tied, shapes=params)
+
+
+def _file_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes as stored in the folder's safetensors files (prefixed 'file:' to keep them apart)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                shapes[f"file:{key}"] = tuple(handle.get_slice(key).get_shape())
+    return shapes
+
+
+def _compare_shapes(field: str, theirs: dict[str, tuple[int, ...]], ours: dict[str, tuple[int, ...]]) -> None:
+    for name in sorted(set(ours) | set(theirs)):
+        where = name.removeprefix("file:")
+        if name not in theirs:
+            raise ModelMismatchError(f"{field}: tensor {where!r} is missing (models.base has it)")
+        if name not in ours:
+            raise ModelMismatchError(f"{field}: extra tensor {where!r} (models.base has none)")
+        if theirs[name] != ours[name]:
+            raise ModelMismatchError(f"{field}: tensor {where!r} has shape {list(theirs[name])}, "
+                                     f"models.base has {list(ours[name])}")
+
+
+def load_model(path: str, models: ModelsConfig, device: torch.device):
+    """Load one source as a causal LM on `device` in the configured dtype, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    if models.trust_remote_code:
+        logger.warning("trust_remote_code is on: running the model code shipped with %s", path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(models.dtype),
+                                                 trust_remote_code=models.trust_remote_code)
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: str, models: ModelsConfig):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=models.trust_remote_code)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]

@@ -1,0 +1,26 @@
+"""Uniform random search in the unit box: the baseline every other strategy must beat."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+
+
+class RandomStrategy:
+    def __init__(self, dim: int, population: int, seed: int):
+        self.dim = dim
+        self.population = population
+        self.rng = np.random.default_rng(seed)
+
+    def ask(self) -> list[np.ndarray]:
+        return list(self.rng.random((self.population, self.dim)))
+
+    def tell(self, genomes: list[np.ndarray], losses: list[float]) -> None:
+        """Random search learns nothing."""
+
+    def get_state(self) -> bytes:
+        return pickle.dumps(self.rng.bit_generator.state)
+
+    def set_state(self, state: bytes) -> None:
+        self.rng.bit_generator.state = pickle.loads(state)

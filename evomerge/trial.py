@@ -1,0 +1,73 @@
+"""A trial: one candidate recipe, what became of it, and the fitness the optimiser sees.
+
+Failures are data: a trial whose merge or evaluation failed is a FAILED record with its
+reason and traceback, never an exception across the worker boundary.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from evomerge.genome import Recipe
+
+
+class TrialState(str, enum.Enum):
+    COMPLETE = "complete"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Trial:
+    id: int
+    generation: int
+    recipe: Recipe
+    genome: tuple[float, ...] | None = None  # None for reference trials (sources, uniform merge)
+
+    @property
+    def label(self) -> str | None:
+        return self.recipe.label
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    trial_id: int
+    state: TrialState
+    quality: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # merge, eval, total
+    worker: str = ""
+    error: str | None = None
+    traceback: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.state is TrialState.COMPLETE and (self.quality is None or not math.isfinite(self.quality)):
+            raise ValueError(f"trial {self.trial_id}: a COMPLETE trial needs a finite quality, got {self.quality!r}")
+        if self.state is TrialState.FAILED and not self.error:
+            raise ValueError(f"trial {self.trial_id}: a FAILED trial needs a reason")
+
+    @property
+    def ok(self) -> bool:
+        return self.state is TrialState.COMPLETE
+
+
+def record(trial: Trial, result: TrialResult) -> dict[str, Any]:
+    """The journal line for a finished trial."""
+    data = {
+        "trial": trial.id,
+        "generation": trial.generation,
+        "label": trial.label,
+        "genome": list(trial.genome) if trial.genome is not None else None,
+        "recipe": trial.recipe.to_json(),
+        **{k: v for k, v in asdict(result).items() if k != "trial_id"},
+    }
+    data["state"] = result.state.value
+    return data
+
+
+def result_from_record(data: dict[str, Any]) -> TrialResult:
+    return TrialResult(trial_id=int(data["trial"]), state=TrialState(data["state"]), quality=data.get("quality"),
+                       metrics=data.get("metrics", {}), seconds=data.get("seconds", {}),
+                       worker=data.get("worker", ""), error=data.get("error"), traceback=data.get("traceback"))

@@ -1,0 +1,143 @@
+"""Workers: load the sources once, then merge + evaluate one candidate per call.
+
+`CandidateRunner` is the whole job of a worker and runs in any process (a Ray actor, the
+export command, a test). `WorkerPool` keeps `workers.count` Ray actors, sends each trial to
+the first free actor and yields results as they finish. Nothing raises across Ray: a failed
+merge or evaluation comes back as a FAILED TrialResult, and a dead actor is reported as a
+FAILED result for its trial and replaced.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import socket
+import time
+import traceback
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from evomerge.config import RunConfig, WorkersConfig
+from evomerge.evaluate import Evaluator, quality
+from evomerge.merger import load_merge_target
+from evomerge.sources import load_tokenizer, pick_device
+from evomerge.trial import Trial, TrialResult, TrialState
+
+logger = logging.getLogger(__name__)
+
+RAY_TEMP_DIR = "/tmp/ray-evomerge"  # short: Ray's socket paths must stay under ~107 characters
+
+
+class CandidateRunner:
+    """Holds the sources and one preallocated model; `run` merges a recipe into it and scores it."""
+
+    def __init__(self, config: RunConfig, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        models = config.models
+        self.device = pick_device(models.device)
+        self.config = config
+        # The base model is the preallocated target every candidate is merged into, in place.
+        self.model, self.merger = load_merge_target(models, config.seed, self.device)
+        self.tokenizer = load_tokenizer(models.base, models)
+        self.evaluator = Evaluator(config.eval, self.model, self.tokenizer, device=str(self.device))
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def run(self, trial: Trial) -> TrialResult:
+        start = time.perf_counter()
+        try:
+            self.merger.merge_into(self.model, trial.recipe)
+            merged = time.perf_counter()
+            with torch.inference_mode():
+                scores = self.evaluator()
+            done = time.perf_counter()
+            value = quality(scores, list(self.config.eval.tasks))
+            if not math.isfinite(value):
+                raise ValueError(f"quality is {value}")
+        except Exception as exc:  # noqa: BLE001 - any failure of a candidate is data for the journal
+            return TrialResult(trial.id, TrialState.FAILED, worker=self.name,
+                               seconds={"total": time.perf_counter() - start},
+                               error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500],
+                               traceback=traceback.format_exc(limit=20))
+        return TrialResult(trial.id, TrialState.COMPLETE, quality=value,
+                           metrics={name: s.value for name, s in scores.items()},
+                           seconds={"merge": merged - start, "eval": done - merged, "total": done - start},
+                           worker=self.name)
+
+
+def start_ray(workers: WorkersConfig) -> bool:
+    """Join the configured cluster or start a local one; True when this call connected."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if workers.ray_address:
+        ray.init(address=workers.ray_address, log_to_driver=False)
+        return True
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    Path(RAY_TEMP_DIR).mkdir(parents=True, exist_ok=True)
+    ray.init(num_cpus=max(1, math.ceil(workers.count * workers.cpus_per_worker)), include_dashboard=False,
+             _temp_dir=RAY_TEMP_DIR, log_to_driver=False)
+    return True
+
+
+class WorkerPool:
+    """`workers.count` Ray actors, each a CandidateRunner; trials go to whichever is free first."""
+
+    def __init__(self, config: RunConfig):
+        import ray
+
+        self._connected = start_ray(config.workers)
+        self._config = config
+        threads = max(1, int(config.workers.cpus_per_worker))
+        self._actor_class = ray.remote(CandidateRunner).options(
+            num_cpus=config.workers.cpus_per_worker, num_gpus=config.workers.gpus_per_worker,
+            max_restarts=1, max_task_retries=0)
+        self._threads = threads
+        self.actors = [self._new_actor() for _ in range(config.workers.count)]
+
+    def _new_actor(self):
+        return self._actor_class.remote(self._config, self._threads)
+
+    def run(self, trials: list[Trial]) -> Iterator[tuple[Trial, TrialResult]]:
+        """Yield (trial, result) as each finishes; a new trial starts as soon as an actor is free."""
+        import ray
+        from ray.exceptions import RayError
+
+        pending = collections.deque(trials)
+        running: dict = {}
+        idle = list(self.actors)
+        while pending or running:
+            while pending and idle:
+                actor, trial = idle.pop(0), pending.popleft()
+                running[actor.run.remote(trial)] = (trial, actor)
+            [ref], _ = ray.wait(list(running), num_returns=1)
+            trial, actor = running.pop(ref)
+            try:
+                result = ray.get(ref)
+            except RayError as exc:
+                reason = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else type(exc).__name__
+                result = TrialResult(trial.id, TrialState.FAILED, error=f"worker lost: {type(exc).__name__}: {reason}",
+                                     traceback=str(exc)[-4000:])
+                self.actors[self.actors.index(actor)] = actor = self._new_actor()
+            idle.append(actor)
+            yield trial, result
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+        if self._connected:
+            ray.shutdown()
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
