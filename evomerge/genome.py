@@ -52,12 +52,12 @@ def group_names(granularity: str, num_layers: int) -> list[str]:
     if granularity == "global":
         return [ALL]
     size = 1 if granularity == "layer" else int(granularity.split(":")[1])
-    groups = [_block_name(start, min(start + size, num_layers), size) for start in range(0, num_layers, size)]
+    groups = [_block_name(start, min(start + size, num_layers)) for start in range(0, num_layers, size)]
     return [*groups, EMBED_HEAD]
 
 
-def _block_name(start: int, stop: int, size: int) -> str:
-    return f"layers.{start}" if size == 1 else f"layers.{start}-{stop - 1}"
+def _block_name(start: int, stop: int) -> str:
+    return f"layers.{start}" if stop - start == 1 else f"layers.{start}-{stop - 1}"
 
 
 def group_of(name: str, granularity: str, num_layers: int) -> str:
@@ -69,7 +69,7 @@ def group_of(name: str, granularity: str, num_layers: int) -> str:
         return EMBED_HEAD
     size = 1 if granularity == "layer" else int(granularity.split(":")[1])
     start = index - index % size
-    return _block_name(start, min(start + size, num_layers), size)
+    return _block_name(start, min(start + size, num_layers))
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ class GenomeLayout:
         for index, (gene, value) in enumerate(zip(self.genes, x)):
             if not math.isfinite(value) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"genome[{index}] ({gene.group}/{gene.name}/expert {gene.expert}): "
-                                 f"expected a value in [0, 1], got {value!r}")
+                                 f"expected a value in [0, 1], got {float(value)!r}")
             actual = gene.low + float(value) * (gene.high - gene.low)
             params.setdefault(gene.group, {}).setdefault(gene.name, []).append(actual)
         return Recipe(self.method, self.granularity, self.num_layers, params, label)

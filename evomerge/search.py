@@ -120,7 +120,7 @@ def evaluate(pool: Pool, trials: list[Trial], journal: dict[int, dict], run: Run
 
     best = max((r.quality for r in results.values() if r.ok), default=None)
     with tqdm(total=len(trials), initial=len(results), desc=f"generation {generation}", unit="trial",
-              leave=False, dynamic_ncols=True) as bar:
+              leave=False, dynamic_ncols=True, disable=None) as bar:
         for trial, result in pool.run(todo):
             run.append(record(trial, result))
             results[trial.id] = result

@@ -1,0 +1,128 @@
+"""The search loop with a fake pool: fast checks of the driver (the real path is in test_integration)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evomerge.config import validate
+from evomerge.errors import EvalError
+from evomerge.genome import GenomeLayout
+from evomerge.report import summarize
+from evomerge.run_dir import RunDir, canonical
+from evomerge.search import run_loop
+from evomerge.trial import TrialResult, TrialState
+
+BOUNDS = {"weight": (0.0, 1.5), "density": (0.1, 1.0), "t": (0.0, 1.0)}
+
+
+def make_config(strategy: str = "cma", generations: int = 4, seed: int = 0):
+    return validate({
+        "name": "fake", "seed": seed,
+        "models": {"base": "b", "experts": ["e0", "e1"]},
+        "merge": {"method": "task_arithmetic", "granularity": "layer"},
+        "eval": {"tasks": [{"name": "t", "metric": "acc"}]},
+        "search": {"strategy": strategy, "population": 6, "generations": generations, "sigma0": 0.3},
+    })
+
+
+class FakePool:
+    """Quality peaks at weights (0.4, 1.3) in every group; genomes whose first gene is above `fail_above` fail."""
+
+    def __init__(self, fail_above: float = 2.0, stop_after: int | None = None):
+        self.fail_above = fail_above
+        self.stop_after = stop_after
+        self.evaluated: list[int] = []
+        self.closed = False
+
+    def run(self, trials):
+        for trial in reversed(trials):  # finish out of order, as real workers do
+            if self.stop_after is not None and len(self.evaluated) >= self.stop_after:
+                raise KeyboardInterrupt
+            self.evaluated.append(trial.id)
+            weights = np.array([genes["weight"] for genes in trial.recipe.params.values()])
+            if trial.genome is not None and trial.genome[0] > self.fail_above:
+                yield trial, TrialResult(trial.id, TrialState.FAILED, error="ValueError: injected")
+                continue
+            quality = float(1.0 - np.mean((weights - [0.4, 1.3]) ** 2))
+            yield trial, TrialResult(trial.id, TrialState.COMPLETE, quality=quality, metrics={"t": quality},
+                                     seconds={"total": 0.01}, worker="fake")
+
+    def close(self):
+        self.closed = True
+
+
+def start(tmp_path: Path, config, name: str = "run") -> tuple[RunDir, GenomeLayout]:
+    layout = GenomeLayout.build("task_arithmetic", "layer", 3, 2, BOUNDS)
+    return RunDir.create(tmp_path / name, config, layout.describe()), layout
+
+
+@pytest.mark.parametrize("strategy", ["cma", "random"])
+def test_same_seed_same_journal(tmp_path: Path, strategy: str) -> None:
+    journals = []
+    for name in ("a", "b"):
+        run, layout = start(tmp_path, make_config(strategy), name)
+        pool = FakePool()
+        run_loop(run, make_config(strategy), layout, pool)
+        assert pool.closed
+        journals.append(canonical(run.records()))
+    assert journals[0] == journals[1]
+    assert len(journals[0]) == 4 + 4 * 6  # references + 4 generations of 6
+
+
+def test_cma_improves_on_the_references(tmp_path: Path) -> None:
+    config = make_config(generations=12)
+    run, layout = start(tmp_path, config)
+    summary = run_loop(run, config, layout, FakePool())
+    references = {r["label"]: r["quality"] for r in summary["references"]}
+    assert set(references) == {"base", "expert:0", "expert:1", "uniform"}
+    assert summary["best_evolved"]["quality"] > max(references.values())
+    progress = [g["best_so_far"] for g in summary["generations"]]
+    assert progress == sorted(progress) and progress[-1] > progress[0]
+
+
+def test_failed_candidates_are_data(tmp_path: Path) -> None:
+    config = make_config()
+    run, layout = start(tmp_path, config)
+    summary = run_loop(run, config, layout, FakePool(fail_above=0.55))
+    failed = [r for r in run.records() if r["state"] == "failed"]
+    assert failed and all(r["error"] == "ValueError: injected" for r in failed)
+    assert summary["failed"] == len(failed) and summary["trials"] == 4 + 4 * 6
+
+
+def test_every_candidate_failing_stops_the_run(tmp_path: Path) -> None:
+    config = make_config()
+    run, layout = start(tmp_path, config)
+    with pytest.raises(EvalError, match="every candidate of generation 0 failed .*injected"):
+        run_loop(run, config, layout, FakePool(fail_above=-1.0))
+    assert len(run.records()) == 4 + 6  # nothing lost: references and failures are journaled
+
+
+def test_resume_after_interrupt_equals_uninterrupted(tmp_path: Path) -> None:
+    config = make_config(generations=5)
+    run, layout = start(tmp_path, config, "straight")
+    run_loop(run, config, layout, FakePool())
+    expected = canonical(run.records())
+
+    run, layout = start(tmp_path, config, "interrupted")
+    first = FakePool(stop_after=15)  # mid generation 1
+    with pytest.raises(KeyboardInterrupt):
+        run_loop(run, config, layout, first)
+    assert first.closed and len(run.records()) == 15
+    second = FakePool()
+    run_loop(RunDir.open(run.path), config, layout, second)
+    assert canonical(run.records()) == expected
+    assert not set(first.evaluated) & set(second.evaluated)  # nothing evaluated twice
+
+
+def test_truncated_journal_line_is_tolerated(tmp_path: Path) -> None:
+    config = make_config(generations=1)
+    run, layout = start(tmp_path, config)
+    run_loop(run, config, layout, FakePool())
+    with open(run.path / "journal.jsonl", "a") as handle:
+        handle.write('{"trial": 99, "sta')
+    assert len(run.records()) == 10
+    assert summarize(run.records(), config)["trials"] == 10
+    summary = json.loads((run.path / "summary.json").read_text())
+    assert summary["best"]["trial"] in {r["trial"] for r in run.records()}
