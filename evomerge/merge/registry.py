@@ -1,0 +1,184 @@
+"""Registry of merge methods and the uniform, validating call wrapper around each of them.
+
+Every registered method is called the same way::
+
+    fn(base, experts, *, weight=None, density=None, t=None, seed=0, **options) -> Tensor
+
+`weight` and `density` carry one value per expert, `t` is one float (slerp). A method takes
+exactly the genes it declares in `MergeMethod.genes`: a missing one, or one it does not declare,
+is a `MergeError`. `seed` is always accepted and only used by methods with `random=True`.
+`options` are the method's own keyword settings (e.g. `normalize`, `lambda_`, `rescale`); an
+unknown option is a `MergeError`.
+
+The wrapper validates shapes and genes, casts every input to the working dtype (float32 for
+half / bfloat16 / 8-bit floats, the input's own dtype for float32 / float64) on base's device,
+calls the method, and casts the result back to base's dtype. Inputs are never modified.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from evomerge.errors import MergeError
+
+GENE_NAMES = ("weight", "density", "t")
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method; `fn` has the uniform signature described in the module doc."""
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    genes: tuple[str, ...]  # per-expert genes the search evolves ("t" is a single value)
+    needs_base: bool  # works on task vectors (expert - base) rather than on the experts alone
+    max_experts: int | None  # most experts the method can combine; None: any number
+    random: bool  # uses `seed`
+    reference: str  # URL of the paper / reference
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def get_method(name: str) -> MergeMethod:
+    """The registered method called `name`; an unknown name is a MergeError listing the valid ones."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise MergeError(
+            f"unknown merge method {name!r}; expected one of: {', '.join(METHODS)}"
+        ) from None
+
+
+def register(
+    name: str,
+    *,
+    genes: Sequence[str],
+    needs_base: bool,
+    reference: str,
+    max_experts: int | None = None,
+    random: bool = False,
+) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Decorator: register a method implementation under `name` and return its public wrapper.
+
+    The implementation is called with working-dtype tensors, its declared genes as keyword
+    arguments (`weight`/`density` as lists of floats, `t` as a float), `seed` if `random`, and
+    the caller's options. Its own keyword-only parameters other than those are its options.
+    """
+    genes = tuple(genes)
+    unknown = [g for g in genes if g not in GENE_NAMES]
+    if unknown:
+        raise ValueError(f"register({name!r}): unknown genes {unknown}; expected among {GENE_NAMES}")
+    if name in METHODS:
+        raise ValueError(f"register({name!r}): a method with this name is already registered")
+
+    def decorator(impl: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        params = inspect.signature(impl).parameters
+        allowed_options = tuple(
+            p for p, spec in params.items()
+            if spec.kind is inspect.Parameter.KEYWORD_ONLY and p not in (*GENE_NAMES, "seed")
+        )
+
+        def fn(
+            base: torch.Tensor,
+            experts: Sequence[torch.Tensor],
+            *,
+            weight: Sequence[float] | None = None,
+            density: Sequence[float] | None = None,
+            t: float | None = None,
+            seed: int = 0,
+            **options: Any,
+        ) -> torch.Tensor:
+            extra = sorted(set(options) - set(allowed_options))
+            if extra:
+                raise MergeError(
+                    f"{name}: unknown option(s) {', '.join(extra)}; "
+                    f"expected among: {', '.join(allowed_options) or 'none'}"
+                )
+            experts = list(experts)
+            _check_tensors(name, base, experts, max_experts)
+            given = {"weight": weight, "density": density, "t": t}
+            kwargs = {g: _check_gene(name, g, given[g], len(experts)) for g in genes}
+            for gene, value in given.items():
+                if gene not in genes and value is not None:
+                    raise MergeError(
+                        f"{name}: does not take {gene!r}; its genes are: {', '.join(genes)}"
+                    )
+            if random:
+                kwargs["seed"] = int(seed)
+            work = working_dtype(base.dtype)
+            base_w = base.to(dtype=work)
+            experts_w = [e.to(device=base.device, dtype=work) for e in experts]
+            out = impl(base_w, experts_w, **kwargs, **options)
+            return out.to(base.dtype)
+
+        fn.__name__, fn.__qualname__, fn.__doc__ = impl.__name__, impl.__qualname__, impl.__doc__
+        fn.__module__ = impl.__module__
+
+        METHODS[name] = MergeMethod(
+            name=name, fn=fn, genes=genes, needs_base=needs_base,
+            max_experts=max_experts, random=random, reference=reference,
+        )
+        return fn
+
+    return decorator
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for floating dtypes narrower than 32 bits, else the dtype itself."""
+    if not dtype.is_floating_point:
+        raise MergeError(f"cannot merge a tensor of dtype {dtype}; expected a floating-point tensor")
+    return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
+
+
+def _check_tensors(
+    name: str, base: torch.Tensor, experts: list[torch.Tensor], max_experts: int | None
+) -> None:
+    if not experts:
+        raise MergeError(f"{name}: no expert tensors given; expected at least 1")
+    if max_experts is not None and len(experts) > max_experts:
+        raise MergeError(f"{name}: got {len(experts)} experts; expected at most {max_experts}")
+    for i, expert in enumerate(experts):
+        if expert.shape != base.shape:
+            raise MergeError(
+                f"{name}: expert {i} has shape {tuple(expert.shape)}; "
+                f"expected base's shape {tuple(base.shape)}"
+            )
+        working_dtype(expert.dtype)
+    working_dtype(base.dtype)
+
+
+def _check_gene(name: str, gene: str, value: Any, num_experts: int) -> Any:
+    """Validate one gene: present, one finite value per expert (t: one float), density in (0, 1]."""
+    if value is None:
+        raise MergeError(f"{name}: missing {gene!r}; expected " + (
+            "a float" if gene == "t" else f"one value per expert ({num_experts})"))
+    if gene == "t":
+        if isinstance(value, (list, tuple)) or not _is_real(value) or not 0.0 <= float(value) <= 1.0:
+            raise MergeError(f"{name}: t={value!r}; expected a float in [0, 1]")
+        return float(value)
+    values = list(value)
+    if len(values) != num_experts:
+        raise MergeError(
+            f"{name}: got {len(values)} {gene} value(s); expected one per expert ({num_experts})"
+        )
+    for v in values:
+        if not _is_real(v) or not math.isfinite(float(v)):
+            raise MergeError(f"{name}: {gene} value {v!r} is not a finite number")
+        if gene == "density" and not 0.0 < float(v) <= 1.0:
+            raise MergeError(f"{name}: density {float(v)} is outside (0, 1]")
+    return [float(v) for v in values]
+
+
+def _is_real(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    return not isinstance(value, bool)

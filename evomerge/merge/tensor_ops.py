@@ -1,0 +1,172 @@
+"""Building blocks shared by the merge methods: task vectors, sparsification, sign consensus, mixing.
+
+All functions are pure: they never modify their inputs (sparsify_* at density 1 return the input
+itself, every other result is a new tensor).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+
+from evomerge.errors import MergeError
+
+RescaleMode = Literal["density", "l1"]
+
+# mergekit's guards: a divisor |sum of weights| below this counts as zero; an L1 norm below
+# L1_EPS is not rescaled.
+WEIGHT_SUM_EPS = 1e-8
+L1_EPS = 1e-7
+
+
+def task_vectors(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """tau_i = theta_i - theta_base (Ilharco et al., 2022, eq. 1)."""
+    return [expert - base for expert in experts]
+
+
+def stack_weights(weight: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """The weights as a tensor of like's dtype and device, shaped to broadcast over a stack."""
+    return torch.tensor(list(weight), dtype=like.dtype, device=like.device).view(-1, *[1] * like.dim())
+
+
+def weighted_sum(tensors: Sequence[torch.Tensor], coefficients: Sequence[float]) -> torch.Tensor:
+    """sum_i c_i * x_i over a stack, as mergekit computes it.
+
+    Bit-exact where it matters: with coefficients that are one 1.0 and otherwise 0.0 the result
+    equals that tensor exactly (x * 1, 0 * y and x + 0 are exact for finite values).
+    """
+    return (torch.stack(list(tensors)) * stack_weights(coefficients, tensors[0])).sum(dim=0)
+
+
+def exact_combination(
+    base: torch.Tensor, experts: Sequence[torch.Tensor], coefficients: Sequence[float]
+) -> torch.Tensor | None:
+    """A copy of base when every coefficient is 0, of expert i when c_i is 1 and the others 0.
+
+    `coefficients` are the effective per-expert factors on the task vectors. Returns None for
+    any other coefficients.
+    """
+    if all(c == 0 for c in coefficients):
+        return base.clone()
+    ones = [i for i, c in enumerate(coefficients) if c == 1]
+    if len(ones) == 1 and all(c == 0 for i, c in enumerate(coefficients) if i != ones[0]):
+        return experts[ones[0]].clone()
+    return None
+
+
+def resolve_rescale(rescale: bool | str | None, natural: RescaleMode) -> RescaleMode | None:
+    """Map the `rescale` option to a mode: True -> the method's natural mode, False/None -> none."""
+    if rescale is True:
+        return natural
+    if rescale is False or rescale is None:
+        return None
+    if rescale in ("density", "l1"):
+        return rescale  # type: ignore[return-value]
+    raise MergeError(f"rescale={rescale!r}; expected true, false, 'density' or 'l1'")
+
+
+def _rescaled(
+    delta: torch.Tensor, keep: torch.Tensor, density: float, mode: RescaleMode | None
+) -> torch.Tensor:
+    """delta masked by `keep`, then rescaled: by 1/density (DARE) or to delta's L1 norm."""
+    kept = delta * keep
+    if mode == "density":
+        return kept / density
+    if mode == "l1":
+        before, after = delta.abs().sum(), kept.abs().sum()
+        if before < L1_EPS or after < L1_EPS:
+            return kept
+        return kept * (before / after)
+    return kept
+
+
+def sparsify_magnitude(
+    delta: torch.Tensor, density: float, rescale: RescaleMode | None = None
+) -> torch.Tensor:
+    """TIES step 1 "trim": keep the k = int(density * numel) entries of largest |delta|.
+
+    density >= 1 returns delta itself (not a copy). Among entries tied at the k-th magnitude the
+    lowest flat indices are kept (what a stable descending argsort gives). Where
+    int(density * numel) is 0 (mergekit aborts there) one entry, the largest, is kept.
+    """
+    if density >= 1:
+        return delta
+    flat = delta.abs().flatten()
+    k = max(1, int(density * flat.numel()))
+    threshold = torch.kthvalue(flat, flat.numel() - k + 1).values  # the k-th largest magnitude
+    keep = flat > threshold
+    missing = k - int(keep.sum())
+    if missing > 0:
+        tied = torch.nonzero(flat == threshold).flatten()[:missing]
+        keep[tied] = True
+    return _rescaled(delta, keep.view_as(delta), density, rescale)
+
+
+def expert_generator(seed: int, expert_index: int) -> torch.Generator:
+    """An independent CPU random stream for (seed, expert): same pair -> same stream on any device."""
+    state = np.random.SeedSequence([seed % 2**64, expert_index]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device="cpu").manual_seed(int(state))
+
+
+def sparsify_random(
+    delta: torch.Tensor,
+    density: float,
+    generator: torch.Generator,
+    rescale: RescaleMode | None = "density",
+) -> torch.Tensor:
+    """DARE "drop and rescale" (Yu et al., 2023, eq. 2): keep each entry with probability density.
+
+    The keep mask is u < density for u ~ U[0, 1) drawn on the CPU from `generator`, then moved
+    to delta's device, so masks are identical on CPU and CUDA and nested across densities.
+    density >= 1 returns delta itself (not a copy).
+    """
+    if density >= 1:
+        return delta
+    keep = torch.rand(delta.shape, generator=generator, device="cpu") < density
+    return _rescaled(delta, keep.to(delta.device), density, rescale)
+
+
+def sign_consensus(weighted: torch.Tensor) -> torch.Tensor:
+    """TIES step 2 "elect": per entry, the sign of the sum of the weighted deltas (>= 0 -> +1).
+
+    `weighted` stacks the experts on dim 0. Returns a bool mask of the same shape, true where an
+    expert's weighted delta has the elected sign; zeros never agree (their sign is 0).
+    """
+    elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
+    return weighted.sign() == elected
+
+
+def merge_task_vectors(
+    base: torch.Tensor,
+    deltas: Sequence[torch.Tensor],
+    weight: Sequence[float],
+    *,
+    consensus: bool,
+    normalize: bool,
+    lambda_: float,
+) -> torch.Tensor:
+    """base + lambda * mix(w_i * delta_i), mergekit's generalized task arithmetic.
+
+    With `consensus` (TIES step 3, "disjoint merge") only the deltas agreeing with the elected sign
+    are summed and `normalize` divides by the sum of the weights of those experts (0 -> 1);
+    without it all deltas are summed and `normalize` divides by sum(w) (|sum| < 1e-8 -> 1).
+    """
+    w = stack_weights(weight, base)
+    weighted = torch.stack(list(deltas)) * w
+    if consensus:
+        agree = sign_consensus(weighted)
+        mixed = (weighted * agree).sum(dim=0)
+        divisor = (w * agree).sum(dim=0)
+        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    else:
+        mixed = weighted.sum(dim=0)
+        divisor = w.sum(dim=0)
+        divisor = torch.where(divisor.abs() < WEIGHT_SUM_EPS, torch.ones_like(divisor), divisor)
+    if normalize:
+        mixed = mixed / divisor
+    if lambda_ != 1:
+        mixed = mixed * lambda_
+    return base + mixed
