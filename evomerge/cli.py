@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmd = commands.add_parser("resume", help="continue a stopped run from its checkpoint and journal")
     cmd.add_argument("run_dir", type=Path)
+    cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="change the budget, e.g. --set search.generations=20 (search.generations, "
+                          "workers.*, eval.limit, eval.batch_size)")
+    cmd.add_argument("--force", action="store_true", help="allow changes that invalidate earlier trials")
     cmd.set_defaults(func=cmd_resume)
 
     cmd = commands.add_parser("report", help="summarise a run (best trial, references, progress)")
@@ -109,7 +113,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     if (args.run_dir / "config.yaml").is_file():
         log_to_run_dir(args.run_dir)
-    print(_text(resume(args.run_dir)))
+    print(_text(resume(args.run_dir, args.overrides, force=args.force)))
     return 0
 
 

@@ -151,7 +151,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     path = Path(path)
     raw = read_yaml(path)
     for override in overrides:
-        _apply_override(raw, override)
+        apply_override(raw, override)
     config = validate(raw, source=str(path))
     return resolve_paths(config, path.resolve().parent, source=str(path))
 
@@ -217,7 +217,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _apply_override(raw: dict[str, Any], override: str) -> None:
+def apply_override(raw: dict[str, Any], override: str) -> None:
     key, sep, value = override.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. search.generations=5")

@@ -7,6 +7,7 @@
       checkpoint.pkl    optimiser + RNG state after the last finished generation (temp file + rename)
       summary.json      best trial, references, per-generation stats (rewritten each generation)
       run.log           the driver's log
+      driver.lock       the pid of the driver working on the run (one driver per run directory)
 
 A truncated last journal line (a crash mid-append) is ignored when reading.
 """
@@ -21,14 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from evomerge.config import RunConfig, dump_config, read_yaml, validate
+from evomerge.config import RunConfig, apply_override, dump_config, read_yaml, validate
 from evomerge.errors import ConfigError, ResumeError
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-CONFIG, GENOME, JOURNAL, CHECKPOINT, SUMMARY, LOG = (
-    "config.yaml", "genome.json", "journal.jsonl", "checkpoint.pkl", "summary.json", "run.log")
+# Config fields a resumed run may change: the budget, not what a trial means.
+RESUMABLE_CHANGES = ("search.generations", "workers.", "eval.limit", "eval.batch_size")
+CONFIG, GENOME, JOURNAL, CHECKPOINT, SUMMARY, LOG, LOCK = (
+    "config.yaml", "genome.json", "journal.jsonl", "checkpoint.pkl", "summary.json", "run.log", "driver.lock")
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,45 @@ class RunDir:
     def config(self) -> RunConfig:
         return validate(read_yaml(self.path / CONFIG), source=str(self.path / CONFIG))
 
+    def update_config(self, overrides: list[str] | tuple[str, ...], force: bool = False) -> RunConfig:
+        """Apply `a.b=value` overrides at resume. Budget fields may change; others only with force."""
+        old = self.config()
+        raw = old.to_yaml_dict()
+        for override in overrides:
+            apply_override(raw, override)
+        new = validate(raw, source="--set")
+        changed = changed_fields(old.to_yaml_dict(), new.to_yaml_dict())
+        refused = [f for f in changed if not f.startswith(RESUMABLE_CHANGES)]
+        if refused and not force:
+            raise ResumeError(f"{self.path}: changing {', '.join(refused)} would invalidate the run's trials; "
+                              f"only {', '.join(RESUMABLE_CHANGES)} may change (--force to override)")
+        for field in changed:
+            logger.warning("resume: %s changes from %r to %r", field, _get(old.to_yaml_dict(), field),
+                           _get(new.to_yaml_dict(), field))
+        dump_config(new, self.path / CONFIG)
+        return new
+
+    # -- one driver at a time --------------------------------------------------------------
+    def lock(self) -> None:
+        """Claim the run for this process; a lock left by a dead process is taken over with a warning."""
+        path = self.path / LOCK
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            owner = _lock_owner(path)
+            if owner is not None and owner != os.getpid() and _alive(owner):
+                raise ResumeError(f"{self.path}: another driver (pid {owner}) is working on this run; "
+                                  f"stop it first, or delete {path} if that process is not evomerge") from None
+            logger.warning("%s: taking over a stale lock left by pid %s", self.path, owner)
+            path.unlink(missing_ok=True)
+            return self.lock()
+        with os.fdopen(fd, "w") as handle:
+            handle.write(str(os.getpid()))
+
+    def unlock(self) -> None:
+        if _lock_owner(self.path / LOCK) == os.getpid():
+            (self.path / LOCK).unlink(missing_ok=True)
+
     # -- journal -------------------------------------------------------------------------
     def append(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, sort_keys=True, allow_nan=False) + "\n"
@@ -136,6 +178,41 @@ class RunDir:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_atomic(self.path / SUMMARY, json.dumps(summary, indent=1, sort_keys=True).encode())
+
+
+def changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the leaves that differ between two config dicts."""
+    fields = []
+    for key in sorted(set(old) | set(new)):
+        a, b, name = old.get(key), new.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            fields += changed_fields(a, b, name + ".")
+        elif a != b:
+            fields.append(name)
+    return fields
+
+
+def _get(data: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def _lock_owner(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def canonical(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

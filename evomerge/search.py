@@ -54,10 +54,13 @@ def search(config: RunConfig, run_dir: str | Path, pool: Pool | None = None,
     return run_loop(run, config, layout, pool)
 
 
-def resume(run_dir: str | Path, pool: Pool | None = None) -> dict:
-    """Continue a run from its checkpoint and journal."""
+def resume(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), force: bool = False,
+           pool: Pool | None = None) -> dict:
+    """Continue a run from its checkpoint and journal, with budget changes from `overrides`."""
     run = RunDir.open(run_dir)
     config = run.config()
+    if overrides:
+        config = run.update_config(overrides, force=force)
     return run_loop(run, config, genome_layout(config), pool)
 
 
@@ -71,11 +74,12 @@ def run_loop(run: RunDir, config: RunConfig, layout: GenomeLayout, pool: Pool | 
         logger.info("resuming %s after generation %d", run.path, generation - 1)
     journal = run.finished()
 
-    if pool is None:
-        from evomerge.workers import WorkerPool
-
-        pool = WorkerPool(config)
+    run.lock()
     try:
+        if pool is None:
+            from evomerge.workers import WorkerPool
+
+            pool = WorkerPool(config)
         while generation < config.search.generations:
             trials: list[Trial] = []
             if generation == 0 and config.search.references:
@@ -99,7 +103,9 @@ def run_loop(run: RunDir, config: RunConfig, layout: GenomeLayout, pool: Pool | 
             logger.info("generation %d: best %.4f (best so far %.4f), %d failed", latest["generation"],
                         latest["best_quality"], latest["best_so_far"], latest["failed"])
     finally:
-        pool.close()
+        if pool is not None:
+            pool.close()
+        run.unlock()
     return summarize(run.records(), config)
 
 

@@ -126,3 +126,32 @@ def test_truncated_journal_line_is_tolerated(tmp_path: Path) -> None:
     assert summarize(run.records(), config)["trials"] == 10
     summary = json.loads((run.path / "summary.json").read_text())
     assert summary["best"]["trial"] in {r["trial"] for r in run.records()}
+
+
+def test_lock_refuses_a_live_driver_and_takes_over_a_dead_one(tmp_path: Path) -> None:
+    import subprocess
+
+    from evomerge.errors import ResumeError
+
+    run, _ = start(tmp_path, make_config())
+    (run.path / "driver.lock").write_text("1")  # pid 1 is alive and is not us
+    with pytest.raises(ResumeError, match="another driver \\(pid 1\\)"):
+        run.lock()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (run.path / "driver.lock").write_text(str(dead.pid))
+    run.lock()
+    assert (run.path / "driver.lock").read_text() == str(__import__("os").getpid())
+    run.unlock()
+    assert not (run.path / "driver.lock").exists()
+
+
+def test_resume_config_changes(tmp_path: Path) -> None:
+    from evomerge.errors import ResumeError
+
+    run, _ = start(tmp_path, make_config())
+    assert run.update_config(["search.generations=9", "workers.count=3"]).search.generations == 9
+    assert run.config().workers.count == 3
+    with pytest.raises(ResumeError, match="changing merge.method, seed would invalidate"):
+        run.update_config(["seed=5", "merge.method=ties"])
+    assert run.update_config(["seed=5"], force=True).seed == 5

@@ -1,0 +1,533 @@
+"""The demo zoo: tiny character-level Llama models whose skills compose under merging.
+
+``build_zoo`` pre-trains a small base model on a broad mix of related string and
+digit skills (which also shows, at a low rate, the prompt format of every demo
+skill), then fine-tunes one expert per demo skill from that base for a few
+hundred steps at a small learning rate. The experts stay close to the base
+(relative task-vector norm well under 0.1), which is what makes their task
+vectors add up: the uniform average of the experts is weak, task arithmetic with
+weights around 1 is clearly better than any single model, and per-layer weights
+leave room for the search to find more.
+
+Everything is deterministic: fixed seeds and step counts, ``torch.manual_seed``
+for the weights and a local ``random.Random`` for the data, so the same seed gives
+bitwise identical weights on the same machine.
+
+The evaluation data of the demo tasks (``evals/demo``) is generated here too
+(``write_eval_data``) and held out of all training data.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SKILLS",
+    "EVAL_SEED",
+    "EVAL_SIZE",
+    "Recipe",
+    "FULL_RECIPE",
+    "QUICK_RECIPE",
+    "build_zoo",
+    "make_tokenizer",
+    "make_config",
+    "eval_examples",
+    "training_excluded_prompts",
+    "write_eval_data",
+    "greedy_exact_match",
+]
+
+# --------------------------------------------------------------------------- vocabulary
+
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+#: Every character the tasks use; one token each, after the four special tokens.
+CHARS = "0123456789abcdefghijklmnopqrstuvwxyz +-=<>:,.?\n"
+MAX_POSITIONS = 64
+
+# --------------------------------------------------------------------------- skills
+
+#: The demo skills, one expert and one lm-eval task (``demo_<skill>``) each.
+SKILLS = ("add", "rev", "sort")
+#: Seed of the held-out evaluation data (independent of the build seed).
+EVAL_SEED = 1234
+#: Examples per demo task in ``evals/demo/data``.
+EVAL_SIZE = 200
+#: Longest answer of any demo task, plus the newline; the task YAMLs use it as max_gen_toks.
+MAX_GEN_TOKS = 8
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _word(rng: random.Random, lo: int, hi: int) -> str:
+    return "".join(rng.choice(_LETTERS) for _ in range(rng.randint(lo, hi)))
+
+
+# Each generator returns (prompt, answer); the model sees prompt + answer + "\n".
+def _add(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return f"{a}+{b}=", str(a + b)
+
+
+def _rev(rng: random.Random) -> tuple[str, str]:
+    w = _word(rng, 4, 6)
+    return f"rev {w}=", w[::-1]
+
+
+def _sort(rng: random.Random) -> tuple[str, str]:
+    w = _word(rng, 4, 6)
+    return f"sort {w}=", "".join(sorted(w))
+
+
+# Related skills that only the base model sees.
+def _copy(rng: random.Random) -> tuple[str, str]:
+    w = _word(rng, 2, 7)
+    return f"cp {w}=", w
+
+
+def _sub(rng: random.Random) -> tuple[str, str]:
+    a, b = sorted((rng.randint(0, 99), rng.randint(0, 99)), reverse=True)
+    return f"{a}-{b}=", str(a - b)
+
+
+def _next(rng: random.Random) -> tuple[str, str]:
+    w = _word(rng, 2, 7)
+    return f"nx {w}=", "".join(_LETTERS[(_LETTERS.index(c) + 1) % 26] for c in w)
+
+
+def _add_small(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(0, 99), rng.randint(0, 9)
+    if rng.random() < 0.5:
+        a, b = b, a
+    return f"{a}+{b}=", str(a + b)
+
+
+def _rev_short(rng: random.Random) -> tuple[str, str]:
+    w = _word(rng, 1, 3)
+    return f"rev {w}=", w[::-1]
+
+
+def _sort_short(rng: random.Random) -> tuple[str, str]:
+    w = _word(rng, 1, 3)
+    return f"sort {w}=", "".join(sorted(w))
+
+
+GENERATORS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+    "add": _add,
+    "rev": _rev,
+    "sort": _sort,
+    "copy": _copy,
+    "sub": _sub,
+    "next": _next,
+    "add_small": _add_small,
+    "rev_short": _rev_short,
+    "sort_short": _sort_short,
+}
+
+
+# --------------------------------------------------------------------------- recipe
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Sizes, step counts and learning rates of one zoo build."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    base_steps: int = 400
+    base_lr: float = 3e-3
+    base_batch: int = 128
+    base_warmup: int = 30
+    #: Sampling weights of the base pre-training mix (task name -> weight).
+    base_mix: dict = field(
+        default_factory=lambda: {
+            "copy": 1.0,
+            "sub": 1.0,
+            "next": 1.0,
+            "add_small": 1.0,
+            "rev_short": 1.0,
+            "sort_short": 1.0,
+            "add": 0.3,
+            "rev": 0.3,
+            "sort": 0.3,
+        }
+    )
+    expert_steps: int = 150
+    expert_lr: float = 1e-3
+    expert_batch: int = 64
+    expert_warmup: int = 10
+    weight_decay: float = 0.0
+    #: Examples per demo task that build_zoo scores each model on.
+    score_limit: int = 100
+
+
+FULL_RECIPE = Recipe()
+QUICK_RECIPE = replace(
+    FULL_RECIPE,
+    hidden_size=64,
+    intermediate_size=256,
+    num_layers=2,
+    base_steps=40,
+    base_batch=64,
+    base_warmup=5,
+    expert_steps=10,
+    expert_batch=32,
+    expert_warmup=2,
+    score_limit=20,
+)
+
+# --------------------------------------------------------------------------- tokenizer & model
+
+
+def make_tokenizer():
+    """A character-level tokenizer: one token per character of ``CHARS``, no merges.
+
+    A ``tokenizers`` BPE model without merges over a fixed vocabulary, with a
+    ``Fuse`` decoder so that decoding gives the string back. It adds no BOS/EOS
+    when encoding (lm-eval's HFLM encodes contexts with the tokenizer's defaults).
+    """
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(list(SPECIAL_TOKENS) + list(CHARS))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        clean_up_tokenization_spaces=False,
+        model_max_length=MAX_POSITIONS,
+    )
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (
+        PAD_ID,
+        BOS_ID,
+        EOS_ID,
+        UNK_ID,
+    )
+    return tok
+
+
+def make_config(recipe: Recipe = FULL_RECIPE):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(SPECIAL_TOKENS) + len(CHARS),
+        hidden_size=recipe.hidden_size,
+        intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.num_layers,
+        num_attention_heads=recipe.num_heads,
+        num_key_value_heads=recipe.num_heads,
+        max_position_embeddings=MAX_POSITIONS,
+        tie_word_embeddings=False,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
+
+
+def _generation_config():
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, do_sample=False
+    )
+
+
+# --------------------------------------------------------------------------- evaluation data
+
+
+def eval_examples(skill: str, n: int = EVAL_SIZE, seed: int = EVAL_SEED) -> list[dict]:
+    """``n`` distinct held-out examples of a demo skill: ``{"prompt", "answer"}`` dicts."""
+    if skill not in SKILLS:
+        raise ValueError(f"skill: unknown {skill!r}, expected one of {SKILLS}")
+    rng = random.Random(f"eval-{skill}-{seed}")
+    seen: set[str] = set()
+    out: list[dict] = []
+    while len(out) < n:
+        prompt, answer = GENERATORS[skill](rng)
+        if prompt not in seen:
+            seen.add(prompt)
+            out.append({"prompt": prompt, "answer": answer})
+    return out
+
+
+def training_excluded_prompts() -> frozenset[str]:
+    """Prompts that no training batch contains: the committed evaluation data."""
+    return frozenset(ex["prompt"] for s in SKILLS for ex in eval_examples(s))
+
+
+def write_eval_data(out_dir: str | os.PathLike, seed: int = EVAL_SEED, n: int = EVAL_SIZE) -> dict[str, Path]:
+    """Write ``demo_<skill>.jsonl`` (one ``{"prompt", "answer"}`` object a line) per skill."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    for skill in SKILLS:
+        path = out / f"demo_{skill}.jsonl"
+        lines = [json.dumps(ex, sort_keys=True) for ex in eval_examples(skill, n, seed)]
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        paths[skill] = path
+    return paths
+
+
+# --------------------------------------------------------------------------- training
+
+
+class _Sampler:
+    """Deterministic batches of (input_ids, labels) from a weighted task mix."""
+
+    def __init__(self, mix: dict[str, float], tok, rng: random.Random, excluded: frozenset[str]):
+        self.names = sorted(mix)
+        self.weights = [mix[k] for k in self.names]
+        self.rng = rng
+        self.excluded = excluded
+        self.vocab = tok.get_vocab()
+
+    def example(self) -> tuple[str, str]:
+        gen = GENERATORS[self.rng.choices(self.names, self.weights)[0]]
+        while True:
+            prompt, answer = gen(self.rng)
+            if prompt not in self.excluded:
+                return prompt, answer
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = []
+        for _ in range(size):
+            prompt, answer = self.example()
+            p = [self.vocab[c] for c in prompt]
+            a = [self.vocab[c] for c in answer + "\n"]
+            rows.append((p + a, [-100] * len(p) + a))
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.full((size, width), PAD_ID, dtype=torch.long)
+        labels = torch.full((size, width), -100, dtype=torch.long)
+        for i, (x, y) in enumerate(rows):
+            ids[i, : len(x)] = torch.tensor(x)
+            labels[i, : len(y)] = torch.tensor(y)
+        return ids, labels
+
+
+def _train(model, sampler: _Sampler, *, steps: int, lr: float, batch: int, warmup: int, weight_decay: float, name: str) -> dict:
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    t0 = time.perf_counter()
+    losses: list[float] = []
+    for step in range(steps):
+        ids, labels = sampler.batch(batch)
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if (step + 1) % 100 == 0 or step + 1 == steps:
+            logger.info("%s step %d/%d loss %.4f", name, step + 1, steps, sum(losses[-20:]) / len(losses[-20:]))
+    model.eval()
+    return {
+        "steps": steps,
+        "lr": lr,
+        "batch": batch,
+        "warmup": warmup,
+        "final_loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 5),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@torch.no_grad()
+def greedy_exact_match(model, tok, examples: Iterable[dict], max_new_tokens: int = MAX_GEN_TOKS) -> float:
+    """Greedy generation until a newline, exact match against the answer.
+
+    The same decision lm-eval's ``generate_until`` + ``exact_match`` makes for the
+    demo tasks, without padding (prompts are grouped by length).
+    """
+    model.eval()
+    vocab = tok.get_vocab()
+    nl = vocab["\n"]
+    groups: dict[int, list[dict]] = {}
+    examples = list(examples)
+    for ex in examples:
+        groups.setdefault(len(ex["prompt"]), []).append(ex)
+    correct = 0
+    for group in groups.values():
+        ids = torch.tensor([[vocab[c] for c in ex["prompt"]] for ex in group])
+        done = torch.zeros(len(group), dtype=torch.bool)
+        outs: list[list[int]] = [[] for _ in group]
+        for _ in range(max_new_tokens):
+            nxt = model(input_ids=ids).logits[:, -1].argmax(-1)
+            for i, t in enumerate(nxt.tolist()):
+                if not done[i]:
+                    if t in (nl, EOS_ID):
+                        done[i] = True
+                    else:
+                        outs[i].append(t)
+            if bool(done.all()):
+                break
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+        for ex, out in zip(group, outs):
+            correct += tok.decode(out, skip_special_tokens=True) == ex["answer"]
+    return correct / max(1, len(examples))
+
+
+def _scores(model, tok, limit: int) -> dict[str, float]:
+    per = {s: greedy_exact_match(model, tok, eval_examples(s)[:limit]) for s in SKILLS}
+    per["mean"] = sum(per[s] for s in SKILLS) / len(SKILLS)
+    return {k: round(v, 4) for k, v in per.items()}
+
+
+def _task_arithmetic(base_sd: dict, expert_sds: list[dict], weights: list[float]) -> dict:
+    """base + sum_i w_i (expert_i - base), every tensor."""
+    return {
+        k: v + sum(w * (e[k] - v) for w, e in zip(weights, expert_sds)) for k, v in base_sd.items()
+    }
+
+
+def _relative_norm(base_sd: dict, expert_sd: dict) -> float:
+    num = sum(float((expert_sd[k] - v).float().pow(2).sum()) for k, v in base_sd.items())
+    den = sum(float(v.float().pow(2).sum()) for v in base_sd.values())
+    return math.sqrt(num / den)
+
+
+# --------------------------------------------------------------------------- build
+
+
+def _save(model, tok, path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+
+
+def _build(out_dir: str | os.PathLike, recipe: Recipe, seed: int) -> dict[str, Path]:
+    from transformers import LlamaForCausalLM
+
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer()
+    excluded = training_excluded_prompts()
+    timings: dict[str, float] = {}
+
+    torch.manual_seed(seed)
+    base = LlamaForCausalLM(make_config(recipe))
+    base.generation_config = _generation_config()
+    logger.info("zoo: base model, %d parameters", sum(p.numel() for p in base.parameters()))
+    sampler = _Sampler(recipe.base_mix, tok, random.Random(f"base-{seed}"), excluded)
+    training = {
+        "base": _train(
+            base,
+            sampler,
+            steps=recipe.base_steps,
+            lr=recipe.base_lr,
+            batch=recipe.base_batch,
+            warmup=recipe.base_warmup,
+            weight_decay=recipe.weight_decay,
+            name="base",
+        )
+    }
+    _save(base, tok, out / "base")
+    paths = {"base": out / "base"}
+
+    experts = {}
+    for skill in SKILLS:
+        torch.manual_seed(seed)
+        expert = copy.deepcopy(base)
+        sampler = _Sampler({skill: 1.0}, tok, random.Random(f"expert-{skill}-{seed}"), excluded)
+        training[skill] = _train(
+            expert,
+            sampler,
+            steps=recipe.expert_steps,
+            lr=recipe.expert_lr,
+            batch=recipe.expert_batch,
+            warmup=recipe.expert_warmup,
+            weight_decay=recipe.weight_decay,
+            name=skill,
+        )
+        _save(expert, tok, out / skill)
+        paths[skill] = out / skill
+        experts[skill] = expert
+    timings["train_and_save_s"] = round(time.perf_counter() - t_start, 2)
+
+    # Scores on the first `score_limit` held-out examples of each demo task.
+    t0 = time.perf_counter()
+    base_sd = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    expert_sds = [{k: v.detach().clone() for k, v in experts[s].state_dict().items()} for s in SKILLS]
+    scores = {"base": _scores(base, tok, recipe.score_limit)}
+    for s in SKILLS:
+        scores[s] = _scores(experts[s], tok, recipe.score_limit)
+    probe = copy.deepcopy(base)
+    merges = {
+        "uniform_average": [1.0 / len(SKILLS)] * len(SKILLS),
+        "task_arithmetic_1.0": [1.0] * len(SKILLS),
+    }
+    for name, weights in merges.items():
+        probe.load_state_dict(_task_arithmetic(base_sd, expert_sds, weights))
+        scores[name] = _scores(probe, tok, recipe.score_limit)
+    timings["score_s"] = round(time.perf_counter() - t0, 2)
+    timings["total_s"] = round(time.perf_counter() - t_start, 2)
+
+    meta = {
+        "seed": seed,
+        "quick": recipe == QUICK_RECIPE,
+        "recipe": asdict(recipe),
+        "skills": list(SKILLS),
+        "eval_seed": EVAL_SEED,
+        "training": training,
+        "relative_task_vector_norm": {
+            s: round(_relative_norm(base_sd, sd), 4) for s, sd in zip(SKILLS, expert_sds)
+        },
+        "scores": scores,
+        "scores_note": f"greedy exact match on the first {recipe.score_limit} examples of each "
+        "evals/demo task (what lm-eval's generate_until + exact_match computes)",
+        "timings": timings,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+    }
+    (out / "zoo.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    logger.info("zoo: built %s in %.1f s; scores %s", out, timings["total_s"], scores)
+    return paths
+
+
+def build_zoo(out_dir: str | os.PathLike, *, quick: bool = False, seed: int = 0) -> dict[str, Path]:
+    """Build the demo zoo under ``out_dir`` and return ``{"base": path, "<skill>": path, ...}``.
+
+    Each model folder is a Hugging Face folder (safetensors weights, config,
+    generation config and the tokenizer); ``out_dir/zoo.json`` records the seed,
+    recipe, step counts, timings, relative task-vector norms and measured scores.
+    ``quick=True`` builds a much smaller, barely trained zoo in seconds (for tests).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    try:
+        return _build(out_dir, QUICK_RECIPE if quick else FULL_RECIPE, seed)
+    finally:
+        torch.set_num_threads(threads)
