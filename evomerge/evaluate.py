@@ -51,7 +51,7 @@ def task_manager(eval_config: EvalConfig):
 class Evaluator:
     """Scores whatever weights `model` holds at call time on the configured tasks."""
 
-    def __init__(self, eval_config: EvalConfig, model: Any, tokenizer: Any, device: str | None = None):
+    def __init__(self, eval_config: EvalConfig, model: Any, tokenizer: Any):
         from lm_eval.models.huggingface import HFLM
 
         self.config = eval_config
@@ -62,8 +62,8 @@ class Evaluator:
             elif task.get_config("num_fewshot") is None:
                 task.set_config(key="num_fewshot", value=0)
             task.set_fewshot_seed(seed=FEWSHOT_SEED)
-        self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=eval_config.batch_size,
-                       device=device)
+        # HFLM runs on the model's own device (a model object, unlike a name, is not moved).
+        self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=eval_config.batch_size)
 
     def __call__(self) -> dict[str, TaskScore]:
         from lm_eval.evaluator import evaluate

@@ -44,7 +44,7 @@ class CandidateRunner:
         # The base model is the preallocated target every candidate is merged into, in place.
         self.model, self.merger = load_merge_target(models, config.seed, self.device)
         self.tokenizer = load_tokenizer(models.base, models)
-        self.evaluator = Evaluator(config.eval, self.model, self.tokenizer, device=str(self.device))
+        self.evaluator = Evaluator(config.eval, self.model, self.tokenizer)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def run(self, trial: Trial) -> TrialResult:
