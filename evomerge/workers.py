@@ -47,6 +47,9 @@ class CandidateRunner:
         self.evaluator = Evaluator(config.eval, self.model, self.tokenizer)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
+    def identity(self) -> str:
+        return self.name
+
     def run(self, trial: Trial) -> TrialResult:
         start = time.perf_counter()
         try:
@@ -96,7 +99,7 @@ class WorkerPool:
         threads = max(1, int(config.workers.cpus_per_worker))
         self._actor_class = ray.remote(CandidateRunner).options(
             num_cpus=config.workers.cpus_per_worker, num_gpus=config.workers.gpus_per_worker,
-            max_restarts=1, max_task_retries=0)
+            max_restarts=0, max_task_retries=0)  # a dead actor is replaced (and its trial retried) by run()
         self._threads = threads
         self.actors = [self._new_actor() for _ in range(config.workers.count)]
 
@@ -104,28 +107,53 @@ class WorkerPool:
         return self._actor_class.remote(self._config, self._threads)
 
     def run(self, trials: list[Trial]) -> Iterator[tuple[Trial, TrialResult]]:
-        """Yield (trial, result) as each finishes; a new trial starts as soon as an actor is free."""
+        """Yield (trial, result) as each finishes; a new trial starts as soon as an actor is free.
+
+        A trial whose worker process dies (killed, segfault, out of memory) is retried once on a
+        fresh actor; if that dies too, the trial comes back FAILED with the reason.
+        """
         import ray
         from ray.exceptions import RayError
 
         pending = collections.deque(trials)
+        attempts: collections.Counter[int] = collections.Counter()
         running: dict = {}
         idle = list(self.actors)
         while pending or running:
             while pending and idle:
                 actor, trial = idle.pop(0), pending.popleft()
+                attempts[trial.id] += 1
                 running[actor.run.remote(trial)] = (trial, actor)
             [ref], _ = ray.wait(list(running), num_returns=1)
             trial, actor = running.pop(ref)
             try:
                 result = ray.get(ref)
             except RayError as exc:
-                reason = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else type(exc).__name__
-                result = TrialResult(trial.id, TrialState.FAILED, error=f"worker lost: {type(exc).__name__}: {reason}",
-                                     traceback=str(exc)[-4000:])
-                self.actors[self.actors.index(actor)] = actor = self._new_actor()
+                reason = (str(exc).strip().splitlines() or [""])[0][:300]
+                logger.warning("trial %d: worker lost (%s); starting a new worker", trial.id, type(exc).__name__)
+                actor = self._replace(actor)
+                if attempts[trial.id] < 2:
+                    pending.appendleft(trial)
+                    idle.append(actor)
+                    continue
+                result = TrialResult(trial.id, TrialState.FAILED, traceback=str(exc)[-4000:],
+                                     error=f"worker lost twice: {type(exc).__name__}: {reason}")
             idle.append(actor)
             yield trial, result
+
+    def _replace(self, actor):
+        import ray
+
+        ray.kill(actor, no_restart=True)
+        fresh = self._new_actor()
+        self.actors[self.actors.index(actor)] = fresh
+        return fresh
+
+    def identities(self) -> list[str]:
+        """`host:pid` of every actor, in order (what the journal's `worker` field records)."""
+        import ray
+
+        return ray.get([actor.identity.remote() for actor in self.actors])
 
     def close(self) -> None:
         import ray
