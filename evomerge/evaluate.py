@@ -36,11 +36,10 @@ def task_manager(eval_config: EvalConfig):
 
     names = [task.name for task in eval_config.tasks]
     if eval_config.include_path:
-        local = TaskManager(include_path=eval_config.include_path, include_defaults=False, verbosity="ERROR")
+        local = TaskManager(include_path=eval_config.include_path, include_defaults=False)
         if all(name in local.all_tasks for name in names):
             return local
-    manager = TaskManager(include_path=eval_config.include_path or None, include_defaults=True,
-                          verbosity="ERROR")
+    manager = TaskManager(include_path=eval_config.include_path or None, include_defaults=True)
     unknown = [name for name in names if name not in manager.all_tasks]
     if unknown:
         raise EvalError(f"eval.tasks: unknown lm-eval task(s) {', '.join(unknown)}; "

@@ -1,0 +1,90 @@
+"""Bad inputs give one-line errors naming the field or tensor, exit code 2, before any evaluation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import write_config
+from evomerge.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    capsys.readouterr()  # drop what the test's own set-up printed
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_several_wrong_fields_at_once(tmp_path, capsys) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\nmodels: {base: ./nowhere, experts: []}\nmerge: {method: avg}\n"
+                    "eval: {tasks: [{name: t}]}\nsearch: {generations: 0}\n")
+    code, err = run_cli(["search", str(path), "--run-dir", str(tmp_path / "r")], capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    for field in ("models.experts", "merge.method", "eval.tasks.0.metric", "search.generations"):
+        assert field in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_model_path(zoo, tmp_path, capsys) -> None:
+    path = write_config(tmp_path, zoo, models={"base": str(tmp_path / "gone"), "experts": [str(zoo["base"])]})
+    code, err = run_cli(["search", str(path), "--run-dir", str(tmp_path / "r")], capsys)
+    assert code == 2 and "models.base: no such model folder" in err and len(err.splitlines()) == 1
+
+
+def _variant(zoo, tmp_path: Path, name: str, **changes) -> Path:
+    """A copy of the quick base with a changed config (a different architecture, built with fresh weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(zoo["base"])
+    for key, value in changes.items():
+        setattr(config, key, value)
+    folder = tmp_path / name
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(zoo["base"]).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"hidden_size": 48, "head_dim": 12}, "config.hidden_size"),
+    ({"intermediate_size": 40}, "config.intermediate_size"),
+])
+def test_incompatible_expert_is_refused_before_evaluation(zoo, tmp_path, capsys, changes, expected) -> None:
+    other = _variant(zoo, tmp_path, "other", **changes)
+    path = write_config(tmp_path, zoo, models={"experts": [str(other)]})
+    code, err = run_cli(["search", str(path), "--run-dir", str(tmp_path / "r")], capsys)
+    assert code == 2 and "models.experts.0" in err and expected in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_different_vocabulary_is_refused(zoo, tmp_path, capsys) -> None:
+    other = tmp_path / "vocab"
+    shutil.copytree(zoo["base"], other)
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    first, second = list(vocab)[-2:]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    path = write_config(tmp_path, zoo, models={"experts": [str(other)]})
+    code, err = run_cli(["search", str(path), "--run-dir", str(tmp_path / "r")], capsys)
+    assert code == 2 and "models.experts.0: tokenizer vocabulary differs" in err
+
+
+def test_missing_tensor_is_named(zoo, tmp_path, capsys) -> None:
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "cut"
+    shutil.copytree(zoo["base"], other)
+    tensors = load_file(other / "model.safetensors")
+    dropped = sorted(tensors)[3]
+    del tensors[dropped]
+    save_file(tensors, other / "model.safetensors", metadata={"format": "pt"})
+    path = write_config(tmp_path, zoo, models={"experts": [str(other)]})
+    code, err = run_cli(["search", str(path), "--run-dir", str(tmp_path / "r")], capsys)
+    assert code == 2 and f"tensor {dropped!r} is missing" in err

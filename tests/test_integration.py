@@ -1,0 +1,146 @@
+"""The real path: Ray actors, transformers models on disk, lm-eval, pycma, export and reload."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import write_config
+from evomerge.cli import main
+from evomerge.config import load_config
+from evomerge.export import evaluate_folder, export
+from evomerge.genome import Recipe
+from evomerge.run_dir import RunDir, canonical
+from evomerge.search import search
+from evomerge.trial import Trial, TrialState
+from evomerge.workers import WorkerPool
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_run(zoo, ray_cluster, tmp_path_factory) -> tuple[Path, dict]:
+    folder = tmp_path_factory.mktemp("search")
+    config = load_config(write_config(folder, zoo))
+    summary = search(config, folder / "run")
+    return folder / "run", summary
+
+
+def test_search_runs_through_ray_and_lm_eval(finished_run) -> None:
+    run_dir, summary = finished_run
+    records = RunDir.open(run_dir).records()
+    num_experts = len(load_config(run_dir / "config.yaml").models.experts)
+    references = 1 + num_experts + 1
+    assert len(records) == references + 2 * 4
+    assert all(r["state"] == "complete" for r in records), [r["error"] for r in records]
+    assert {r["label"] for r in records if r["label"]} == {"base", "uniform", *[f"expert:{i}" for i in range(num_experts)]}
+    assert len({r["worker"] for r in records}) == 2  # both actors served trials
+    for r in records:
+        assert 0.0 <= r["quality"] <= 1.0 and set(r["metrics"]) == set(summary["tasks"])
+        assert r["seconds"]["eval"] > 0 and r["seconds"]["merge"] >= 0
+    assert [g["generation"] for g in summary["generations"]] == [0, 1]
+    checkpoint = RunDir.open(run_dir).load_checkpoint()
+    assert checkpoint.generation == 2 and checkpoint.next_trial_id == len(records)
+    assert json.loads((run_dir / "summary.json").read_text())["trials"] == len(records)
+
+
+def test_report_json(finished_run, capsys) -> None:
+    run_dir, summary = finished_run
+    assert main(["report", str(run_dir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["trials"] == summary["trials"] and report["failed"] == 0
+    assert {"trial", "quality", "recipe"} <= set(report["best"])
+    assert [r["label"] for r in report["references"]][0] == "base"
+    assert len(report["generations"]) == 2
+
+
+def test_export_reproduces_the_recorded_quality(finished_run, tmp_path) -> None:
+    run_dir, summary = finished_run
+    config = RunDir.open(run_dir).config()
+    record = export(run_dir, tmp_path / "best")
+    assert record["trial"] == summary["best"]["trial"]
+    assert (tmp_path / "best" / "model.safetensors").is_file() and (tmp_path / "best" / "tokenizer.json").is_file()
+    assert evaluate_folder(config, tmp_path / "best") == record["quality"]
+
+    mergekit = yaml.safe_load((tmp_path / "best" / "mergekit.yaml").read_text())
+    assert mergekit["merge_method"] == record["recipe"]["method"]
+    assert json.loads((tmp_path / "best" / "recipe.json").read_text())["recipe"] == record["recipe"]
+
+
+def test_export_of_a_reference_equals_the_source(finished_run, zoo, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    run_dir, _ = finished_run
+    trial = next(r for r in RunDir.open(run_dir).records() if r["label"] == "expert:1")
+    export(run_dir, tmp_path / "expert", trial_id=trial["trial"])
+    exported = load_file(tmp_path / "expert" / "model.safetensors")
+    source = load_file(Path(load_config(run_dir / "config.yaml").models.experts[1]) / "model.safetensors")
+    assert exported.keys() == source.keys()
+    assert all(torch.equal(exported[k], source[k]) for k in source)
+
+
+def test_export_refuses_a_non_empty_folder(finished_run, tmp_path, capsys) -> None:
+    run_dir, _ = finished_run
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "taken")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "x"), "--trial", "999"]) == 2
+
+
+def test_same_seed_gives_the_same_journal(finished_run, zoo, ray_cluster, tmp_path) -> None:
+    run_dir, _ = finished_run
+    config = load_config(write_config(tmp_path, zoo))
+    search(config, tmp_path / "again")
+    assert canonical(RunDir.open(tmp_path / "again").records()) == canonical(RunDir.open(run_dir).records())
+
+
+def test_failures_come_back_as_data_through_ray(zoo, ray_cluster, tmp_path) -> None:
+    config = load_config(write_config(tmp_path, zoo, workers={"count": 1}))
+    good = Recipe("linear", "global", 2, {"all": {"weight": [1.0] + [0.0] * (len(config.models.experts) - 1)}})
+    zero = Recipe("linear", "global", 2, {"all": {"weight": [0.0] * len(config.models.experts)}})
+    missing_group = Recipe("linear", "layer", 2, {"layers.0": {"weight": [1.0] * len(config.models.experts)}})
+    pool = WorkerPool(config)
+    try:
+        results = {t.id: r for t, r in pool.run([Trial(0, 0, zero), Trial(1, 0, missing_group), Trial(2, 0, good)])}
+    finally:
+        pool.close()
+    assert results[0].state is TrialState.FAILED and "sum" in results[0].error
+    assert results[1].state is TrialState.FAILED and "KeyError" in results[1].error and results[1].traceback
+    assert results[2].state is TrialState.COMPLETE
+
+
+def test_cli_search_then_report(zoo, ray_cluster, tmp_path, capsys) -> None:
+    path = write_config(tmp_path, zoo, search={"generations": 1, "population": 2, "references": False})
+    assert main(["search", str(path), "--run-dir", str(tmp_path / "cli")]) == 0
+    assert "best evolved" in capsys.readouterr().out
+    assert main(["search", str(path), "--run-dir", str(tmp_path / "cli")]) == 2  # already holds a run
+    assert "evomerge resume" in capsys.readouterr().err
+
+
+def test_a_killed_worker_is_replaced_and_its_trial_retried(zoo, ray_cluster, tmp_path) -> None:
+    import os
+    import signal
+
+    config = load_config(write_config(tmp_path, zoo))
+    experts = len(config.models.experts)
+    trials = [Trial(i, 0, Recipe("linear", "global", 2, {"all": {"weight": [1.0 + i] + [0.5] * (experts - 1)}}))
+              for i in range(8)]
+    pool = WorkerPool(config)
+    try:
+        pids = {name: int(name.rsplit(":", 1)[1]) for name in pool.identities()}
+        results, killed = {}, None
+        for trial, result in pool.run(trials):
+            results[trial.id] = result
+            if killed is None:  # the other worker is busy with a candidate: kill it mid-run
+                killed = next(name for name in pids if name != result.worker)
+                os.kill(pids[killed], signal.SIGKILL)
+    finally:
+        pool.close()
+    assert sorted(results) == list(range(8))
+    assert all(r.state is TrialState.COMPLETE for r in results.values()), [r.error for r in results.values()]
+    assert len({r.worker for r in results.values()}) >= 2
