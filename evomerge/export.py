@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -34,22 +36,47 @@ def export(run_dir: str | Path, out: str | Path, trial_id: int | None = None, fo
     config = run.config()
     record = pick_trial(run, trial_id)
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out: {out} is a file, expected a folder")
+    if out.exists() and any(out.iterdir()) and not force:
         raise ConfigError(f"--out: {out} exists and is not empty; choose another folder or pass --force")
-    out.mkdir(parents=True, exist_ok=True)
 
+    # Written into a sibling temp folder, moved into place at the end: a killed export leaves
+    # no half-written model where the user expects one.
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    write_folder(staging, config, record)
+    move_into(staging, out)
+    logger.info("exported trial %d (quality %.4f) to %s", record["trial"], record["quality"], out)
+    return record
+
+
+def write_folder(folder: Path, config: RunConfig, record: dict[str, Any]) -> None:
+    """Merge the trial's recipe into the base and write model, tokenizer, mergekit YAML and recipe."""
     recipe = Recipe.from_json(record["recipe"])
     model, merger = load_merge_target(config.models, config.seed, pick_device(config.models.device))
     merger.merge_into(model, recipe)
-    model.save_pretrained(out, safe_serialization=True)
-    load_tokenizer(config.models.base, config.models).save_pretrained(out)
+    model.save_pretrained(folder, safe_serialization=True)
+    load_tokenizer(config.models.base, config.models).save_pretrained(folder)
     names = [name for name, _ in model.named_parameters()]
-    (out / "mergekit.yaml").write_text(mergekit_yaml(recipe, config, names), encoding="utf-8")
-    (out / "recipe.json").write_text(json.dumps({"trial": record["trial"], "quality": record["quality"],
-                                                 "metrics": record["metrics"], "seed": config.seed,
-                                                 "recipe": record["recipe"]}, indent=1), encoding="utf-8")
-    logger.info("exported trial %d (quality %.4f) to %s", record["trial"], record["quality"], out)
-    return record
+    (folder / "mergekit.yaml").write_text(mergekit_yaml(recipe, config, names), encoding="utf-8")
+    (folder / "recipe.json").write_text(json.dumps({"trial": record["trial"], "quality": record["quality"],
+                                                     "metrics": record["metrics"], "seed": config.seed,
+                                                     "recipe": record["recipe"]}, indent=1), encoding="utf-8")
+
+
+def move_into(staging: Path, out: Path) -> None:
+    """Rename the finished folder into place (file by file when --force targets an existing folder)."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    for item in staging.iterdir():
+        target = out / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    staging.rmdir()
 
 
 def pick_trial(run: RunDir, trial_id: int | None) -> dict[str, Any]:
