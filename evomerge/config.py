@@ -104,7 +104,7 @@ class EvalConfig(_Frozen):
         names = [task.name for task in self.tasks]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
-            raise ValueError(f"tasks: each task once (repeated: {', '.join(duplicates)})")
+            raise ValueError(f"tasks: each task once (repeated: {', '.join(map(_shown, duplicates))})")
         return self
 
 
@@ -152,26 +152,29 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     raw = read_yaml(path)
     for override in overrides:
         apply_override(raw, override)
-    config = validate(raw, source=str(path))
-    return resolve_paths(config, path.resolve().parent, source=str(path))
+    config = validate(raw, source=_shown(str(path)))
+    return resolve_paths(config, path.resolve().parent, source=_shown(str(path)))
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    name = _shown(str(path))
     if not path.exists():
-        raise ConfigError(f"{path}: no such config file")
+        raise ConfigError(f"{name}: no such config file")
     if path.is_dir():
-        raise ConfigError(f"{path}: is a directory, expected a YAML config file")
+        raise ConfigError(f"{name}: is a directory, expected a YAML config file")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or type(exc).__name__
-        raise ConfigError(f"{path}:{where}: invalid YAML ({problem})") from None
+        raise ConfigError(f"{name}:{where}: invalid YAML ({problem})") from None
+    except RecursionError:
+        raise ConfigError(f"{name}: invalid YAML (nested too deeply)") from None
     except (UnicodeDecodeError, OSError) as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
+        raise ConfigError(f"{name}: cannot read ({exc.__class__.__name__}: {exc})") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a YAML mapping at the top level (got {type(raw).__name__})")
+        raise ConfigError(f"{name}: expected a YAML mapping at the top level (got {type(raw).__name__})")
     return raw
 
 
@@ -185,15 +188,19 @@ def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
 
 
 def _describe(error: dict[str, Any]) -> str:
-    field = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    field = ".".join(_shown(str(part)) for part in error["loc"]) or "(top level)"
     if error["type"] == "extra_forbidden":
         parent = _model_at(error["loc"][:-1])
         allowed = ", ".join(parent.model_fields) if parent else "?"
         return f"{field}: unknown key; expected one of: {allowed}"
     if error["type"] == "missing":
         return f"{field}: required field is missing"
-    message = error["msg"].removeprefix("Value error, ")
-    return f"{field}: {message} (got {_short(error.get('input'))})" if "got" not in message else f"{field}: {message}"
+    message, value = error["msg"].removeprefix("Value error, "), error.get("input")
+    head, sep, rest = message.partition(": ")
+    if error["type"] == "value_error" and sep and isinstance(value, dict) and head.split(".")[0] in value:
+        # a model or dict validator names the field inside its input (`tasks: ...`, `weight: ...`)
+        field, message, value = (f"{field}.{head}" if error["loc"] else head), rest, value.get(head)
+    return f"{field}: {message} (got {_short(value)})" if "got" not in message else f"{field}: {message}"
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
@@ -212,6 +219,11 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
+def _shown(text: str) -> str:
+    """A key or path as the message shows it: as is, or quoted with escapes where empty or not printable."""
+    return text if text and text.isprintable() else repr(text)
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -226,9 +238,15 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {override!r}: {part} is not a mapping")
+            raise ConfigError(f"override {override!r}: {_shown(part)} is not a mapping")
         node = child
-    node[parts[-1]] = yaml.safe_load(value)
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"override {override!r}: invalid YAML value ({problem})") from None
+    except RecursionError:
+        raise ConfigError(f"override {override!r}: invalid YAML value (nested too deeply)") from None
 
 
 def resolve_paths(config: RunConfig, folder: Path, source: str = "config") -> RunConfig:

@@ -137,6 +137,18 @@ class RunDir:
             handle.flush()
             os.fsync(handle.fileno())
 
+    def repair_journal(self) -> None:
+        """Cut a torn last line (a crash mid-append) so the next append starts on a fresh line."""
+        path = self.path / JOURNAL
+        data = path.read_bytes() if path.exists() else b""
+        if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            logger.warning("%s: dropping a torn last line (%d bytes); its trial runs again", path, len(data) - keep)
+            with open(path, "r+b") as handle:
+                handle.truncate(keep)
+                handle.flush()
+                os.fsync(handle.fileno())
+
     def records(self) -> list[dict[str, Any]]:
         """Every complete journal line, in the order written; a torn last line is skipped."""
         path = self.path / JOURNAL

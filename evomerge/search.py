@@ -72,10 +72,10 @@ def run_loop(run: RunDir, config: RunConfig, layout: GenomeLayout, pool: Pool | 
         strategy.set_state(checkpoint.strategy_state)
         generation, next_id = checkpoint.generation, checkpoint.next_trial_id
         logger.info("resuming %s after generation %d", run.path, generation - 1)
-    journal = run.finished()
-
     run.lock()
     try:
+        run.repair_journal()
+        journal = run.finished()
         if pool is None:
             from evomerge.workers import WorkerPool
 

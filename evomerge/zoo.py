@@ -146,13 +146,13 @@ GENERATORS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
 class Recipe:
     """Sizes, step counts and learning rates of one zoo build."""
 
-    hidden_size: int = 128
+    hidden_size: int = 96
     num_layers: int = 4
     num_heads: int = 4
-    intermediate_size: int = 512
-    base_steps: int = 400
-    base_lr: float = 3e-3
-    base_batch: int = 128
+    intermediate_size: int = 384
+    base_steps: int = 1300
+    base_lr: float = 2e-3
+    base_batch: int = 64
     base_warmup: int = 30
     #: Sampling weights of the base pre-training mix (task name -> weight).
     base_mix: dict = field(
@@ -160,18 +160,22 @@ class Recipe:
             "copy": 1.0,
             "sub": 1.0,
             "next": 1.0,
-            "add_small": 1.0,
+            "add_small": 1.5,
             "rev_short": 1.0,
             "sort_short": 1.0,
-            "add": 0.3,
-            "rev": 0.3,
-            "sort": 0.3,
+            "add": 0.2,
+            "rev": 0.2,
+            "sort": 0.2,
         }
     )
-    expert_steps: int = 150
-    expert_lr: float = 1e-3
+    expert_steps: int = 200
+    expert_lr: float = 6e-4
     expert_batch: int = 64
     expert_warmup: int = 10
+    #: Weight of the KL(base || expert) term on replayed prompts of the base mix
+    #: (other skills only) that keeps each expert's behaviour elsewhere at the base's.
+    expert_consistency: float = 1.0
+    expert_replay_batch: int = 32
     weight_decay: float = 0.0
     #: Examples per demo task that build_zoo scores each model on.
     score_limit: int = 100
@@ -301,6 +305,8 @@ class _Sampler:
         self.rng = rng
         self.excluded = excluded
         self.vocab = tok.get_vocab()
+        self._pending: list = []
+        self._pending_size = 0
 
     def example(self) -> tuple[str, str]:
         gen = GENERATORS[self.rng.choices(self.names, self.weights)[0]]
@@ -310,24 +316,51 @@ class _Sampler:
                 return prompt, answer
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = []
-        for _ in range(size):
-            prompt, answer = self.example()
-            p = [self.vocab[c] for c in prompt]
-            a = [self.vocab[c] for c in answer + "\n"]
-            rows.append((p + a, [-100] * len(p) + a))
+        """The next batch; batches come from pools of ``BUCKET`` batches sorted by length,
+        so that little of a batch is padding."""
+        if not self._pending or self._pending_size != size:
+            pool = [self._encode(*self.example()) for _ in range(size * self.BUCKET)]
+            pool.sort(key=lambda row: len(row[0]))
+            chunks = [pool[i : i + size] for i in range(0, len(pool), size)]
+            self.rng.shuffle(chunks)
+            self._pending, self._pending_size = chunks, size
+        return self._collate(self._pending.pop())
+
+    BUCKET = 1
+
+    def _encode(self, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+        p = [self.vocab[c] for c in prompt]
+        a = [self.vocab[c] for c in answer + "\n"]
+        return p + a, [-100] * len(p) + a
+
+    @staticmethod
+    def _collate(rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(ids) for ids, _ in rows)
-        ids = torch.full((size, width), PAD_ID, dtype=torch.long)
-        labels = torch.full((size, width), -100, dtype=torch.long)
+        ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
         for i, (x, y) in enumerate(rows):
             ids[i, : len(x)] = torch.tensor(x)
             labels[i, : len(y)] = torch.tensor(y)
         return ids, labels
 
 
-def _train(model, sampler: _Sampler, *, steps: int, lr: float, batch: int, warmup: int, weight_decay: float, name: str) -> dict:
+def _consistency_loss(model, teacher, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || model) on the answer positions of a replay batch."""
+    mask = labels[:, 1:] != -100
+    with torch.no_grad():
+        target = torch.log_softmax(teacher(input_ids=ids).logits[:, :-1][mask], dim=-1)
+    logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1][mask], dim=-1)
+    return torch.nn.functional.kl_div(logp, target, log_target=True, reduction="batchmean")
+
+
+def _train(model, sampler: _Sampler, *, steps: int, lr: float, batch: int, warmup: int, weight_decay: float, name: str, optimizer: str = "adamw", teacher=None, replay: "_Sampler | None" = None, replay_batch: int = 0, consistency: float = 0.0) -> dict:
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"optimizer: unknown {optimizer!r}")
 
     def lr_at(step: int) -> float:
         if step < warmup:
@@ -341,8 +374,10 @@ def _train(model, sampler: _Sampler, *, steps: int, lr: float, batch: int, warmu
     for step in range(steps):
         ids, labels = sampler.batch(batch)
         loss = model(input_ids=ids, labels=labels).loss
+        if teacher is not None and consistency > 0:
+            loss = loss + consistency * _consistency_loss(model, teacher, *replay.batch(replay_batch))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -470,6 +505,15 @@ def _build(out_dir: str | os.PathLike, recipe: Recipe, seed: int) -> dict[str, P
             warmup=recipe.expert_warmup,
             weight_decay=recipe.weight_decay,
             name=skill,
+            teacher=base,
+            replay=_Sampler(
+                {k: w for k, w in recipe.base_mix.items() if k != skill},
+                tok,
+                random.Random(f"replay-{skill}-{seed}"),
+                excluded,
+            ),
+            replay_batch=recipe.expert_replay_batch,
+            consistency=recipe.expert_consistency,
         )
         _save(expert, tok, out / skill)
         paths[skill] = out / skill

@@ -144,3 +144,21 @@ def test_a_killed_worker_is_replaced_and_its_trial_retried(zoo, ray_cluster, tmp
     assert sorted(results) == list(range(8))
     assert all(r.state is TrialState.COMPLETE for r in results.values()), [r.error for r in results.values()]
     assert len({r.worker for r in results.values()}) >= 2
+
+
+def test_a_killed_export_leaves_no_half_model(finished_run, tmp_path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    run_dir, _ = finished_run
+    out = tmp_path / "model"
+    child = ("import os, signal, sys\n"
+             "import evomerge.export as export\n"
+             "export.move_into = lambda staging, out: os.kill(os.getpid(), signal.SIGKILL)  # die before the rename\n"
+             "export.export(sys.argv[1], sys.argv[2])\n")
+    code = subprocess.run([sys.executable, "-c", child, str(run_dir), str(out)], capture_output=True,
+                          timeout=300).returncode
+    assert code == -signal.SIGKILL and not out.exists()
+    assert main(["report", str(run_dir)]) == 0
+    assert export(run_dir, out)["trial"] >= 0 and (out / "model.safetensors").is_file()

@@ -3,54 +3,16 @@
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from evomerge.config import validate
 from evomerge.errors import EvalError
 from evomerge.genome import GenomeLayout
 from evomerge.report import summarize
 from evomerge.run_dir import RunDir, canonical
 from evomerge.search import run_loop
-from evomerge.trial import TrialResult, TrialState
+from fakes import FakePool, make_config
 
 BOUNDS = {"weight": (0.0, 1.5), "density": (0.1, 1.0), "t": (0.0, 1.0)}
-
-
-def make_config(strategy: str = "cma", generations: int = 4, seed: int = 0):
-    return validate({
-        "name": "fake", "seed": seed,
-        "models": {"base": "b", "experts": ["e0", "e1"]},
-        "merge": {"method": "task_arithmetic", "granularity": "layer"},
-        "eval": {"tasks": [{"name": "t", "metric": "acc"}]},
-        "search": {"strategy": strategy, "population": 6, "generations": generations, "sigma0": 0.3},
-    })
-
-
-class FakePool:
-    """Quality peaks at weights (0.4, 1.3) in every group; genomes whose first gene is above `fail_above` fail."""
-
-    def __init__(self, fail_above: float = 2.0, stop_after: int | None = None):
-        self.fail_above = fail_above
-        self.stop_after = stop_after
-        self.evaluated: list[int] = []
-        self.closed = False
-
-    def run(self, trials):
-        for trial in reversed(trials):  # finish out of order, as real workers do
-            if self.stop_after is not None and len(self.evaluated) >= self.stop_after:
-                raise KeyboardInterrupt
-            self.evaluated.append(trial.id)
-            weights = np.array([genes["weight"] for genes in trial.recipe.params.values()])
-            if trial.genome is not None and trial.genome[0] > self.fail_above:
-                yield trial, TrialResult(trial.id, TrialState.FAILED, error="ValueError: injected")
-                continue
-            quality = float(1.0 - np.mean((weights - [0.4, 1.3]) ** 2))
-            yield trial, TrialResult(trial.id, TrialState.COMPLETE, quality=quality, metrics={"t": quality},
-                                     seconds={"total": 0.01}, worker="fake")
-
-    def close(self):
-        self.closed = True
 
 
 def start(tmp_path: Path, config, name: str = "run") -> tuple[RunDir, GenomeLayout]:

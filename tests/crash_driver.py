@@ -1,0 +1,90 @@
+"""A search driver that SIGKILLs itself at a chosen point (run as a child process by test_crash.py).
+
+    python crash_driver.py RUN_DIR start|resume [POINT N]
+
+POINT is one of mid_generation (after N results), journal_append (half-way through the N-th
+journal line), checkpoint_write (half-way through the checkpoint of generation N),
+between_generations (right after the checkpoint of generation N). The loop, the run directory
+and the strategies are the real ones; only the pool is the deterministic fake one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from fakes import FakePool, make_config  # noqa: E402
+
+from evomerge.genome import GenomeLayout  # noqa: E402
+from evomerge.run_dir import CHECKPOINT, JOURNAL, Checkpoint, RunDir  # noqa: E402
+from evomerge.search import run_loop  # noqa: E402
+
+BOUNDS = {"weight": (0.0, 1.5), "density": (0.1, 1.0), "t": (0.0, 1.0)}
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class CrashingRunDir(RunDir):
+    def __init__(self, path: Path, point: str, count: int):
+        super().__init__(path)
+        self.point, self.count, self.appends = point, count, 0
+
+    def append(self, record: dict) -> None:
+        self.appends += 1
+        if self.point == "journal_append" and self.appends == self.count:
+            line = json.dumps(record, sort_keys=True)
+            with open(self.path / JOURNAL, "a") as handle:
+                handle.write(line[: len(line) // 2])
+                handle.flush()
+                os.fsync(handle.fileno())
+            die()
+        super().append(record)
+
+    def save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        if self.point == "checkpoint_write" and checkpoint.generation == self.count:
+            data = pickle.dumps(checkpoint)
+            with open(self.path / f".{CHECKPOINT}.tmp", "wb") as handle:
+                handle.write(data[: len(data) // 2])
+                handle.flush()
+            die()
+        super().save_checkpoint(checkpoint)
+        if self.point == "between_generations" and checkpoint.generation == self.count:
+            die()
+
+
+class CrashingPool(FakePool):
+    def __init__(self, count: int, log: Path):
+        super().__init__()
+        self.count, self.log = count, log
+
+    def run(self, trials):
+        for trial, result in super().run(trials):
+            with open(self.log, "a") as handle:
+                handle.write(f"{trial.id}\n")
+            yield trial, result
+            if len(self.evaluated) == self.count:
+                die()
+
+
+def main() -> None:
+    run_dir, mode = Path(sys.argv[1]), sys.argv[2]
+    point, count = (sys.argv[3], int(sys.argv[4])) if len(sys.argv) > 3 else ("none", -1)
+    config = make_config(generations=4)
+    layout = GenomeLayout.build("task_arithmetic", "layer", 3, 2, BOUNDS)
+    if mode == "start":
+        RunDir.create(run_dir, config, layout.describe())
+    run = CrashingRunDir(run_dir, point, count)
+    pool = CrashingPool(count if point == "mid_generation" else -1, run_dir / "evaluated.log")
+    run_loop(run, config, layout, pool)
+
+
+if __name__ == "__main__":
+    main()
