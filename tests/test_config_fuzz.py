@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from evomerge.cli import main
@@ -153,7 +153,8 @@ scalar_junk = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), sh
 lists = st.lists(scalar_junk, max_size=3)
 dicts = st.dictionaries(short_text, scalar_junk, max_size=2)
 containers = st.one_of(lists, dicts)
-fractional = st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: not x.is_integer())
+fractional = st.one_of(st.builds(float.__add__, st.integers(-10**6, 10**6).map(float), st.floats(0.001, 0.999)),
+                       st.floats(min_value=5e-324, max_value=0.5), st.floats(min_value=-0.5, max_value=-5e-324))
 non_finite = st.sampled_from([math.nan, math.inf, -math.inf])
 huge = st.sampled_from([10**400, -10**400])
 NEGATIVE = 5e-324  # the smallest positive float: `max_value=-NEGATIVE` excludes both zeros
@@ -299,7 +300,8 @@ GROUPS: dict[str, list[st.SearchStrategy]] = {
                at(("search", "sigma0"), bad_float(st.floats(max_value=0.0), st.floats(min_value=1.0, exclude_min=True),
                                                   st.integers(max_value=0), st.integers(min_value=2), huge,
                                                   st.just(math.inf))),
-               at(("search", "x0"), bad_float(st.floats(max_value=-NEGATIVE), st.floats(min_value=1.0, exclude_min=True),
+               at(("search", "x0"), bad_float(st.floats(max_value=-NEGATIVE),
+                                              st.floats(min_value=1.0, exclude_min=True),
                                               st.integers(max_value=-1), st.integers(min_value=2), huge,
                                               st.just(math.inf))),
                at(("search", "references"), bad_bool()), unknown_key(("search",))],
@@ -327,9 +329,8 @@ def test_base_config_is_valid(world: Path) -> None:
 def test_one_wrong_field_is_named(world: Path, capsys, mutation: Mutation) -> None:
     raw = copy.deepcopy(BASE)
     mutate(raw, mutation)
-    message = refuse(world, capsys, write(world, raw))
-    assert "1 error(s)" in message
-    assert_names(message, mutation.field)
+    event(f"{'deleted' if mutation.value is DELETE else type(mutation.value).__name__} at {dotted(mutation.path[:3])}")
+    assert_names(refuse(world, capsys, write(world, raw)), mutation.field)
 
 
 @st.composite
@@ -394,13 +395,15 @@ def broken_yaml(draw) -> bytes:
     line = _LINES[i]
     indent = len(line) - len(line.lstrip(" "))
     kind = draw(st.sampled_from(["tab", "indent", "bracket", "control", "tag", "deep", "bytes", "utf8"]))
+    event(f"broken yaml: {kind}")
     if kind == "tab":  # a tab cannot start a token in block context
         line = "\t" + line
     elif kind == "indent":  # a top-level key pushed right, or a nested line pulled left: both break the block
         line = " " + line if indent == 0 else line[1:]
     elif kind == "bracket":  # a flow collection that never closes (the block-style text has no closer)
         head = line[:indent + 2] if line.lstrip().startswith("- ") else line.split(":")[0] + ":"
-        line = f"{head} {draw(st.sampled_from('[{'))}{draw(st.text(st.characters(exclude_characters=']}'), max_size=6))}"
+        garbage = draw(st.text(st.characters(exclude_characters="]}"), max_size=6))
+        line = f"{head} {draw(st.sampled_from('[{'))}{garbage}"
     elif kind == "control":  # characters YAML does not allow in a stream
         char = draw(st.sampled_from([*map(chr, [*range(0, 9), 11, 12, *range(14, 32), 127]), "\ufffe", "\uffff"]))
         position = draw(st.integers(0, len(line)))
@@ -480,7 +483,8 @@ def malformed_override(draw) -> tuple[str, str]:
     if kind == "through_scalar":
         scalar = draw(st.sampled_from(SCALARS))
         rest = draw(st.lists(no_equals.filter(lambda s: "." not in s), min_size=1, max_size=3))
-        return f"{scalar}.{'.'.join(rest)}={draw(st.text(max_size=4))}", f"{shown(scalar.split('.')[-1])} is not a mapping"
+        expected = f"{shown(scalar.split('.')[-1])} is not a mapping"
+        return f"{scalar}.{'.'.join(rest)}={draw(st.text(max_size=4))}", expected
     key = draw(st.sampled_from(["name", "search.generations", "merge.bounds", "eval.tasks"]))
     value = draw(st.one_of(st.sampled_from(["[1", "{a", "a: b: c", "\t", "!!python/object/apply:os.system [ls]",
                                             "*nowhere", "'open", '"\\q"', "[a]]", "\x00", "- a\n b: c"]),
