@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except EvomergeError as exc:
-        print(f"evomerge: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split("\n"))  # one line, whatever the message carries
+        print(f"evomerge: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("evomerge: interrupted; the run directory is intact: `evomerge resume RUN` continues it",
