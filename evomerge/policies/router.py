@@ -1,0 +1,55 @@
+"""Prefix router (SmallTalk LM, arXiv 2410.03529): each member (or a small router model per
+member, ``scorers``) scores the first ``k`` tokens of the prompt; the lowest mean negative
+log-likelihood wins, ties to the lowest member index.
+
+Scoring: the first ``k_eff = min(k, prompt tokens)`` tokens of the prompt, encoded by the
+scorer's tokenizer without special tokens and conditioned on its prefix token (BOS/EOS, as
+lm-eval does for an empty context): one forward over ``k_eff`` tokens with logits
+everywhere, ``scorer.cost.forward_flops(k_eff)``, for every scorer, once per unit (the
+choices of one question are routed together).  One batched call per scorer.
+
+Note the prompt is lm-eval's full context: with few-shot examples the first ``k`` tokens
+are the shared preamble, and every request goes to the same member.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from evomerge.policies.base import Member, PolicyLM, Unit
+
+__all__ = ["PrefixRouter"]
+
+
+class PrefixRouter(PolicyLM):
+    kind = "router"
+
+    def __init__(self, members: Sequence[Member], k: int, scorers: Sequence[Member] | None = None):
+        super().__init__(members)
+        if isinstance(k, bool) or int(k) != k or k < 1:
+            raise ValueError(f"router: k must be a positive integer, got {k!r}")
+        self.k = int(k)
+        self.scorers = list(scorers) if scorers is not None else list(self.members)
+        if len(self.scorers) != len(self.members):
+            raise ValueError(f"router: {len(self.scorers)} scorers for {len(self.members)} members")
+
+    def scores(self, texts: list[str]) -> tuple[list[list[float]], list[int]]:
+        """Mean NLL of each text's first k tokens under each scorer (``[scorer][text]``), and the
+        scoring FLOPs of each text (all scorers)."""
+        nll = [[0.0] * len(texts) for _ in self.scorers]
+        flops = [0] * len(texts)
+        for s, scorer in enumerate(self.scorers):
+            lm = scorer.lm
+            prefixes = [lm.tok_encode(text, add_special_tokens=False)[:self.k] for text in texts]
+            todo = [t for t, ids in enumerate(prefixes) if ids]
+            answers = lm._loglikelihood_tokens([(None, [lm.prefix_token_id], prefixes[t]) for t in todo],
+                                               disable_tqdm=True) if todo else []
+            for t, (logprob, _) in zip(todo, answers):
+                nll[s][t] = -float(logprob) / len(prefixes[t])
+                flops[t] += scorer.cost.forward_flops(len(prefixes[t]))
+        return nll, flops
+
+    def route(self, units: list[Unit], request_type: str) -> tuple[list[int], list[int]]:
+        nll, flops = self.scores([unit.text for unit in units])
+        choice = [min(range(len(self.scorers)), key=lambda s: (nll[s][u], s)) for u in range(len(units))]
+        return choice, flops
