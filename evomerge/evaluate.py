@@ -30,6 +30,15 @@ class TaskScore:
     higher_is_better: bool
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """One candidate's scores and what serving them cost."""
+
+    scores: dict[str, TaskScore]
+    flops_per_example: float  # forward FLOPs (evomerge.flops conventions) per evaluated document
+    served: dict[str, float]  # share of requests each member served
+
+
 def task_manager(eval_config: EvalConfig):
     """A TaskManager over our include paths; lm-eval's default index only when a task needs it."""
     from lm_eval.tasks import TaskManager
@@ -48,10 +57,15 @@ def task_manager(eval_config: EvalConfig):
 
 
 class Evaluator:
-    """Scores whatever weights `model` holds at call time on the configured tasks."""
+    """Scores whatever weights `model` holds at call time on the configured tasks, and counts FLOPs.
+
+    The model is served through a one-member policy (`evomerge.policies`), which counts the
+    tokens every request really processes; the policy with probability 1 on its one member
+    returns exactly what the bare HFLM would.
+    """
 
     def __init__(self, eval_config: EvalConfig, model: Any, tokenizer: Any):
-        from lm_eval.models.huggingface import HFLM
+        from evomerge.policies import Blend, Member
 
         self.config = eval_config
         self.tasks = task_manager(eval_config).load([task.name for task in eval_config.tasks])
@@ -62,14 +76,20 @@ class Evaluator:
                 task.set_config(key="num_fewshot", value=0)
             task.set_fewshot_seed(seed=FEWSHOT_SEED)
         # HFLM runs on the model's own device (a model object, unlike a name, is not moved).
-        self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=eval_config.batch_size)
+        self.members = [Member.from_model("merged", model, tokenizer, batch_size=eval_config.batch_size)]
+        self.lm = Blend(self.members, [1.0], seed=0)
 
-    def __call__(self) -> dict[str, TaskScore]:
+    def __call__(self) -> Evaluation:
         from lm_eval.evaluator import evaluate
 
+        self.lm.stats.reset()
         results = evaluate(lm=self.lm, task_dict=self.tasks, limit=self.config.limit, bootstrap_iters=0,
                            log_samples=False, verbosity="ERROR")
-        return {task.name: read_score(results, task) for task in self.config.tasks}
+        scores = {task.name: read_score(results, task) for task in self.config.tasks}
+        stats = self.lm.stats
+        documents = sum(int(n.get("effective", 0)) for n in results.get("n-samples", {}).values()) or 1
+        served = {m.name: count / max(stats.requests, 1) for m, count in zip(self.members, stats.served)}
+        return Evaluation(scores, stats.flops / documents, served)
 
 
 def read_score(results: dict[str, Any], task: TaskSpec) -> TaskScore:

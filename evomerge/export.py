@@ -153,5 +153,5 @@ def evaluate_folder(config: RunConfig, folder: str | Path) -> float:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(config.models.dtype)).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     with torch.inference_mode():
-        scores = Evaluator(config.eval, model, tokenizer)()
-    return quality(scores, list(config.eval.tasks))
+        evaluation = Evaluator(config.eval, model, tokenizer)()
+    return quality(evaluation.scores, list(config.eval.tasks))

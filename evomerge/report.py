@@ -5,18 +5,26 @@ from __future__ import annotations
 from typing import Any
 
 from evomerge.config import RunConfig
+from evomerge.pareto import ParetoArchive
 
 
 def summarize(records: list[dict[str, Any]], config: RunConfig) -> dict[str, Any]:
+    by_id = {r["trial"]: r for r in records}
     best, best_evolved = best_trial(records), best_trial([r for r in records if r["label"] is None])
     references = [_brief(r) for r in sorted(records, key=lambda r: r["trial"]) if r["label"] is not None]
     generations = []
     best_so_far = None
+    # Reference point of the hypervolume: (worst quality seen, 1.1 x largest FLOPs seen); both
+    # only move towards worse values as trials arrive, so the hypervolume never decreases.
+    archive = ParetoArchive(worst_quality=None)
     for generation in sorted({r["generation"] for r in records}):
         members = [r for r in records if r["generation"] == generation]
         scored = [r["quality"] for r in members if r["state"] == "complete" and r["label"] is None]
         if scored:
             best_so_far = max(scored) if best_so_far is None else max(best_so_far, max(scored))
+        for r in sorted(members, key=lambda r: r["trial"]):
+            if r["state"] == "complete" and r.get("flops") is not None:
+                archive.add(r["trial"], r["quality"], r["flops"])
         generations.append({
             "generation": generation,
             "trials": len(members),
@@ -24,6 +32,7 @@ def summarize(records: list[dict[str, Any]], config: RunConfig) -> dict[str, Any
             "best_quality": max(scored) if scored else None,
             "mean_quality": sum(scored) / len(scored) if scored else None,
             "best_so_far": best_so_far,
+            "hypervolume": archive.hypervolume() if len(archive) else None,
         })
     return {
         "name": config.name,
@@ -34,6 +43,8 @@ def summarize(records: list[dict[str, Any]], config: RunConfig) -> dict[str, Any
         "best_evolved": _brief(best_evolved) if best_evolved else None,
         "references": references,
         "generations": generations,
+        "pareto": [_front_entry(by_id[e.trial_id]) for e in archive.front()],
+        "hypervolume": archive.hypervolume() if len(archive) else None,
         "failures": [{"trial": r["trial"], "error": r["error"]} for r in records if r["state"] == "failed"],
     }
 
@@ -43,10 +54,16 @@ def _rank(record: dict[str, Any]) -> tuple[float, int]:
     return record["quality"], -record["trial"]
 
 
+def _front_entry(record: dict[str, Any]) -> dict[str, Any]:
+    return {"trial": record["trial"], "label": record["label"], "quality": record["quality"],
+            "flops": record["flops"], "served": record.get("served", {}),
+            "policy": record["recipe"].get("policy")}
+
+
 def _brief(record: dict[str, Any]) -> dict[str, Any]:
     return {"trial": record["trial"], "label": record["label"], "generation": record["generation"],
             "state": record["state"], "quality": record.get("quality"), "metrics": record.get("metrics", {}),
-            "recipe": record["recipe"], "error": record.get("error")}
+            "flops": record.get("flops"), "recipe": record["recipe"], "error": record.get("error")}
 
 
 def best_trial(records: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -57,7 +74,7 @@ def best_trial(records: list[dict[str, Any]]) -> dict[str, Any] | None:
 def format_text(summary: dict[str, Any]) -> str:
     tasks = summary["tasks"]
     lines = [f"run {summary['name']}: {summary['trials']} trials, {summary['failed']} failed", ""]
-    header = f"{'':<22}{'trial':>6}{'quality':>9}" + "".join(f"{t[:12]:>13}" for t in tasks)
+    header = f"{'':<22}{'trial':>6}{'quality':>9}{'FLOPs/ex':>10}" + "".join(f"{t[:12]:>13}" for t in tasks)
     lines.append(header)
     rows = [(r["label"], r) for r in summary["references"]]
     if summary["best_evolved"]:
@@ -66,12 +83,17 @@ def format_text(summary: dict[str, Any]) -> str:
         if row["state"] != "complete":
             lines.append(f"{name:<22}{row['trial']:>6}   FAILED  {row['error']}")
             continue
-        lines.append(f"{name:<22}{row['trial']:>6}{row['quality']:>9.4f}"
+        flops = "-" if row.get("flops") is None else f"{row['flops']:.3g}"
+        lines.append(f"{name:<22}{row['trial']:>6}{row['quality']:>9.4f}{flops:>10}"
                      + "".join(f"{row['metrics'].get(t, float('nan')):>13.4f}" for t in tasks))
     lines += ["", f"{'generation':>10}{'trials':>8}{'failed':>8}{'best':>9}{'mean':>9}{'best so far':>13}"]
     for g in summary["generations"]:
         lines.append(f"{g['generation']:>10}{g['trials']:>8}{g['failed']:>8}{_num(g['best_quality']):>9}"
                      f"{_num(g['mean_quality']):>9}{_num(g['best_so_far']):>13}")
+    if summary["pareto"]:
+        lines += ["", f"Pareto front (quality up, FLOPs per example down), hypervolume {summary['hypervolume']:.4g}:"]
+        lines += [f"  trial {e['trial']:>4}  quality {e['quality']:.4f}  FLOPs/ex {e['flops']:.3g}"
+                  for e in summary["pareto"]]
     for failure in summary["failures"]:
         lines.append(f"trial {failure['trial']} FAILED: {failure['error']}")
     return "\n".join(lines)

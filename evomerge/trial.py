@@ -37,6 +37,8 @@ class TrialResult:
     state: TrialState
     quality: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    flops: float | None = None  # forward FLOPs per evaluated example
+    served: dict[str, float] = field(default_factory=dict)  # share of requests per policy member
     seconds: dict[str, float] = field(default_factory=dict)  # merge, eval, total
     worker: str = ""
     error: str | None = None
@@ -69,5 +71,6 @@ def record(trial: Trial, result: TrialResult) -> dict[str, Any]:
 
 def result_from_record(data: dict[str, Any]) -> TrialResult:
     return TrialResult(trial_id=int(data["trial"]), state=TrialState(data["state"]), quality=data.get("quality"),
-                       metrics=data.get("metrics", {}), seconds=data.get("seconds", {}),
+                       metrics=data.get("metrics", {}), flops=data.get("flops"), served=data.get("served", {}),
+                       seconds=data.get("seconds", {}),
                        worker=data.get("worker", ""), error=data.get("error"), traceback=data.get("traceback"))

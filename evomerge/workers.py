@@ -56,9 +56,9 @@ class CandidateRunner:
             self.merger.merge_into(self.model, trial.recipe)
             merged = time.perf_counter()
             with torch.inference_mode():
-                scores = self.evaluator()
+                evaluation = self.evaluator()
             done = time.perf_counter()
-            value = quality(scores, list(self.config.eval.tasks))
+            value = quality(evaluation.scores, list(self.config.eval.tasks))
             if not math.isfinite(value):
                 raise ValueError(f"quality is {value}")
         except Exception as exc:  # noqa: BLE001 - any failure of a candidate is data for the journal
@@ -67,7 +67,8 @@ class CandidateRunner:
                                error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500],
                                traceback=traceback.format_exc(limit=20))
         return TrialResult(trial.id, TrialState.COMPLETE, quality=value,
-                           metrics={name: s.value for name, s in scores.items()},
+                           metrics={name: s.value for name, s in evaluation.scores.items()},
+                           flops=evaluation.flops_per_example, served=evaluation.served,
                            seconds={"merge": merged - start, "eval": done - merged, "total": done - start},
                            worker=self.name)
 
