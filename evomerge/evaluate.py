@@ -11,9 +11,11 @@ serves every candidate.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from evomerge.config import EvalConfig, TaskSpec
@@ -56,6 +58,32 @@ def task_manager(eval_config: EvalConfig):
     return manager
 
 
+def task_spec(manager: Any, name: str) -> str | dict[str, Any]:
+    """A task name, or for a local task with relative `data_files`, its config with those paths
+    made absolute against the task YAML's folder (lm-eval resolves them against the working
+    directory, so a task folder would work only when run from inside it)."""
+    entry = manager.task_index.get(name)
+    config, yaml_path = getattr(entry, "cfg", None), getattr(entry, "yaml_path", None)
+    if not isinstance(config, dict) or yaml_path is None or "include" in config:
+        return name
+    files = config.get("dataset_kwargs", {}).get("data_files")
+    if not files:
+        return name
+    config = copy.deepcopy(config)
+    config["dataset_kwargs"]["data_files"] = _absolute(files, Path(yaml_path).parent)
+    return config
+
+
+def _absolute(files: Any, folder: Path) -> Any:
+    if isinstance(files, dict):
+        return {split: _absolute(value, folder) for split, value in files.items()}
+    if isinstance(files, list):
+        return [_absolute(value, folder) for value in files]
+    if isinstance(files, str) and "://" not in files and not Path(files).is_absolute() and (folder / files).exists():
+        return str(folder / files)
+    return files
+
+
 class Evaluator:
     """Scores whatever weights `model` holds at call time on the configured tasks, and counts FLOPs.
 
@@ -68,7 +96,8 @@ class Evaluator:
         from evomerge.policies import Blend, Member
 
         self.config = eval_config
-        self.tasks = task_manager(eval_config).load([task.name for task in eval_config.tasks])
+        manager = task_manager(eval_config)
+        self.tasks = manager.load([task_spec(manager, task.name) for task in eval_config.tasks])
         for task in self.tasks["tasks"].values():
             if eval_config.num_fewshot is not None and task.get_config("num_fewshot") != 0:
                 task.set_config(key="num_fewshot", value=eval_config.num_fewshot)

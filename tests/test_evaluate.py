@@ -36,3 +36,17 @@ def test_quality_is_a_weighted_mean_with_lower_is_better_negated() -> None:
     tasks = [TaskSpec(name="a", metric="exact_match", weight=3.0), TaskSpec(name="p", metric="x", weight=1.0)]
     scores = {"a": TaskScore(0.5, True), "p": TaskScore(2.0, False)}
     assert quality(scores, tasks) == pytest.approx((3 * 0.5 - 2.0) / 4)
+
+
+def test_relative_data_files_resolve_against_the_task_folder(tmp_path, monkeypatch) -> None:
+    from evomerge.config import EvalConfig
+    from evomerge.evaluate import task_manager, task_spec
+
+    repo_tasks = __import__("pathlib").Path(__file__).resolve().parents[1] / "evals" / "demo"
+    monkeypatch.chdir(tmp_path)  # anywhere but the task folder
+    config = EvalConfig(include_path=[str(repo_tasks)], tasks=[TaskSpec(name="demo_add", metric="exact_match")])
+    manager = task_manager(config)
+    spec = task_spec(manager, "demo_add")
+    assert spec["dataset_kwargs"]["data_files"]["test"] == str(repo_tasks / "demo_add.jsonl")
+    loaded = manager.load([spec])
+    assert len(list(loaded["tasks"]["demo_add"].test_docs())) == 200
