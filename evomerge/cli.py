@@ -90,6 +90,7 @@ def setup_logging(verbose: bool) -> None:
     for noisy in ("transformers", "lm_eval", "lm-eval", "ray", "datasets", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
 def log_to_run_dir(run_dir: Path) -> None:

@@ -60,7 +60,7 @@ def write_folder(folder: Path, config: RunConfig, record: dict[str, Any]) -> Non
     model.save_pretrained(folder, safe_serialization=True)
     load_tokenizer(config.models.base, config.models).save_pretrained(folder)
     names = [name for name, _ in model.named_parameters()]
-    (folder / "mergekit.yaml").write_text(mergekit_yaml(recipe, config, names), encoding="utf-8")
+    (folder / "mergekit.yaml").write_text(mergekit_yaml(recipe, config, names, record["trial"]), encoding="utf-8")
     (folder / "recipe.json").write_text(json.dumps({"trial": record["trial"], "quality": record["quality"],
                                                      "metrics": record["metrics"], "seed": config.seed,
                                                      "recipe": record["recipe"]}, indent=1), encoding="utf-8")
@@ -93,7 +93,7 @@ def pick_trial(run: RunDir, trial_id: int | None) -> dict[str, Any]:
     return records[trial_id]
 
 
-def mergekit_yaml(recipe: Recipe, config: RunConfig, parameter_names: list[str]) -> str:
+def mergekit_yaml(recipe: Recipe, config: RunConfig, parameter_names: list[str], trial: int) -> str:
     """A mergekit config for the recipe: per-model parameters as layer filters with a default."""
     experts = list(config.models.experts)
     layer_prefixes = _layer_prefixes(parameter_names, recipe.num_layers)
@@ -113,7 +113,7 @@ def mergekit_yaml(recipe: Recipe, config: RunConfig, parameter_names: list[str])
         document["models"] = models
     document["dtype"] = config.models.dtype
     document["tokenizer_source"] = "base"
-    header = f"# evomerge export: recipe {recipe.label or ''} seed {config.seed}\n"
+    header = f"# evomerge export of trial {trial} ({recipe.label or 'evolved'}), run seed {config.seed}\n"
     if recipe.method.startswith("dare"):
         header += "# dare masks are random: mergekit draws its own, so its tensors match only in distribution\n"
     return header + yaml.safe_dump(document, sort_keys=False)

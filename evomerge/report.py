@@ -92,7 +92,7 @@ def format_text(summary: dict[str, Any]) -> str:
                      f"{_num(g['mean_quality']):>9}{_num(g['best_so_far']):>13}")
     if summary["pareto"]:
         lines += ["", f"Pareto front (quality up, FLOPs per example down), hypervolume {summary['hypervolume']:.4g}:"]
-        lines += [f"  trial {e['trial']:>4}  quality {e['quality']:.4f}  FLOPs/ex {e['flops']:.3g}"
+        lines += [f"  trial {e['trial']:>4}  quality {e['quality']:.4f}  FLOPs/ex {e['flops']:.5g}"
                   for e in summary["pareto"]]
     for failure in summary["failures"]:
         lines.append(f"trial {failure['trial']} FAILED: {failure['error']}")

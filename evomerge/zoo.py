@@ -48,6 +48,7 @@ __all__ = [
     "eval_examples",
     "training_excluded_prompts",
     "write_eval_data",
+    "write_demo_tasks",
     "greedy_exact_match",
 ]
 
@@ -150,32 +151,46 @@ class Recipe:
     num_layers: int = 4
     num_heads: int = 4
     intermediate_size: int = 384
-    base_steps: int = 1300
+    base_steps: int = 1200
     base_lr: float = 2e-3
     base_batch: int = 64
     base_warmup: int = 30
-    #: Sampling weights of the base pre-training mix (task name -> weight).
+    #: Sampling weights of the base pre-training mix (task name -> weight): related
+    #: skills (copy, next letter, short reversal/sorting, small sums) plus the demo
+    #: skills themselves at a low rate, so the base knows every prompt format.
     base_mix: dict = field(
         default_factory=lambda: {
             "copy": 1.0,
-            "sub": 1.0,
             "next": 1.0,
             "add_small": 1.5,
             "rev_short": 1.0,
             "sort_short": 1.0,
-            "add": 0.2,
-            "rev": 0.2,
-            "sort": 0.2,
+            "add": 0.25,
+            "rev": 0.05,
+            "sort": 0.05,
         }
     )
-    expert_steps: int = 200
-    expert_lr: float = 6e-4
+    expert_steps: int = 150
+    expert_lr: float = 8e-4
     expert_batch: int = 64
     expert_warmup: int = 10
-    #: Weight of the KL(base || expert) term on replayed prompts of the base mix
-    #: (other skills only) that keeps each expert's behaviour elsewhere at the base's.
+    #: Weight of the KL(base || expert) term on replayed prompts of the other skills,
+    #: which keeps each expert's behaviour outside its own skill at the base's.
     expert_consistency: float = 1.0
-    expert_replay_batch: int = 32
+    expert_replay_batch: int = 24
+    #: Sampling weights of the replayed prompts (the expert's own skill is left out).
+    replay_mix: dict = field(
+        default_factory=lambda: {
+            "add": 1.0,
+            "rev": 1.0,
+            "sort": 1.0,
+            "copy": 0.3,
+            "next": 0.3,
+            "add_small": 0.3,
+            "rev_short": 0.3,
+            "sort_short": 0.3,
+        }
+    )
     weight_decay: float = 0.0
     #: Examples per demo task that build_zoo scores each model on.
     score_limit: int = 100
@@ -291,6 +306,53 @@ def write_eval_data(out_dir: str | os.PathLike, seed: int = EVAL_SEED, n: int = 
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         paths[skill] = path
     return paths
+
+
+_TASK_YAML = """\
+# The demo skill "{skill}": held-out prompts written by evomerge.zoo.write_eval_data (never trained on).
+task: demo_{skill}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data_file}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: {max_gen_toks}
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def write_demo_tasks(task_dir: str | os.PathLike, *, absolute: bool = False) -> dict[str, Path]:
+    """Write the lm-eval tasks ``demo_<skill>`` into ``task_dir``: ``demo_<skill>.yaml`` with
+    its held-out data ``demo_<skill>.jsonl`` beside it. Returns ``{skill: yaml_path}``.
+
+    lm-eval 0.4.13 hands ``dataset_kwargs.data_files`` to ``datasets.load_dataset``
+    unchanged, and ``datasets`` resolves a relative path against the current working
+    directory, not the YAML. The YAMLs therefore name their data file relative to
+    their own folder (``evomerge.evaluate.task_spec`` makes such paths absolute
+    before lm-eval loads the task), or by absolute path with ``absolute=True``,
+    for plain lm-eval from any working directory.
+    """
+    task_dir = Path(task_dir)
+    data = write_eval_data(task_dir)
+    out: dict[str, Path] = {}
+    for skill, path in data.items():
+        ref = path.resolve().as_posix() if absolute else path.name
+        out[skill] = task_dir / f"demo_{skill}.yaml"
+        out[skill].write_text(
+            _TASK_YAML.format(skill=skill, data_file=ref, max_gen_toks=MAX_GEN_TOKS), encoding="utf-8"
+        )
+    return out
 
 
 # --------------------------------------------------------------------------- training
@@ -507,7 +569,7 @@ def _build(out_dir: str | os.PathLike, recipe: Recipe, seed: int) -> dict[str, P
             name=skill,
             teacher=base,
             replay=_Sampler(
-                {k: w for k, w in recipe.base_mix.items() if k != skill},
+                {k: w for k, w in recipe.replay_mix.items() if k != skill},
                 tok,
                 random.Random(f"replay-{skill}-{seed}"),
                 excluded,
