@@ -117,6 +117,49 @@ class SearchConfig(_Frozen):
     references: bool = True  # evaluate the sources and the uniform merge in generation 0
 
 
+POLICY_DEFAULT_BOUNDS = {"k": (1, 16), "threshold": (-3.0, 0.0), "margin": (0.0, 5.0)}
+
+
+class PolicyConfig(_Frozen):
+    """How a candidate serves requests: its merged model alone, or a policy over members.
+
+    Members are `merged` (the candidate's merge), `base` and `expert:I` (a source model).
+    Policy genes follow the merge genes in the genome: blend one share per member, router
+    `k` unless fixed, cascade one confidence threshold per escalation (mapped onto
+    `bounds.threshold` for generation, the mean token log-prob, and `bounds.margin` for
+    multiple choice, the margin between the best two choices).
+    """
+
+    kind: Literal["none", "blend", "prefix_router", "cascade"] = "none"
+    members: list[str] = Field(default_factory=lambda: ["merged"], min_length=1)
+    k: int | None = Field(default=None, ge=1)  # prefix_router: fixed prefix length; None: a gene
+    bounds: dict[Literal["k", "threshold", "margin"], tuple[float, float]] = Field(default_factory=dict)
+
+    @field_validator("members")
+    @classmethod
+    def _members(cls, value: list[str]) -> list[str]:
+        for member in value:
+            if not (member in ("merged", "base") or re.fullmatch(r"expert:\d+", member)):
+                raise ValueError(f"expected merged, base or expert:I (got {member!r})")
+        if len(set(value)) != len(value):
+            raise ValueError(f"each member once (got {value})")
+        return value
+
+    @model_validator(mode="after")
+    def _kind_fits_members(self) -> PolicyConfig:
+        if self.kind == "none" and self.members != ["merged"]:
+            raise ValueError("members: kind none serves the merged model alone; set policy.kind to route")
+        if self.kind != "none" and len(self.members) < 2:
+            raise ValueError(f"members: a {self.kind} policy needs two or more members")
+        for gene, (low, high) in self.bounds.items():
+            if not (math.isfinite(low) and math.isfinite(high) and low < high):
+                raise ValueError(f"bounds.{gene}: expected [low, high] with finite low < high (got [{low}, {high}])")
+        return self
+
+    def bound(self, gene: str) -> tuple[float, float]:
+        return tuple(self.bounds.get(gene, POLICY_DEFAULT_BOUNDS[gene]))  # type: ignore[return-value]
+
+
 class WorkersConfig(_Frozen):
     count: int = Field(default=1, ge=1)
     cpus_per_worker: float = Field(default=1, gt=0)
@@ -131,6 +174,7 @@ class RunConfig(_Frozen):
     merge: MergeConfig = Field(default_factory=MergeConfig)
     eval: EvalConfig
     search: SearchConfig = Field(default_factory=SearchConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
 
     @model_validator(mode="after")
@@ -140,6 +184,10 @@ class RunConfig(_Frozen):
                 f"merge.method: slerp interpolates base and exactly one expert "
                 f"(got {len(self.models.experts)} experts)"
             )
+        for member in self.policy.members:
+            if member.startswith("expert:") and int(member.split(":")[1]) >= len(self.models.experts):
+                raise ValueError(f"policy.members: {member} but there are {len(self.models.experts)} experts "
+                                 f"(expert:0 to expert:{len(self.models.experts) - 1})")
         return self
 
     def to_yaml_dict(self) -> dict[str, Any]:

@@ -92,7 +92,9 @@ class Evaluator:
     returns exactly what the bare HFLM would.
     """
 
-    def __init__(self, eval_config: EvalConfig, model: Any, tokenizer: Any):
+    def __init__(self, eval_config: EvalConfig, model: Any, tokenizer: Any,
+                 sources: dict[str, Any] | None = None, seed: int = 0):
+        """`model` is the candidate's (merged) model; `sources` other models a policy may route to."""
         from evomerge.policies import Blend, Member
 
         self.config = eval_config
@@ -105,19 +107,29 @@ class Evaluator:
                 task.set_config(key="num_fewshot", value=0)
             task.set_fewshot_seed(seed=FEWSHOT_SEED)
         # HFLM runs on the model's own device (a model object, unlike a name, is not moved).
-        self.members = [Member.from_model("merged", model, tokenizer, batch_size=eval_config.batch_size)]
-        self.lm = Blend(self.members, [1.0], seed=0)
+        self.members = {name: Member.from_model(name, m, tokenizer, batch_size=eval_config.batch_size)
+                        for name, m in {"merged": model, **(sources or {})}.items()}
+        self.solo = Blend([self.members["merged"]], [1.0], seed=0)
+        self.seed = seed
 
-    def __call__(self) -> Evaluation:
+    def __call__(self, policy: dict[str, Any] | None = None) -> Evaluation:
+        """Scores of the merged model alone (policy None) or of a policy {"kind", "members", "params"}."""
         from lm_eval.evaluator import evaluate
 
-        self.lm.stats.reset()
-        results = evaluate(lm=self.lm, task_dict=self.tasks, limit=self.config.limit, bootstrap_iters=0,
+        from evomerge.policies import make_policy
+
+        if policy is None:
+            lm, names = self.solo, ["merged"]
+        else:
+            names = list(policy["members"])
+            lm = make_policy(policy["kind"], [self.members[name] for name in names], policy["params"], self.seed)
+        lm.stats.reset()
+        results = evaluate(lm=lm, task_dict=self.tasks, limit=self.config.limit, bootstrap_iters=0,
                            log_samples=False, verbosity="ERROR")
         scores = {task.name: read_score(results, task) for task in self.config.tasks}
-        stats = self.lm.stats
+        stats = lm.stats
         documents = sum(int(n.get("effective", 0)) for n in results.get("n-samples", {}).values()) or 1
-        served = {m.name: count / max(stats.requests, 1) for m, count in zip(self.members, stats.served)}
+        served = {name: count / max(stats.requests, 1) for name, count in zip(names, stats.served)}
         return Evaluation(scores, stats.flops / documents, served)
 
 

@@ -25,7 +25,7 @@ from evomerge.genome import ALL, EMBED_HEAD, Recipe, group_of, layer_index
 from evomerge.merger import load_merge_target
 from evomerge.report import best_trial
 from evomerge.run_dir import RunDir
-from evomerge.sources import load_tokenizer, pick_device
+from evomerge.sources import load_model, load_tokenizer, pick_device
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,14 @@ def export(run_dir: str | Path, out: str | Path, trial_id: int | None = None, fo
     staging.mkdir(parents=True)
     write_folder(staging, config, record)
     move_into(staging, out)
+    recipe = Recipe.from_json(record["recipe"])
+    if recipe.policy is not None:  # written after the move: the merged member is the final folder
+        from evomerge.policies import save_policy
+
+        paths = {"merged": out, "base": config.models.base,
+                 **{f"expert:{i}": path for i, path in enumerate(config.models.experts)}}
+        save_policy(out / "policy.json", recipe.policy["kind"], recipe.policy["params"],
+                    [paths[name] for name in recipe.policy["members"]], seed=config.seed)
     logger.info("exported trial %d (quality %.4f) to %s", record["trial"], record["quality"], out)
     return record
 
@@ -143,7 +151,8 @@ def _layer_prefixes(names: list[str], num_layers: int) -> dict[int, str]:
 
 
 def evaluate_folder(config: RunConfig, folder: str | Path) -> float:
-    """Score an exported model folder with the run's tasks (the check that export reproduces the journal)."""
+    """Score an exported folder with the run's tasks (the check that export reproduces the journal);
+    a routed trial is scored through its policy over the exported model and the sources."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.evaluate import Evaluator, quality
@@ -152,6 +161,10 @@ def evaluate_folder(config: RunConfig, folder: str | Path) -> float:
     device = pick_device(config.models.device)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(config.models.dtype)).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    policy = Recipe.from_json(json.loads((Path(folder) / "recipe.json").read_text())["recipe"]).policy
+    paths = {"base": config.models.base, **{f"expert:{i}": p for i, p in enumerate(config.models.experts)}}
+    sources = {name: load_model(paths[name], config.models, device)
+               for name in (policy["members"] if policy else []) if name != "merged"}
     with torch.inference_mode():
-        evaluation = Evaluator(config.eval, model, tokenizer)()
+        evaluation = Evaluator(config.eval, model, tokenizer, sources, seed=config.seed)(policy)
     return quality(evaluation.scores, list(config.eval.tasks))

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from evomerge.config import PolicyConfig
 from evomerge.errors import ConfigError
 
 EMBED_HEAD = "embed_head"
@@ -81,6 +82,7 @@ class Recipe:
     num_layers: int
     params: dict[str, dict[str, list[float]]]  # group -> gene -> one value per expert (t: one value)
     label: str | None = None  # references: "base", "expert:1", "uniform"
+    policy: dict[str, Any] | None = None  # {"kind", "members", "params"}; None: the merged model alone
 
     def for_tensor(self, name: str) -> dict[str, Any]:
         """Keyword arguments for the merge method for one parameter tensor."""
@@ -92,6 +94,8 @@ class Recipe:
                 "params": self.params}
         if self.label is not None:
             data["label"] = self.label
+        if self.policy is not None:
+            data["policy"] = self.policy
         return data
 
     @classmethod
@@ -99,7 +103,7 @@ class Recipe:
         return cls(method=data["method"], granularity=data["granularity"], num_layers=int(data["num_layers"]),
                    params={g: {k: [float(v) for v in vs] for k, vs in genes.items()}
                            for g, genes in data["params"].items()},
-                   label=data.get("label"))
+                   label=data.get("label"), policy=data.get("policy"))
 
 
 @dataclass(frozen=True)
@@ -118,10 +122,11 @@ class GenomeLayout:
     num_layers: int
     num_experts: int
     genes: tuple[Gene, ...] = field(repr=False)
+    policy: PolicyConfig | None = None
 
     @classmethod
     def build(cls, method: str, granularity: str, num_layers: int, num_experts: int,
-              bounds: dict[str, tuple[float, float]]) -> GenomeLayout:
+              bounds: dict[str, tuple[float, float]], policy: PolicyConfig | None = None) -> GenomeLayout:
         if method not in METHOD_GENES:
             raise ConfigError(f"merge.method: unknown {method!r}; expected one of: {', '.join(METHOD_GENES)}")
         per_expert = METHOD_GENES[method]
@@ -131,8 +136,8 @@ class GenomeLayout:
             for group in group_names(granularity, num_layers)
             for expert in range(experts)
             for gene in per_expert
-        )
-        return cls(method, granularity, num_layers, num_experts, genes)
+        ) + policy_genes(policy)
+        return cls(method, granularity, num_layers, num_experts, genes, policy)
 
     @property
     def size(self) -> int:
@@ -148,15 +153,21 @@ class GenomeLayout:
             if not math.isfinite(value) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"genome[{index}] ({gene.group}/{gene.name}/expert {gene.expert}): "
                                  f"expected a value in [0, 1], got {float(value)!r}")
+            if gene.group == POLICY:
+                continue
             actual = gene.low + float(value) * (gene.high - gene.low)
             params.setdefault(gene.group, {}).setdefault(gene.name, []).append(actual)
-        return Recipe(self.method, self.granularity, self.num_layers, params, label)
+        policy_values = [float(v) for gene, v in zip(self.genes, x) if gene.group == POLICY]
+        return Recipe(self.method, self.granularity, self.num_layers, params, label,
+                      decode_policy(self.policy, policy_values))
 
     def encode(self, recipe: Recipe) -> np.ndarray:
         """Inverse of decode for a recipe of this layout (values clipped into the box)."""
         x = np.empty(self.size)
         counters: dict[tuple[str, str], int] = {}
         for index, gene in enumerate(self.genes):
+            if gene.group == POLICY:
+                raise ValueError("encode: recipes with policy genes cannot be encoded")
             slot = counters.get((gene.group, gene.name), 0)
             counters[(gene.group, gene.name)] = slot + 1
             value = recipe.params[gene.group][gene.name][slot]
@@ -166,6 +177,39 @@ class GenomeLayout:
     def describe(self) -> list[dict[str, Any]]:
         return [{"index": i, "group": g.group, "expert": g.expert, "gene": g.name, "bounds": [g.low, g.high]}
                 for i, g in enumerate(self.genes)]
+
+
+POLICY = "policy"
+POLICY_KINDS = {"blend": "blend", "prefix_router": "router", "cascade": "cascade"}  # config -> evomerge.policies
+
+
+def policy_genes(policy: PolicyConfig | None) -> tuple[Gene, ...]:
+    """Genes of a routing policy, appended after the merge genes (see PolicyConfig)."""
+    if policy is None or policy.kind == "none":
+        return ()
+    if policy.kind == "blend":
+        return tuple(Gene(POLICY, i, "share", 0.0, 1.0) for i in range(len(policy.members)))
+    if policy.kind == "prefix_router":
+        return () if policy.k is not None else (Gene(POLICY, 0, "k", *policy.bound("k")),)
+    return tuple(Gene(POLICY, i, "threshold", 0.0, 1.0) for i in range(len(policy.members) - 1))
+
+
+def decode_policy(policy: PolicyConfig | None, values: list[float]) -> dict[str, Any] | None:
+    """The policy of a candidate from its policy genes (each in [0, 1])."""
+    if policy is None or policy.kind == "none":
+        return None
+    if policy.kind == "blend":
+        total = sum(values)
+        params: dict[str, Any] = {"probs": [v / total for v in values] if total > 0 else
+                                  [1.0 / len(values)] * len(values)}
+    elif policy.kind == "prefix_router":
+        low, high = policy.bound("k")
+        params = {"k": policy.k if policy.k is not None else int(round(low + values[0] * (high - low)))}
+    else:
+        (t_low, t_high), (m_low, m_high) = policy.bound("threshold"), policy.bound("margin")
+        params = {"thresholds": {"generate_until": [t_low + v * (t_high - t_low) for v in values],
+                                 "loglikelihood": [m_low + v * (m_high - m_low) for v in values]}}
+    return {"kind": POLICY_KINDS[policy.kind], "members": list(policy.members), "params": params}
 
 
 def reference_recipes(num_experts: int, num_layers: int) -> list[Recipe]:

@@ -39,7 +39,8 @@ def genome_layout(config: RunConfig) -> GenomeLayout:
     sources = check_sources(config.models)
     merge = config.merge
     bounds = {gene: merge.bound(gene) for gene in ("weight", "density", "t")}
-    return GenomeLayout.build(merge.method, merge.granularity, sources.num_layers, len(config.models.experts), bounds)
+    return GenomeLayout.build(merge.method, merge.granularity, sources.num_layers, len(config.models.experts), bounds,
+                              config.policy)
 
 
 def search(config: RunConfig, run_dir: str | Path, pool: Pool | None = None,

@@ -24,7 +24,7 @@ import torch
 from evomerge.config import RunConfig, WorkersConfig
 from evomerge.evaluate import Evaluator, quality
 from evomerge.merger import load_merge_target
-from evomerge.sources import load_tokenizer, pick_device
+from evomerge.sources import load_model, load_tokenizer, pick_device
 from evomerge.trial import Trial, TrialResult, TrialState
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,11 @@ class CandidateRunner:
         # The base model is the preallocated target every candidate is merged into, in place.
         self.model, self.merger = load_merge_target(models, config.seed, self.device)
         self.tokenizer = load_tokenizer(models.base, models)
-        self.evaluator = Evaluator(config.eval, self.model, self.tokenizer)
+        # Source models a routing policy may send requests to, loaded once (one full model each).
+        paths = {"base": models.base, **{f"expert:{i}": path for i, path in enumerate(models.experts)}}
+        sources = {name: load_model(paths[name], models, self.device)
+                   for name in config.policy.members if name != "merged"}
+        self.evaluator = Evaluator(config.eval, self.model, self.tokenizer, sources, seed=config.seed)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def identity(self) -> str:
@@ -56,7 +60,7 @@ class CandidateRunner:
             self.merger.merge_into(self.model, trial.recipe)
             merged = time.perf_counter()
             with torch.inference_mode():
-                evaluation = self.evaluator()
+                evaluation = self.evaluator(trial.recipe.policy)
             done = time.perf_counter()
             value = quality(evaluation.scores, list(self.config.eval.tasks))
             if not math.isfinite(value):

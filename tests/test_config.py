@@ -146,3 +146,17 @@ def test_shipped_configs_validate() -> None:
     for path in configs:
         raw = yaml.safe_load(path.read_text())
         validate(raw, source=str(path))  # path existence needs the zoo; the schema must hold
+
+
+@pytest.mark.parametrize("policy, message", [
+    ({"kind": "blend", "members": ["merged"]}, "needs two or more members"),
+    ({"kind": "none", "members": ["merged", "base"]}, "kind none serves the merged model alone"),
+    ({"kind": "cascade", "members": ["merged", "expert:7"]}, "expert:7 but there are 2 experts"),
+    ({"kind": "cascade", "members": ["merged", "teacher"]}, "expected merged, base or expert:I"),
+    ({"kind": "router"}, "policy.kind"),
+])
+def test_bad_policies(policy: dict, message: str) -> None:
+    raw = good_raw()
+    raw["policy"] = policy
+    with pytest.raises(ConfigError, match=message):
+        validate(raw)

@@ -65,3 +65,28 @@ def test_references() -> None:
     labels = [r.label for r in reference_recipes(2, 4)]
     assert labels == ["base", "expert:0", "expert:1", "uniform"]
     assert reference_recipes(2, 4)[2].params == {"all": {"weight": [0.0, 1.0]}}
+
+
+def test_policy_genes_follow_the_merge_genes() -> None:
+    from evomerge.config import PolicyConfig
+
+    blend = PolicyConfig(kind="blend", members=["merged", "expert:0", "base"])
+    layout = GenomeLayout.build("task_arithmetic", "global", 2, 2, BOUNDS, blend)
+    assert layout.size == 2 + 3 and [g.name for g in layout.genes[2:]] == ["share"] * 3
+    recipe = layout.decode([0.5, 0.5, 0.2, 0.6, 0.2])
+    assert recipe.policy == {"kind": "blend", "members": ["merged", "expert:0", "base"],
+                             "params": {"probs": pytest.approx([0.2, 0.6, 0.2])}}
+    assert layout.decode([0.5, 0.5, 0.0, 0.0, 0.0]).policy["params"]["probs"] == pytest.approx([1 / 3] * 3)
+
+    router = GenomeLayout.build("linear", "global", 2, 2, BOUNDS, PolicyConfig(kind="prefix_router",
+                                                                                members=["merged", "base"]))
+    assert router.decode([0.5, 0.5, 1.0]).policy["params"] == {"k": 16}
+    fixed = GenomeLayout.build("linear", "global", 2, 2, BOUNDS,
+                               PolicyConfig(kind="prefix_router", members=["merged", "base"], k=4))
+    assert fixed.size == 2 and fixed.decode([0.5, 0.5]).policy["params"] == {"k": 4}
+
+    cascade = GenomeLayout.build("linear", "global", 2, 2, BOUNDS,
+                                 PolicyConfig(kind="cascade", members=["expert:1", "merged", "base"]))
+    thresholds = cascade.decode([0.5, 0.5, 0.0, 1.0]).policy["params"]["thresholds"]
+    assert thresholds == {"generate_until": [-3.0, 0.0], "loglikelihood": [0.0, 5.0]}
+    assert Recipe.from_json(recipe.to_json()) == recipe

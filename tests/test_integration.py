@@ -162,3 +162,24 @@ def test_a_killed_export_leaves_no_half_model(finished_run, tmp_path) -> None:
     assert code == -signal.SIGKILL and not out.exists()
     assert main(["report", str(run_dir)]) == 0
     assert export(run_dir, out)["trial"] >= 0 and (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("policy", [
+    {"kind": "blend", "members": ["merged", "expert:0"]},
+    {"kind": "cascade", "members": ["expert:1", "merged"]},
+])
+def test_routed_search_records_costs_and_exports_its_policy(zoo, ray_cluster, tmp_path, policy) -> None:
+    path = write_config(tmp_path, zoo, policy=policy, merge={"granularity": "global"},
+                        search={"generations": 1, "population": 3, "references": False},
+                        workers={"count": 1})
+    summary = search(load_config(path), tmp_path / "run")
+    records = RunDir.open(tmp_path / "run").records()
+    assert summary["failed"] == 0 and len(records) == 3
+    for r in records:
+        assert r["recipe"]["policy"]["kind"] == policy["kind"] and r["flops"] > 0
+        assert set(r["served"]) == set(policy["members"]) and sum(r["served"].values()) == pytest.approx(1.0)
+    assert summary["pareto"] and summary["hypervolume"] is not None
+
+    best = export(tmp_path / "run", tmp_path / "out")
+    assert (tmp_path / "out" / "policy.json").is_file()
+    assert evaluate_folder(load_config(tmp_path / "run" / "config.yaml"), tmp_path / "out") == best["quality"]
