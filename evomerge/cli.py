@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd = commands.add_parser("report", help="summarise a run (best trial, references, progress)")
     cmd.add_argument("run_dir", type=Path)
     cmd.add_argument("--json", action="store_true", help="print one JSON object")
+    cmd.add_argument("--no-plots", action="store_true", help="skip pareto.png and progress.png")
     cmd.set_defaults(func=cmd_report)
 
     cmd = commands.add_parser("export", help="write a trial as an HF model folder + mergekit YAML + recipe")
@@ -120,12 +121,20 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from evomerge.report import summarize
+    from evomerge.report import plot, summarize
     from evomerge.run_dir import RunDir
 
     run = RunDir.open(args.run_dir)
-    summary = summarize(run.records(), run.config())
+    records = run.records()
+    summary = summarize(records, run.config())
     print(json.dumps(summary, indent=1) if args.json else _text(summary))
+    if not args.no_plots:
+        try:
+            written = plot(summary, records, run.path)
+        except ImportError:
+            logger.warning("matplotlib is not installed (pip install 'evomerge[report]'): no plots written")
+        else:
+            logger.info("wrote %s", ", ".join(str(p) for p in written))
     return 0
 
 

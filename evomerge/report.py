@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from evomerge.config import RunConfig
@@ -101,3 +102,47 @@ def format_text(summary: dict[str, Any]) -> str:
 
 def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def plot(summary: dict[str, Any], records: list[dict[str, Any]], folder: Path) -> list[Path]:
+    """Write pareto.png (quality vs FLOPs per example, front and references marked) and
+    progress.png (best quality and hypervolume per generation) into `folder`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in records if r["state"] == "complete" and r.get("flops") is not None]
+    figure, axes = plt.subplots(figsize=(6, 4.5))
+    axes.scatter([r["flops"] for r in done], [r["quality"] for r in done], s=12, c="0.7", label="trials")
+    front = sorted(summary["pareto"], key=lambda e: e["flops"])
+    axes.step([e["flops"] for e in front], [e["quality"] for e in front], where="post", c="C3")
+    axes.scatter([e["flops"] for e in front], [e["quality"] for e in front], s=30, c="C3", label="Pareto front")
+    for reference in summary["references"]:
+        if reference["state"] == "complete" and reference.get("flops") is not None:
+            axes.scatter(reference["flops"], reference["quality"], marker="s", s=40, label=reference["label"])
+    axes.set_xlabel("forward FLOPs per example")
+    axes.set_ylabel("quality")
+    axes.set_title(f"{summary['name']}: quality vs cost")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(folder / "pareto.png", dpi=120)
+    plt.close(figure)
+
+    generations = summary["generations"]
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.plot([g["generation"] for g in generations], [g["best_so_far"] for g in generations], "o-",
+              label="best quality so far")
+    axes.set_xlabel("generation")
+    axes.set_ylabel("quality")
+    if any(g["hypervolume"] is not None for g in generations):
+        twin = axes.twinx()
+        twin.plot([g["generation"] for g in generations], [g["hypervolume"] for g in generations], "s--", c="C1",
+                  label="hypervolume")
+        twin.set_ylabel("hypervolume (quality x FLOPs)")
+        twin.legend(loc="lower right", fontsize=7)
+    axes.legend(loc="upper left", fontsize=7)
+    figure.tight_layout()
+    figure.savefig(folder / "progress.png", dpi=120)
+    plt.close(figure)
+    return [folder / "pareto.png", folder / "progress.png"]

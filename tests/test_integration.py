@@ -56,6 +56,8 @@ def test_report_json(finished_run, capsys) -> None:
     assert {"trial", "quality", "recipe"} <= set(report["best"])
     assert [r["label"] for r in report["references"]][0] == "base"
     assert len(report["generations"]) == 2
+    assert report["pareto"] and report["hypervolume"] > 0
+    assert (run_dir / "pareto.png").stat().st_size > 0 and (run_dir / "progress.png").stat().st_size > 0
 
 
 def test_export_reproduces_the_recorded_quality(finished_run, tmp_path) -> None:
