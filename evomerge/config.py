@@ -34,6 +34,7 @@ class ModelsConfig(_Frozen):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     trust_remote_code: bool = False
+    check_finite: bool = True  # read every source tensor once before the search and refuse NaN/inf
 
     @property
     def sources(self) -> list[str]:

@@ -77,6 +77,10 @@ def check_sources(models: ModelsConfig) -> SourceInfo:
             raise ModelMismatchError(f"{field}: tokenizer vocabulary differs from {base_field} "
                                      f"(e.g. {differing}); merged models need one vocabulary")
         _compare_shapes(field, shape, shapes[0])
+    if models.check_finite:
+        for field, path in zip(field_names(models), models.sources):
+            if Path(path).is_dir():
+                _check_finite(field, Path(path))
     num_layers = int(getattr(base_config, "num_hidden_layers"))
     tied = bool(getattr(base_config, "tie_word_embeddings", False))
     with torch.device("meta"):
@@ -95,6 +99,18 @@ def _file_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
             for key in handle.keys():
                 shapes[f"file:{key}"] = tuple(handle.get_slice(key).get_shape())
     return shapes
+
+
+def _check_finite(field: str, folder: Path) -> None:
+    """Refuse a source with NaN or inf weights, naming the tensor (reads each file once, memory-mapped)."""
+    from safetensors import safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                tensor = handle.get_tensor(key)
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    raise ModelMismatchError(f"{field}: tensor {key!r} in {file.name} has non-finite values (NaN or inf)")
 
 
 def _compare_shapes(field: str, theirs: dict[str, tuple[int, ...]], ours: dict[str, tuple[int, ...]]) -> None:

@@ -164,7 +164,10 @@ class WorkerPool:
         import ray
 
         for actor in self.actors:
-            ray.kill(actor)
+            try:
+                ray.kill(actor)
+            except Exception:  # noqa: BLE001 - a lost cluster must not hide the error that stopped the run
+                logger.warning("could not stop a worker (the Ray cluster may be gone)")
         self.actors = []
         if self._connected:
             ray.shutdown()

@@ -88,3 +88,17 @@ def test_missing_tensor_is_named(zoo, tmp_path, capsys) -> None:
     path = write_config(tmp_path, zoo, models={"experts": [str(other)]})
     code, err = run_cli(["search", str(path), "--run-dir", str(tmp_path / "r")], capsys)
     assert code == 2 and f"tensor {dropped!r} is missing" in err
+
+
+def test_non_finite_weights_are_named(zoo, tmp_path, capsys) -> None:
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "nan"
+    shutil.copytree(zoo["base"], other)
+    tensors = load_file(other / "model.safetensors")
+    poisoned = sorted(tensors)[-1]
+    tensors[poisoned][0] = float("nan")
+    save_file(tensors, other / "model.safetensors", metadata={"format": "pt"})
+    path = write_config(tmp_path, zoo, models={"experts": [str(other)]})
+    code, err = run_cli(["search", str(path), "--run-dir", str(tmp_path / "r")], capsys)
+    assert code == 2 and f"models.experts.0: tensor {poisoned!r} in model.safetensors has non-finite values" in err

@@ -106,14 +106,17 @@ def test_failures_come_back_as_data_through_ray(zoo, ray_cluster, tmp_path) -> N
     good = Recipe("linear", "global", 2, {"all": {"weight": [1.0] + [0.0] * (len(config.models.experts) - 1)}})
     zero = Recipe("linear", "global", 2, {"all": {"weight": [0.0] * len(config.models.experts)}})
     missing_group = Recipe("linear", "layer", 2, {"layers.0": {"weight": [1.0] * len(config.models.experts)}})
+    nan = Recipe("task_arithmetic", "global", 2, {"all": {"weight": [float("nan")] * len(config.models.experts)}})
     pool = WorkerPool(config)
     try:
-        results = {t.id: r for t, r in pool.run([Trial(0, 0, zero), Trial(1, 0, missing_group), Trial(2, 0, good)])}
+        trials = [Trial(0, 0, zero), Trial(1, 0, missing_group), Trial(2, 0, good), Trial(3, 0, nan)]
+        results = {t.id: r for t, r in pool.run(trials)}
     finally:
         pool.close()
     assert results[0].state is TrialState.FAILED and "sum" in results[0].error
     assert results[1].state is TrialState.FAILED and "KeyError" in results[1].error and results[1].traceback
     assert results[2].state is TrialState.COMPLETE
+    assert results[3].state is TrialState.FAILED and "finite" in results[3].error
 
 
 def test_cli_search_then_report(zoo, ray_cluster, tmp_path, capsys) -> None:
