@@ -116,7 +116,9 @@ class RunDir:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             owner = _lock_owner(path)
-            if owner is not None and owner != os.getpid() and _alive(owner):
+            if owner == os.getpid():
+                return  # this process holds it already
+            if owner is not None and _alive(owner):
                 raise ResumeError(f"{self.path}: another driver (pid {owner}) is working on this run; "
                                   f"stop it first, or delete {path} if that process is not evomerge") from None
             logger.warning("%s: taking over a stale lock left by pid %s", self.path, owner)

@@ -61,7 +61,12 @@ def resume(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), for
     run = RunDir.open(run_dir)
     config = run.config()
     if overrides:
-        config = run.update_config(overrides, force=force)
+        run.lock()  # no config change under another driver's feet
+        try:
+            config = run.update_config(overrides, force=force)
+        except BaseException:
+            run.unlock()
+            raise
     return run_loop(run, config, genome_layout(config), pool)
 
 
