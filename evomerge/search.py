@@ -82,7 +82,7 @@ def run_loop(run: RunDir, config: RunConfig, layout: GenomeLayout, pool: Pool | 
     try:
         run.repair_journal()
         journal = run.finished()
-        if pool is None:
+        if pool is None and generation < config.search.generations:  # a finished run needs no workers
             from evomerge.workers import WorkerPool
 
             pool = WorkerPool(config)
