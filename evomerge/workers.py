@@ -49,7 +49,7 @@ class CandidateRunner:
         sources = {name: load_model(paths[name], models, self.device)
                    for name in config.policy.members if name != "merged"}
         self.evaluator = Evaluator(config.eval, self.model, self.tokenizer, sources, seed=config.seed)
-        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.name = f"{socket.gethostname()}{_ray_node()}:{os.getpid()}"
 
     def identity(self) -> str:
         return self.name
@@ -75,6 +75,13 @@ class CandidateRunner:
                            flops=evaluation.flops_per_example, served=evaluation.served,
                            seconds={"merge": merged - start, "eval": done - merged, "total": done - start},
                            worker=self.name)
+
+
+def _ray_node() -> str:
+    """`/node-id-prefix` inside a Ray worker (several nodes may share a host), else empty."""
+    import ray
+
+    return f"/{ray.get_runtime_context().get_node_id()[:8]}" if ray.is_initialized() else ""
 
 
 def start_ray(workers: WorkersConfig) -> bool:

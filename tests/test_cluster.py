@@ -1,0 +1,73 @@
+"""A real two-node Ray cluster on this machine: `workers.ray_address` joins it, trials run on both nodes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import write_config
+from evomerge.run_dir import RunDir
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_nodes(address: str, count: int, env: dict, timeout: float = 90) -> None:
+    probe = ("import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); "
+             "print(sum(n['Alive'] for n in ray.nodes()))")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run([sys.executable, "-c", probe, address], env=env, capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(count)]:
+            return
+        time.sleep(2)
+    raise TimeoutError(f"the Ray cluster at {address} did not reach {count} nodes")
+
+
+def test_search_on_a_two_node_cluster(zoo, tmp_path) -> None:
+    ray_bin = Path(sys.executable).with_name("ray")
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    temp = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))  # Ray's socket paths must stay short
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    nodes = [subprocess.Popen([str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=1",
+                               "--include-dashboard=false", f"--temp-dir={temp}", "--block"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        wait_for_nodes(address, 1, env)
+        nodes.append(subprocess.Popen([str(ray_bin), "start", f"--address={address}", "--num-cpus=1", "--block"],
+                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_for_nodes(address, 2, env)
+        path = write_config(tmp_path, zoo, workers={"count": 2, "cpus_per_worker": 1, "ray_address": address},
+                            search={"generations": 1, "population": 4})
+        driver = subprocess.run([str(Path(sys.executable).with_name("evomerge")), "search", str(path),
+                                 "--run-dir", str(tmp_path / "run")], env=env, capture_output=True, text=True,
+                                timeout=600)
+        assert driver.returncode == 0, driver.stderr[-2000:]
+        records = RunDir.open(tmp_path / "run").records()
+        assert records and all(r["state"] == "complete" for r in records)
+        node_ids = {r["worker"].split("/")[1].split(":")[0] for r in records}
+        assert len(node_ids) == 2  # one actor per node (1 CPU each), both served trials
+    finally:
+        for node in reversed(nodes):
+            node.send_signal(signal.SIGTERM)
+        for node in reversed(nodes):
+            try:
+                node.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                node.kill()
+        shutil.rmtree(temp, ignore_errors=True)
