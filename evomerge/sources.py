@@ -49,6 +49,9 @@ def check_sources(models: ModelsConfig) -> SourceInfo:
     """Refuse sources that cannot be merged, naming the field or tensor; return what the genome needs."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if models.trust_remote_code:
+        logger.warning("models.trust_remote_code is on: the workers will run model code shipped with %s",
+                       ", ".join(models.sources))
     configs, vocabs, shapes = [], [], []
     for field, path in zip(field_names(models), models.sources):
         try:
