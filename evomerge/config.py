@@ -41,6 +41,11 @@ class ModelsConfig(_Frozen):
         """Base first, then the experts in config order."""
         return [self.base, *self.experts]
 
+    @property
+    def by_member_name(self) -> dict[str, str]:
+        """Source paths by policy member name: `base`, `expert:0`, `expert:1`, ..."""
+        return {"base": self.base, **{f"expert:{i}": path for i, path in enumerate(self.experts)}}
+
 
 class MergeConfig(_Frozen):
     method: Literal["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp"] = (

@@ -52,8 +52,7 @@ def export(run_dir: str | Path, out: str | Path, trial_id: int | None = None, fo
     if recipe.policy is not None:  # written after the move: the merged member is the final folder
         from evomerge.policies import save_policy
 
-        paths = {"merged": out, "base": config.models.base,
-                 **{f"expert:{i}": path for i, path in enumerate(config.models.experts)}}
+        paths = {"merged": out, **config.models.by_member_name}
         save_policy(out / "policy.json", recipe.policy["kind"], recipe.policy["params"],
                     [paths[name] for name in recipe.policy["members"]], seed=config.seed)
     logger.info("exported trial %d (quality %.4f) to %s", record["trial"], record["quality"], out)
@@ -162,7 +161,7 @@ def evaluate_folder(config: RunConfig, folder: str | Path) -> float:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(config.models.dtype)).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     policy = Recipe.from_json(json.loads((Path(folder) / "recipe.json").read_text())["recipe"]).policy
-    paths = {"base": config.models.base, **{f"expert:{i}": p for i, p in enumerate(config.models.experts)}}
+    paths = config.models.by_member_name
     sources = {name: load_model(paths[name], config.models, device)
                for name in (policy["members"] if policy else []) if name != "merged"}
     with torch.inference_mode():

@@ -45,7 +45,7 @@ class CandidateRunner:
         self.model, self.merger = load_merge_target(models, config.seed, self.device)
         self.tokenizer = load_tokenizer(models.base, models)
         # Source models a routing policy may send requests to, loaded once (one full model each).
-        paths = {"base": models.base, **{f"expert:{i}": path for i, path in enumerate(models.experts)}}
+        paths = models.by_member_name
         sources = {name: load_model(paths[name], models, self.device)
                    for name in config.policy.members if name != "merged"}
         self.evaluator = Evaluator(config.eval, self.model, self.tokenizer, sources, seed=config.seed)
