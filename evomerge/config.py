@@ -130,6 +130,7 @@ class PolicyConfig(_Frozen):
     """How a candidate serves requests: its merged model alone, or a policy over members.
 
     Members are `merged` (the candidate's merge), `base` and `expert:I` (a source model).
+    A prefix router may score prompts with one small router model per member (`scorers`).
     Policy genes follow the merge genes in the genome: blend one share per member, router
     `k` unless fixed, cascade one confidence threshold per escalation (mapped onto
     `bounds.threshold` for generation, the mean token log-prob, and `bounds.margin` for
@@ -138,7 +139,10 @@ class PolicyConfig(_Frozen):
 
     kind: Literal["none", "blend", "prefix_router", "cascade"] = "none"
     members: list[str] = Field(default_factory=lambda: ["merged"], min_length=1)
-    k: int | None = Field(default=None, ge=1)  # prefix_router: fixed prefix length; None: a gene
+    k: int | None = Field(default=None, ge=0)  # prefix_router: fixed prefix length (0: no routing); None: a gene
+    # prefix_router: one small router model per member (folder or Hugging Face id) that scores
+    # prompts in its place; None: each member scores with its own model.
+    scorers: list[str] | None = None
     bounds: dict[Literal["k", "threshold", "margin"], tuple[float, float]] = Field(default_factory=dict)
 
     @field_validator("members")
@@ -157,9 +161,16 @@ class PolicyConfig(_Frozen):
             raise ValueError("members: kind none serves the merged model alone; set policy.kind to route")
         if self.kind != "none" and len(self.members) < 2:
             raise ValueError(f"members: a {self.kind} policy needs two or more members")
+        if self.scorers is not None:
+            if self.kind != "prefix_router":
+                raise ValueError(f"scorers: only a prefix_router has scorers (kind is {self.kind})")
+            if len(self.scorers) != len(self.members):
+                raise ValueError(f"scorers: expected one per member ({len(self.members)}), got {len(self.scorers)}")
         for gene, (low, high) in self.bounds.items():
             if not (math.isfinite(low) and math.isfinite(high) and low < high):
                 raise ValueError(f"bounds.{gene}: expected [low, high] with finite low < high (got [{low}, {high}])")
+            if gene == "k" and low < 0:
+                raise ValueError(f"bounds.k: expected a prefix length of 0 or more (got [{low}, {high}])")
         return self
 
     def bound(self, gene: str) -> tuple[float, float]:
@@ -317,11 +328,16 @@ def resolve_paths(config: RunConfig, folder: Path, source: str = "config") -> Ru
         if not resolved.is_dir():
             problems.append(f"eval.include_path.{i}: no such folder {str(resolved)!r}")
         includes.append(str(resolved))
+    scorers = None
+    if config.policy.scorers is not None:
+        scorers = [_resolve_model(scorer, folder, f"policy.scorers.{i}", problems)
+                   for i, scorer in enumerate(config.policy.scorers)]
     if problems:
         raise ConfigError(f"{source}: {len(problems)} error(s): " + "; ".join(problems))
     models = config.models.model_copy(update={"base": base, "experts": experts})
     evals = config.eval.model_copy(update={"include_path": includes})
-    return config.model_copy(update={"models": models, "eval": evals})
+    policy = config.policy.model_copy(update={"scorers": scorers})
+    return config.model_copy(update={"models": models, "eval": evals, "policy": policy})
 
 
 def _resolve_model(value: str, folder: Path, field: str, problems: list[str]) -> str:

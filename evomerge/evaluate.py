@@ -93,8 +93,10 @@ class Evaluator:
     """
 
     def __init__(self, eval_config: EvalConfig, model: Any, tokenizer: Any,
-                 sources: dict[str, Any] | None = None, seed: int = 0):
-        """`model` is the candidate's (merged) model; `sources` other models a policy may route to."""
+                 sources: dict[str, Any] | None = None, seed: int = 0,
+                 scorers: list[tuple[Any, Any]] | None = None):
+        """`model` is the candidate's (merged) model; `sources` other models a policy may route to;
+        `scorers` (model, tokenizer) pairs of a prefix router's router models, one per member."""
         from evomerge.policies import Blend, Member
 
         self.config = eval_config
@@ -109,6 +111,8 @@ class Evaluator:
         # HFLM runs on the model's own device (a model object, unlike a name, is not moved).
         self.members = {name: Member.from_model(name, m, tokenizer, batch_size=eval_config.batch_size)
                         for name, m in {"merged": model, **(sources or {})}.items()}
+        self.scorers = [Member.from_model(f"scorer:{i}", m, tok, batch_size=eval_config.batch_size)
+                        for i, (m, tok) in enumerate(scorers)] if scorers else None
         self.solo = Blend([self.members["merged"]], [1.0], seed=0)
         self.seed = seed
 
@@ -122,7 +126,8 @@ class Evaluator:
             lm, names = self.solo, ["merged"]
         else:
             names = list(policy["members"])
-            lm = make_policy(policy["kind"], [self.members[name] for name in names], policy["params"], self.seed)
+            lm = make_policy(policy["kind"], [self.members[name] for name in names], policy["params"], self.seed,
+                             scorers=self.scorers if policy["kind"] == "router" else None)
         lm.stats.reset()
         results = evaluate(lm=lm, task_dict=self.tasks, limit=self.config.limit, bootstrap_iters=0,
                            log_samples=False, verbosity="ERROR")

@@ -54,7 +54,8 @@ def export(run_dir: str | Path, out: str | Path, trial_id: int | None = None, fo
 
         paths = {"merged": out, **config.models.by_member_name}
         save_policy(out / "policy.json", recipe.policy["kind"], recipe.policy["params"],
-                    [paths[name] for name in recipe.policy["members"]], seed=config.seed)
+                    [paths[name] for name in recipe.policy["members"]], seed=config.seed,
+                    scorer_folders=config.policy.scorers if recipe.policy["kind"] == "router" else None)
     logger.info("exported trial %d (quality %.4f) to %s", record["trial"], record["quality"], out)
     return record
 
@@ -164,6 +165,8 @@ def evaluate_folder(config: RunConfig, folder: str | Path) -> float:
     paths = config.models.by_member_name
     sources = {name: load_model(paths[name], config.models, device)
                for name in (policy["members"] if policy else []) if name != "merged"}
+    scorers = [(load_model(path, config.models, device), load_tokenizer(path, config.models))
+               for path in (config.policy.scorers or []) if policy and policy["kind"] == "router"]
     with torch.inference_mode():
-        evaluation = Evaluator(config.eval, model, tokenizer, sources, seed=config.seed)(policy)
+        evaluation = Evaluator(config.eval, model, tokenizer, sources, seed=config.seed, scorers=scorers)(policy)
     return quality(evaluation.scores, list(config.eval.tasks))

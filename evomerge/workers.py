@@ -48,7 +48,10 @@ class CandidateRunner:
         paths = models.by_member_name
         sources = {name: load_model(paths[name], models, self.device)
                    for name in config.policy.members if name != "merged"}
-        self.evaluator = Evaluator(config.eval, self.model, self.tokenizer, sources, seed=config.seed)
+        scorers = [(load_model(path, models, self.device), load_tokenizer(path, models))
+                   for path in config.policy.scorers or []]
+        self.evaluator = Evaluator(config.eval, self.model, self.tokenizer, sources, seed=config.seed,
+                                   scorers=scorers)
         self.name = f"{socket.gethostname()}{_ray_node()}:{os.getpid()}"
 
     def identity(self) -> str:

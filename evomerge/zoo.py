@@ -192,6 +192,13 @@ class Recipe:
         }
     )
     weight_decay: float = 0.0
+    #: Router models (SmallTalk LM, arXiv 2410.03529): one tiny LM per skill trained on that
+    #: skill's prompts, plus one on the mix of all of them, for `prefix_router` scorers.
+    router_hidden_size: int = 32
+    router_intermediate_size: int = 64
+    router_steps: int = 300
+    router_lr: float = 3e-3
+    router_batch: int = 64
     #: Examples per demo task that build_zoo scores each model on.
     score_limit: int = 100
 
@@ -208,6 +215,7 @@ QUICK_RECIPE = replace(
     expert_steps=10,
     expert_batch=32,
     expert_warmup=2,
+    router_steps=30,
     score_limit=20,
 )
 
@@ -246,16 +254,17 @@ def make_tokenizer():
     return tok
 
 
-def make_config(recipe: Recipe = FULL_RECIPE):
+def make_config(recipe: Recipe = FULL_RECIPE, *, router: bool = False):
+    """The Llama config of the zoo's models; ``router=True``: the one-layer router model's."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
         vocab_size=len(SPECIAL_TOKENS) + len(CHARS),
-        hidden_size=recipe.hidden_size,
-        intermediate_size=recipe.intermediate_size,
-        num_hidden_layers=recipe.num_layers,
-        num_attention_heads=recipe.num_heads,
-        num_key_value_heads=recipe.num_heads,
+        hidden_size=recipe.router_hidden_size if router else recipe.hidden_size,
+        intermediate_size=recipe.router_intermediate_size if router else recipe.intermediate_size,
+        num_hidden_layers=1 if router else recipe.num_layers,
+        num_attention_heads=2 if router else recipe.num_heads,
+        num_key_value_heads=2 if router else recipe.num_heads,
         max_position_embeddings=MAX_POSITIONS,
         tie_word_embeddings=False,
         pad_token_id=PAD_ID,
@@ -404,6 +413,15 @@ class _Sampler:
             ids[i, : len(x)] = torch.tensor(x)
             labels[i, : len(y)] = torch.tensor(y)
         return ids, labels
+
+
+class _PromptSampler(_Sampler):
+    """Batches for a router model: BOS + prompt, the loss on every prompt token (the text a
+    prefix router scores), no answer."""
+
+    def _encode(self, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+        p = [self.vocab[c] for c in prompt]
+        return [BOS_ID] + p, [-100] + p
 
 
 def _consistency_loss(model, teacher, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -582,6 +600,20 @@ def _build(out_dir: str | os.PathLike, recipe: Recipe, seed: int) -> dict[str, P
         experts[skill] = expert
     timings["train_and_save_s"] = round(time.perf_counter() - t_start, 2)
 
+    t0 = time.perf_counter()
+    routers = {}
+    for name, mix in {"mix": {s: 1.0 for s in SKILLS}, **{s: {s: 1.0} for s in SKILLS}}.items():
+        torch.manual_seed(seed)
+        router = LlamaForCausalLM(make_config(recipe, router=True))
+        router.generation_config = _generation_config()
+        sampler = _PromptSampler(mix, tok, random.Random(f"router-{name}-{seed}"), excluded)
+        training[f"router-{name}"] = _train(router, sampler, steps=recipe.router_steps, lr=recipe.router_lr,
+                                            batch=recipe.router_batch, warmup=recipe.base_warmup,
+                                            weight_decay=recipe.weight_decay, name=f"router-{name}")
+        _save(router, tok, out / "routers" / name)
+        routers[name] = str(out / "routers" / name)
+    timings["routers_s"] = round(time.perf_counter() - t0, 2)
+
     # Scores on the first `score_limit` held-out examples of each demo task.
     t0 = time.perf_counter()
     base_sd = {k: v.detach().clone() for k, v in base.state_dict().items()}
@@ -607,6 +639,7 @@ def _build(out_dir: str | os.PathLike, recipe: Recipe, seed: int) -> dict[str, P
         "skills": list(SKILLS),
         "eval_seed": EVAL_SEED,
         "training": training,
+        "routers": routers,
         "relative_task_vector_norm": {
             s: round(_relative_norm(base_sd, sd), 4) for s, sd in zip(SKILLS, expert_sds)
         },
@@ -629,6 +662,8 @@ def build_zoo(out_dir: str | os.PathLike, *, quick: bool = False, seed: int = 0)
     Each model folder is a Hugging Face folder (safetensors weights, config,
     generation config and the tokenizer); ``out_dir/zoo.json`` records the seed,
     recipe, step counts, timings, relative task-vector norms and measured scores.
+    ``out_dir/routers/{mix,<skill>}`` hold one-layer router models for ``prefix_router``
+    scorers (listed in zoo.json, not returned: they are not merge sources).
     ``quick=True`` builds a much smaller, barely trained zoo in seconds (for tests).
     """
     threads = torch.get_num_threads()

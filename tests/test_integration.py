@@ -12,6 +12,7 @@ import yaml
 from conftest import write_config
 from evomerge.cli import main
 from evomerge.config import load_config
+from evomerge.genome import POLICY_KINDS
 from evomerge.export import evaluate_folder, export
 from evomerge.genome import Recipe
 from evomerge.run_dir import RunDir, canonical
@@ -172,8 +173,12 @@ def test_a_killed_export_leaves_no_half_model(finished_run, tmp_path) -> None:
 @pytest.mark.parametrize("policy", [
     {"kind": "blend", "members": ["merged", "expert:0"]},
     {"kind": "cascade", "members": ["expert:1", "merged"]},
+    {"kind": "prefix_router", "members": ["merged", "expert:0"], "scorers": ["routers/mix", "routers/add"],
+     "bounds": {"k": [0, 3]}},
 ])
 def test_routed_search_records_costs_and_exports_its_policy(zoo, ray_cluster, tmp_path, policy) -> None:
+    if "scorers" in policy:  # the zoo's router models, one per member
+        policy = {**policy, "scorers": [str(zoo["base"].parent / s) for s in policy["scorers"]]}
     path = write_config(tmp_path, zoo, policy=policy, merge={"granularity": "global"},
                         search={"generations": 1, "population": 3, "references": False},
                         workers={"count": 1})
@@ -181,10 +186,11 @@ def test_routed_search_records_costs_and_exports_its_policy(zoo, ray_cluster, tm
     records = RunDir.open(tmp_path / "run").records()
     assert summary["failed"] == 0 and len(records) == 3
     for r in records:
-        assert r["recipe"]["policy"]["kind"] == policy["kind"] and r["flops"] > 0
+        assert r["recipe"]["policy"]["kind"] == POLICY_KINDS[policy["kind"]] and r["flops"] > 0
         assert set(r["served"]) == set(policy["members"]) and sum(r["served"].values()) == pytest.approx(1.0)
     assert summary["pareto"] and summary["hypervolume"] is not None
 
     best = export(tmp_path / "run", tmp_path / "out")
-    assert (tmp_path / "out" / "policy.json").is_file()
+    saved = json.loads((tmp_path / "out" / "policy.json").read_text())
+    assert len(saved.get("scorers") or policy["members"]) == len(policy["members"])
     assert evaluate_folder(load_config(tmp_path / "run" / "config.yaml"), tmp_path / "out") == best["quality"]

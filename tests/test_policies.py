@@ -230,6 +230,17 @@ def test_router_forced_by_its_scorers_is_exactly_that_member(env, zoo) -> None:
         assert stats.flops == routing + sum(gen_flops(member, env["direct_gen"][i]))
 
 
+def test_router_with_k_zero_is_its_first_member_and_costs_no_scoring(env) -> None:
+    from evomerge.policies import make_policy
+
+    policy = make_policy("router", env["members"], {"k": 0})
+    result = run(policy, env["gen"])
+    assert same(result, env["direct_gen"][0])
+    stats = policy.stats
+    assert stats.served[0] == stats.requests == 2 * LIMIT and stats.routing_flops == 0
+    assert stats.flops == sum(gen_flops(env["members"][0], env["direct_gen"][0]))
+
+
 def test_router_picks_the_lowest_prefix_nll(env) -> None:
     from lm_eval.api.instance import Instance
 

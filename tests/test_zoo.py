@@ -32,7 +32,13 @@ def test_build_returns_base_and_one_folder_per_skill(zoo) -> None:
         assert (path / "tokenizer.json").is_file()
     meta = json.loads((zoo["base"].parent / "zoo.json").read_text())
     assert meta["seed"] == 0 and meta["quick"] is True
-    assert set(meta["training"]) == {"base", *Z.SKILLS}
+    routers = {"mix", *Z.SKILLS}
+    assert set(meta["training"]) == {"base", *Z.SKILLS, *(f"router-{r}" for r in routers)}
+    assert set(meta["routers"]) == routers
+    for name in routers:  # router models for prefix_router scorers: one-layer Llamas, same tokenizer
+        folder = zoo["base"].parent / "routers" / name
+        assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+        assert json.loads((folder / "config.json").read_text())["num_hidden_layers"] == 1
     assert set(meta["scores"]) >= {"base", *Z.SKILLS, "uniform_average", "task_arithmetic_1.0"}
     for scores in meta["scores"].values():
         assert all(0.0 <= scores[k] <= 1.0 for k in (*Z.SKILLS, "mean"))

@@ -8,6 +8,9 @@ lm-eval does for an empty context): one forward over ``k_eff`` tokens with logit
 everywhere, ``scorer.cost.forward_flops(k_eff)``, for every scorer, once per unit (the
 choices of one question are routed together).  One batched call per scorer.
 
+``k = 0`` routes nothing: the first member serves every request and no scoring is done or
+counted (the cheap end of a search over ``k``).
+
 Note the prompt is lm-eval's full context: with few-shot examples the first ``k`` tokens
 are the shared preamble, and every request goes to the same member.
 """
@@ -26,8 +29,8 @@ class PrefixRouter(PolicyLM):
 
     def __init__(self, members: Sequence[Member], k: int, scorers: Sequence[Member] | None = None):
         super().__init__(members)
-        if isinstance(k, bool) or int(k) != k or k < 1:
-            raise ValueError(f"router: k must be a positive integer, got {k!r}")
+        if isinstance(k, bool) or int(k) != k or k < 0:
+            raise ValueError(f"router: k must be a non-negative integer, got {k!r}")
         self.k = int(k)
         self.scorers = list(scorers) if scorers is not None else list(self.members)
         if len(self.scorers) != len(self.members):
@@ -50,6 +53,8 @@ class PrefixRouter(PolicyLM):
         return nll, flops
 
     def route(self, units: list[Unit], request_type: str) -> tuple[list[int], list[int]]:
+        if self.k == 0:
+            return [0] * len(units), [0] * len(units)
         nll, flops = self.scores([unit.text for unit in units])
         choice = [min(range(len(self.scorers)), key=lambda s: (nll[s][u], s)) for u in range(len(units))]
         return choice, flops
