@@ -220,3 +220,52 @@ def test_drop_statistics_match_mergekit(method):
             assert kept[top].float().mean() - kept[bottom].float().mean() > 0.1
         assert abs(ours_kept[top].float().mean() - theirs_kept[top].float().mean()) < 0.03
 
+
+
+# ------------------------------------------------------------------ the YAML `evomerge export` writes
+
+DEMO_TASKS = Path(__file__).resolve().parents[1] / "evals" / "demo"
+EXPORTED = {  # method -> (granularity, experts); dare at density 1 so both tools draw no masks
+    "linear": ("layer", 3), "task_arithmetic": ("block:3", 3), "ties": ("layer", 2),
+    "dare_ties": ("global", 2), "slerp": ("layer", 1),
+}
+
+
+def _recipe(method: str, granularity: str, num_layers: int, experts: int):
+    from evomerge.genome import GenomeLayout
+
+    layout = GenomeLayout.build(method, granularity, num_layers, experts,
+                                {"weight": (0.2, 1.2), "density": (0.3, 1.0), "t": (0.0, 1.0)})
+    x = torch.rand(layout.size, generator=torch.Generator().manual_seed(3)).numpy()
+    for index, gene in enumerate(layout.genes):
+        if gene.name == "density" and method.startswith("dare"):
+            x[index] = 1.0
+    return layout.decode(x)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(EXPORTED))
+def test_exported_yaml_runs_in_mergekit_and_evomerge_merge_with_the_exported_tensors(method, families, tmp_path):
+    from evomerge.config import load_config
+    from evomerge.export import write_folder
+
+    granularity, count = EXPORTED[method]
+    models = families["llama"]
+    raw = {"seed": 0, "models": {"base": models["base"], "experts": [models[f"e{i}"] for i in range(count)],
+                                 "device": "cpu"},
+           "merge": {"method": method, "granularity": granularity},
+           "eval": {"include_path": str(DEMO_TASKS), "tasks": [{"name": "demo_add", "metric": "exact_match"}]}}
+    config = load_config(write_yaml(tmp_path / "run", raw))
+    recipe = _recipe(method, granularity, 4, count)
+    export = tmp_path / "export"
+    export.mkdir()
+    write_folder(export, config, {"trial": 5, "quality": 0.5, "metrics": {}, "recipe": recipe.to_json()})
+    exported = load_tensors(export)
+
+    document = yaml.safe_load((export / "mergekit.yaml").read_text())
+    theirs = run_mergekit(document, tmp_path / "mergekit")
+    ours = run_evomerge(export / "mergekit.yaml", tmp_path / "evomerge")
+    for name, tensors in (("mergekit", theirs), ("evomerge merge", ours)):
+        difference, where = max_difference(tensors, exported)
+        assert difference <= TOLERANCE, f"{method}: {name} differs from the export by {difference:.3g} in {where}"
+    assert json.loads((export / "recipe.json").read_text())["trial"] == 5
