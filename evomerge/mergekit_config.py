@@ -393,7 +393,7 @@ def run_merge(config_path: str | Path, out: str | Path, *, force: bool = False, 
 
     logger.info("merging %d model(s) with %s", len(config.models), config.method.name)
     model, merger = load_merge_target(models, seed, pick_device(device))
-    merger.merge_into(model, plan)  # type: ignore[arg-type]  (a MergePlan reads like a Recipe)
+    merger.merge_into(model, plan)
     if config.out_dtype is not None:
         model = model.to(DTYPES[config.out_dtype])
     model.config.dtype = DTYPES[config.out_dtype or dtype]
