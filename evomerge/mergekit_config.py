@@ -32,6 +32,12 @@ and resolves every parameter per tensor the way mergekit 0.1.5 does (`mergekit/c
   `density`) fall back to the top-level ones, then to mergekit's defaults (density 1);
   shared settings (`t`, `normalize`, `rescale`, `lambda`, ...) come from the top level only.
 
+`slices:` is read in two forms: one slice whose sources each span every layer (mergekit's
+spelling of the same merge, e.g. its slerp examples; a slice's `parameters` sit between the
+sources' and the top-level ones), and `merge_method: passthrough` stacks of one-source slices
+(frankenmerges, layer paths): the output's layers are copies of the slices' layers in order,
+embeddings come from the first slice's model, final norm and head from the last one's.
+
 The merge itself is `Merger.merge_into` with the registered method (`evomerge.merge`), the code
 a search's workers and `evomerge export` run. Random-drop methods (dare_*) draw evomerge's masks
 from `--seed`, so they match mergekit's merges in distribution only.
@@ -42,6 +48,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,14 +64,17 @@ from evomerge.merge.registry import GENE_NAMES
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_FIELDS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source")
+SUPPORTED_FIELDS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+                    "tokenizer_source")
 REFUSED_FIELDS = {
-    "slices": "layer slices (frankenmerges) are not supported; list whole models under `models:`",
     "modules": "per-module merges are not supported; list whole models under `models:`",
     "tokenizer": "the `tokenizer:` block (vocabulary surgery) is not supported; use tokenizer_source: base or a model",
     "chat_template": "chat_template is not supported; set it on the written tokenizer",
 }
 MODEL_FIELDS = ("model", "parameters")
+SLICE_FIELDS = ("sources", "parameters")
+SOURCE_FIELDS = ("model", "layer_range", "parameters")
+PASSTHROUGH = "passthrough"
 CONDITION_FIELDS = ("filter", "value")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -74,6 +84,7 @@ MERGEKIT_NAME = {ours: theirs for theirs, ours in EVOMERGE_NAME.items()}
 SHARED_GENES = ("t",)  # genes with one value for all models (mergekit: shared parameters)
 GENE_DEFAULTS = {"density": 1.0}  # mergekit's defaults for per-model genes; the others are required
 NO_OP_SETTINGS = ("int8_mask",)  # mergekit options with no effect on the result (mask dtype)
+_LAYER_IN_NAME = re.compile(r"(^|\.)(\d+)(\.|$)")  # the layer number in a name, as genome.layer_index reads it
 
 
 @dataclass(frozen=True)
@@ -94,11 +105,49 @@ class MergekitConfig:
     dtype: str | None
     out_dtype: str | None
     tokenizer_source: str | None
+    slice_parameters: dict[str, Any] = field(default_factory=dict)  # a `slices:` config's one slice
+    layer_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # model -> its slice's range
 
     @property
     def skeleton(self) -> str:
         """The model whose config and buffers the output takes (mergekit: base_model, else the first model)."""
         return self.base_model or self.models[0].model
+
+    @property
+    def shared_scopes(self) -> tuple[dict[str, Any], ...]:
+        """Where shared settings are looked up, highest precedence first."""
+        return (self.slice_parameters, self.parameters)
+
+
+@dataclass(frozen=True)
+class SliceSource:
+    model: str
+    start: int
+    stop: int  # exclusive, as mergekit's layer_range
+
+
+@dataclass(frozen=True)
+class LayerStack:
+    """A passthrough `slices:` config: the output's layers are the slices' layers, in order.
+
+    Embeddings and everything before the layer stack come from the first slice's model, the final
+    norm, head and everything after it from the last slice's model (as mergekit's planner does).
+    """
+
+    source: str
+    base_model: str | None
+    slices: tuple[SliceSource, ...]
+    dtype: str | None
+    out_dtype: str | None
+    tokenizer_source: str | None
+
+    @property
+    def skeleton(self) -> str:
+        return self.base_model or self.slices[0].model
+
+    @property
+    def num_layers(self) -> int:
+        return sum(s.stop - s.start for s in self.slices)
 
 
 @dataclass(frozen=True)
@@ -115,8 +164,13 @@ class MergePlan:
 # --------------------------------------------------------------------------- reading
 
 
-def read_config(path: str | Path) -> MergekitConfig:
-    """Read and validate a mergekit config; any problem is one ConfigError naming the field."""
+def read_config(path: str | Path) -> MergekitConfig | LayerStack:
+    """Read and validate a mergekit config; any problem is one ConfigError naming the field.
+
+    `slices:` is read in two cases: one slice whose sources each span every layer (the same merge
+    as `models:`; checked against the models' layer count in `plan_merge`), and passthrough
+    stacks of one-source slices without parameters (a `LayerStack`).
+    """
     path = Path(path)
     raw = read_yaml(path)
     source = str(path)
@@ -128,25 +182,34 @@ def read_config(path: str | Path) -> MergekitConfig:
         raise ConfigError(f"{source}: unknown field(s) {', '.join(map(str, unknown))}; "
                           f"supported: {', '.join(SUPPORTED_FIELDS)}")
     name = raw.get("merge_method")
+    folder = path.resolve().parent
+    raw = {key: value for key, value in raw.items() if value is not None}  # `field: null` is no field
+    if ("models" in raw) == ("slices" in raw):
+        raise ConfigError(f"{source}: expected exactly one of `models:` or `slices:`")
+    if "slices" in raw and name == PASSTHROUGH:
+        return _layer_stack(raw, folder, source)
     if name not in METHODS:
         raise ConfigError(f"{source}: merge_method: {name!r} is not supported; expected one of: {', '.join(METHODS)}")
     method = get_method(name)
-    folder = path.resolve().parent
     base = _model_path(raw["base_model"], folder, source, "base_model") if raw.get("base_model") is not None else None
 
-    entries = raw.get("models")
-    if not isinstance(entries, list) or not entries:
-        raise ConfigError(f"{source}: models: expected a list of {{model, parameters}} entries")
+    slice_parameters: dict[str, Any] = {}
+    layer_ranges: dict[str, tuple[int, int]] = {}
+    if "slices" in raw:
+        if not isinstance(raw["slices"], list) or len(raw["slices"]) != 1 or not isinstance(raw["slices"][0], dict):
+            raise ConfigError(f"{source}: slices: {method.name} reads one slice whose sources span every layer; "
+                              f"several slices are supported for passthrough only (one source each)")
+        entries = _entries(raw["slices"][0].get("sources"), "slices[0].sources", SOURCE_FIELDS, source)
+        slice_parameters = _mapping(raw["slices"][0].get("parameters"), f"{source}: slices[0].parameters")
+        _check_fields(raw["slices"][0], SLICE_FIELDS, "slices[0]", source)
+    else:
+        entries = _entries(raw.get("models"), "models", MODEL_FIELDS, source)
     models = []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or "model" not in entry:
-            raise ConfigError(f"{source}: models[{i}]: expected a mapping with `model:` (and optional `parameters:`)")
-        extra = [key for key in entry if key not in MODEL_FIELDS]
-        if extra:
-            raise ConfigError(f"{source}: models[{i}]: unknown field(s) {', '.join(map(str, extra))}; "
-                              f"supported: {', '.join(MODEL_FIELDS)}")
-        params = _mapping(entry.get("parameters"), f"{source}: models[{i}].parameters")
-        models.append(ModelEntry(_model_path(entry["model"], folder, source, f"models[{i}].model"), params))
+    for where, entry in entries:
+        model = _model_path(entry["model"], folder, source, f"{where}.model")
+        models.append(ModelEntry(model, _mapping(entry.get("parameters"), f"{source}: {where}.parameters")))
+        if "slices" in raw:
+            layer_ranges[model] = _layer_range(entry.get("layer_range"), f"{where}.layer_range", source)
 
     parameters = _mapping(raw.get("parameters"), f"{source}: parameters")
     config = MergekitConfig(
@@ -154,9 +217,64 @@ def read_config(path: str | Path) -> MergekitConfig:
         parameters=parameters, dtype=_dtype(raw.get("dtype"), source, "dtype"),
         out_dtype=_dtype(raw.get("out_dtype"), source, "out_dtype"),
         tokenizer_source=_tokenizer_source(raw.get("tokenizer_source"), base, folder, source),
+        slice_parameters=slice_parameters, layer_ranges=layer_ranges,
     )
     _check_parameter_names(config)
     return config
+
+
+def _entries(value: Any, where: str, fields: tuple[str, ...], source: str) -> list[tuple[str, dict[str, Any]]]:
+    """A list of mappings with `model:` and only the given fields, each with its place for messages."""
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{source}: {where}: expected a list of {{{', '.join(fields)}}} entries")
+    entries = []
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise ConfigError(f"{source}: {where}[{i}]: expected a mapping with `model:` "
+                              f"(fields: {', '.join(fields)})")
+        _check_fields(entry, fields, f"{where}[{i}]", source)
+        entries.append((f"{where}[{i}]", entry))
+    return entries
+
+
+def _check_fields(entry: dict[str, Any], fields: tuple[str, ...], where: str, source: str) -> None:
+    extra = [key for key in entry if key not in fields]
+    if extra:
+        raise ConfigError(f"{source}: {where}: unknown field(s) {', '.join(map(str, extra))}; "
+                          f"supported: {', '.join(fields)}")
+
+
+def _layer_range(value: Any, where: str, source: str) -> tuple[int, int]:
+    if (not isinstance(value, list) or len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                                  for v in value) or not 0 <= value[0] < value[1]):
+        raise ConfigError(f"{source}: {where}: expected [start, stop] with 0 <= start < stop (got {value!r})")
+    return value[0], value[1]
+
+
+def _layer_stack(raw: dict[str, Any], folder: Path, source: str) -> LayerStack:
+    slices = raw["slices"]
+    if not isinstance(slices, list) or not slices:
+        raise ConfigError(f"{source}: slices: expected a list of {{sources: [{{model, layer_range}}]}}")
+    if raw.get("parameters"):
+        raise ConfigError(f"{source}: parameters: passthrough slices are stacked as they are; "
+                          f"scaling is not supported")
+    stack = []
+    for i, entry in enumerate(slices):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{source}: slices[{i}]: expected a mapping with `sources:`")
+        _check_fields(entry, ("sources",), f"slices[{i}]", source)
+        sources = _entries(entry.get("sources"), f"slices[{i}].sources", ("model", "layer_range"), source)
+        if len(sources) != 1:
+            raise ConfigError(f"{source}: slices[{i}].sources: passthrough takes one source per slice "
+                              f"(got {len(sources)})")
+        where, item = sources[0]
+        start, stop = _layer_range(item.get("layer_range"), f"{where}.layer_range", source)
+        stack.append(SliceSource(_model_path(item["model"], folder, source, f"{where}.model"), start, stop))
+    base = _model_path(raw["base_model"], folder, source, "base_model") if raw.get("base_model") is not None else None
+    return LayerStack(source=source, base_model=base, slices=tuple(stack),
+                      dtype=_dtype(raw.get("dtype"), source, "dtype"),
+                      out_dtype=_dtype(raw.get("out_dtype"), source, "out_dtype"),
+                      tokenizer_source=_tokenizer_source(raw.get("tokenizer_source"), base, folder, source))
 
 
 def _inputs(method: MergeMethod, base: str | None, models: list[ModelEntry], source: str) -> list[ModelEntry]:
@@ -235,10 +353,11 @@ def method_settings(method: MergeMethod) -> tuple[list[str], list[str]]:
 def _check_parameter_names(config: MergekitConfig) -> None:
     per_model, shared = method_settings(config.method)
     name = config.method.name
-    for key in config.parameters:
-        if key not in per_model and key not in shared:
-            raise ConfigError(f"{config.source}: parameters.{key}: not a parameter of {name}; "
-                              f"supported: {', '.join(per_model + shared)}")
+    for where, scope in (("parameters", config.parameters), ("slices[0].parameters", config.slice_parameters)):
+        for key in scope:
+            if key not in per_model and key not in shared:
+                raise ConfigError(f"{config.source}: {where}.{key}: not a parameter of {name}; "
+                                  f"supported: {', '.join(per_model + shared)}")
     for i, entry in enumerate(config.models):
         for key in entry.parameters:
             if key in shared:
@@ -314,6 +433,10 @@ def layer_position(tensor: str, num_layers: int) -> float:
 def plan_merge(config: MergekitConfig, tensor_names: list[str], num_layers: int) -> MergePlan:
     """Resolve every parameter of every tensor before any weight is loaded."""
     per_model, shared = method_settings(config.method)
+    for model, (start, stop) in config.layer_ranges.items():
+        if (start, stop) != (0, num_layers):
+            raise ConfigError(f"{config.source}: slices[0]: layer_range [{start}, {stop}] of {model}; "
+                              f"{config.method.name} merges whole models: expected [0, {num_layers}]")
     tensors = {}
     for tensor in tensor_names:
         t = layer_position(tensor, num_layers)
@@ -321,7 +444,7 @@ def plan_merge(config: MergekitConfig, tensor_names: list[str], num_layers: int)
         for gene in per_model:
             values = []
             for entry in config.models:
-                value = _first(tensor, t, gene, (entry.parameters, config.parameters),
+                value = _first(tensor, t, gene, (entry.parameters, *config.shared_scopes),
                                f"{config.source}: model {entry.model}: {gene}")
                 if value is None:
                     value = GENE_DEFAULTS.get(gene)
@@ -331,7 +454,7 @@ def plan_merge(config: MergekitConfig, tensor_names: list[str], num_layers: int)
                 values.append(_gene_value(value, f"{config.source}: model {entry.model}: {gene}"))
             kwargs[gene] = values
         for setting in shared:
-            value = _first(tensor, t, setting, (config.parameters,), f"{config.source}: parameters.{setting}")
+            value = _first(tensor, t, setting, config.shared_scopes, f"{config.source}: parameters.{setting}")
             if setting in NO_OP_SETTINGS:
                 continue
             if setting in config.method.genes:
@@ -366,9 +489,8 @@ def _gene_value(value: Any, where: str) -> float:
 
 def run_merge(config_path: str | Path, out: str | Path, *, force: bool = False, seed: int = 0,
               device: str = "cpu") -> Path:
-    """Merge what a mergekit config describes and write a Hugging Face folder to `out`."""
+    """Merge (or stack) what a mergekit config describes and write a Hugging Face folder to `out`."""
     from evomerge.export import move_into
-    from evomerge.merger import load_merge_target
     from evomerge.sources import check_sources, load_tokenizer, pick_device
 
     config = read_config(config_path)
@@ -379,21 +501,23 @@ def run_merge(config_path: str | Path, out: str | Path, *, force: bool = False, 
         raise ConfigError(f"--out: {out} exists and is not empty; choose another folder or pass --force")
 
     dtype = config.dtype or _stored_dtype(config.skeleton)
-    models = ModelsConfig(base=config.skeleton, experts=[entry.model for entry in config.models],
-                          dtype=_canonical(dtype), device=device, check_finite=False)
+    inputs = ([entry.model for entry in config.models] if isinstance(config, MergekitConfig)
+              else list(dict.fromkeys(s.model for s in config.slices)))
+    models = ModelsConfig(base=config.skeleton, experts=inputs, dtype=_canonical(dtype), device=device,
+                          check_finite=False)
     try:
         info = check_sources(models)
     except ModelMismatchError as exc:
         raise ModelMismatchError(_mergekit_names(str(exc), models)) from None
-    plan = plan_merge(config, list(info.shapes), info.num_layers)
     tokenizer_path = config.tokenizer_source or config.skeleton
     tokenizer = load_tokenizer(tokenizer_path, models)
     if tokenizer_path not in models.sources:
         _check_vocabulary(tokenizer, load_tokenizer(config.skeleton, models), tokenizer_path, config.source)
 
-    logger.info("merging %d model(s) with %s", len(config.models), config.method.name)
-    model, merger = load_merge_target(models, seed, pick_device(device))
-    merger.merge_into(model, plan)
+    if isinstance(config, MergekitConfig):
+        model = _merge(config, models, info, seed, pick_device(device))
+    else:
+        model = _stack(config, models, info.num_layers, pick_device(device))
     if config.out_dtype is not None:
         model = model.to(DTYPES[config.out_dtype])
     model.config.dtype = DTYPES[config.out_dtype or dtype]
@@ -406,6 +530,58 @@ def run_merge(config_path: str | Path, out: str | Path, *, force: bool = False, 
     shutil.copyfile(config_path, staging / "mergekit.yaml")
     move_into(staging, out)
     return out
+
+
+def _merge(config: MergekitConfig, models: ModelsConfig, info: Any, seed: int, device: torch.device) -> torch.nn.Module:
+    """The base (or first model) with every parameter overwritten by the merge, as a search's workers do it."""
+    from evomerge.merger import load_merge_target
+
+    plan = plan_merge(config, list(info.shapes), info.num_layers)  # every parameter resolved before loading
+    logger.info("merging %d model(s) with %s", len(config.models), config.method.name)
+    model, merger = load_merge_target(models, seed, device)
+    merger.merge_into(model, plan)
+    return model
+
+
+@torch.inference_mode()
+def _stack(stack: LayerStack, models: ModelsConfig, source_layers: int, device: torch.device) -> torch.nn.Module:
+    """A new model with the slices' layers in order (copies, no arithmetic), embeddings from the first
+    slice's model and the final norm / head from the last one's."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from evomerge.sources import load_model, torch_dtype
+
+    for i, part in enumerate(stack.slices):
+        if part.stop > source_layers:
+            raise ConfigError(f"{stack.source}: slices[{i}]: layer_range [{part.start}, {part.stop}] of {part.model}; "
+                              f"it has {source_layers} layers")
+    config = AutoConfig.from_pretrained(stack.skeleton, trust_remote_code=models.trust_remote_code)
+    layer_types = getattr(config, "layer_types", None)
+    config.num_hidden_layers = stack.num_layers
+    if isinstance(layer_types, list) and len(layer_types) == source_layers:
+        config.layer_types = [layer_types[j] for part in stack.slices for j in range(part.start, part.stop)]
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(models.dtype),
+                                             trust_remote_code=models.trust_remote_code).to(device).eval()
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(stack.skeleton)
+    except OSError:  # no generation_config.json: keep the default one
+        pass
+    sources = {}
+    for path in dict.fromkeys(part.model for part in stack.slices):
+        sources[path] = {name: p.detach() for name, p in load_model(path, models, device).named_parameters()}
+    names = [name for name, _ in model.named_parameters()]
+    first_layer = next((i for i, name in enumerate(names) if layer_index(name) is not None), len(names))
+    origin = [(part, j) for part in stack.slices for j in range(part.start, part.stop)]
+    logger.info("stacking %d layers from %d slice(s)", stack.num_layers, len(stack.slices))
+    for position, (name, param) in enumerate(model.named_parameters()):
+        index = layer_index(name)
+        if index is not None and index < stack.num_layers:
+            part, j = origin[index]
+            source_name = _LAYER_IN_NAME.sub(lambda m: f"{m.group(1)}{j}{m.group(3)}", name, count=1)
+        else:  # before the layer stack: the first slice's model; after it: the last slice's
+            part, source_name = (stack.slices[0] if position < first_layer else stack.slices[-1]), name
+        param.copy_(sources[part.model][source_name])
+    return model
 
 
 def _stored_dtype(path: str) -> str:

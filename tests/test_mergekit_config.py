@@ -48,7 +48,18 @@ def test_linear_keeps_every_model_and_adds_a_missing_base_as_mergekit_does(tmp_p
 @pytest.mark.parametrize("document, message", [
     (with_(merge_method="frankenstein"), "merge_method: 'frankenstein' is not supported; expected one of: linear"),
     (with_(seed=3), "unknown field(s) seed; supported: merge_method, base_model, models"),
-    (with_(slices=[]), "slices: layer slices"),
+    (with_(slices=[]), "expected exactly one of `models:` or `slices:`"),
+    (with_(models=None, slices=[{"sources": [{"model": "org/a", "layer_range": [0, 2]}]}] * 2),
+     "slices: ties reads one slice whose sources span every layer"),
+    (with_(models=None, slices=[{"sources": [{"model": "org/a", "layer_range": [0, 2]}], "base_model": "org/a"}]),
+     "slices[0]: unknown field(s) base_model; supported: sources, parameters"),
+    (with_(models=None, slices=[{"sources": [{"model": "org/a", "layer_range": [2, 1]}]}]),
+     "slices[0].sources[0].layer_range: expected [start, stop] with 0 <= start < stop"),
+    ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "org/a", "layer_range": [0, 2]},
+                                                             {"model": "org/b", "layer_range": [0, 2]}]}]},
+     "slices[0].sources: passthrough takes one source per slice (got 2)"),
+    ({"merge_method": "passthrough", "parameters": {"scale": 0.5},
+      "slices": [{"sources": [{"model": "org/a", "layer_range": [0, 2]}]}]}, "scaling is not supported"),
     (with_(base_model=None), "base_model: merge_method ties needs a base model"),
     (with_(models=[]), "models: expected a list"),
     (with_(models=[{"model": "org/a", "weights": 1}]), "models[0]: unknown field(s) weights; supported: model, parameters"),
@@ -96,6 +107,32 @@ def test_filters_take_the_first_match_and_may_match_nothing():
     assert evaluate_setting({"value": [0.0, 1.0]}, "any", 0.5, "w") == 0.5
     with pytest.raises(ConfigError, match="supported: filter, value"):
         evaluate_setting([{"filter": "mlp", "value": 1, "weight": 2}], "mlp", 0, "w")
+
+
+def test_one_slice_over_every_layer_reads_like_models(tmp_path):
+    document = with_(models=None, parameters={"weight": 0.25}, slices=[{
+        "sources": [{"model": "org/base", "layer_range": [0, 3]},
+                    {"model": "org/a", "layer_range": [0, 3], "parameters": {"weight": 0.5}},
+                    {"model": "org/b", "layer_range": [0, 3]}],
+        "parameters": {"weight": [{"filter": "mlp", "value": 0.75}], "lambda": 0.5}}])
+    config = read_config(write(tmp_path, document))
+    plan = plan_merge(config, ["model.layers.0.mlp.up_proj.weight", "model.norm.weight"], num_layers=3)
+    # source > slice > top level, for per-model genes and shared settings alike
+    assert plan.for_tensor("model.layers.0.mlp.up_proj.weight") == {"weight": [0.5, 0.75], "density": [1.0, 1.0],
+                                                                    "lambda_": 0.5}
+    assert plan.for_tensor("model.norm.weight")["weight"] == [0.5, 0.25]
+    with pytest.raises(ConfigError, match=r"layer_range \[0, 3\] of org/base; ties merges whole models: "
+                                          r"expected \[0, 4\]"):
+        plan_merge(config, ["model.norm.weight"], num_layers=4)
+
+
+def test_passthrough_slices_are_a_layer_stack(tmp_path):
+    document = {"merge_method": "passthrough", "dtype": "float32",
+                "slices": [{"sources": [{"model": "org/a", "layer_range": [0, 3]}]},
+                           {"sources": [{"model": "org/b", "layer_range": [1, 2]}]}]}
+    stack = read_config(write(tmp_path, document))
+    assert [(s.model, s.start, s.stop) for s in stack.slices] == [("org/a", 0, 3), ("org/b", 1, 2)]
+    assert (stack.num_layers, stack.skeleton) == (4, "org/a")
 
 
 def test_layer_position_is_i_over_l_minus_1_and_0_outside_the_layers():
