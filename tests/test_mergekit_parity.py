@@ -314,3 +314,13 @@ def test_exported_yaml_runs_in_mergekit_and_evomerge_merge_with_the_exported_ten
         difference, where = max_difference(tensors, exported)
         assert difference <= TOLERANCE, f"{method}: {name} differs from the export by {difference:.3g} in {where}"
     assert json.loads((export / "recipe.json").read_text())["trial"] == 5
+
+
+@pytest.mark.slow
+def test_incompatible_models_are_named_by_path(families, tmp_path, capsys):
+    config = {"merge_method": "task_arithmetic", "base_model": families["llama"]["base"],
+              "models": [{"model": families["qwen2"]["e0"], "parameters": {"weight": 1.0}}]}
+    assert main(["merge", str(write_yaml(tmp_path, config)), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"model {families['qwen2']['e0']}: config.model_type is 'qwen2' but model {families['llama']['base']}" in err
+    assert not (tmp_path / "out").exists()
