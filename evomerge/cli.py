@@ -1,4 +1,4 @@
-"""Command line: search | resume | report | export | zoo | demo, each a thin call into the package.
+"""Command line: search | resume | report | export | merge | zoo | demo, each a thin call into the package.
 
 Exit codes: 0 success, 2 user error (one line on stderr naming what is wrong), 1 internal failure.
 """
@@ -70,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--force", action="store_true", help="write into a non-empty folder")
     cmd.add_argument("--verify", action="store_true", help="re-evaluate the exported folder and compare")
     cmd.set_defaults(func=cmd_export)
+
+    cmd = commands.add_parser("merge", help="run a mergekit merge config with evomerge's methods; write an HF folder")
+    cmd.add_argument("config", type=Path, help="mergekit YAML (merge_method, base_model, models, parameters, ...)")
+    cmd.add_argument("--out", type=Path, required=True, help="target folder (must be empty unless --force)")
+    cmd.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    cmd.add_argument("--seed", type=int, default=0, help="seed of the random-drop masks (dare_*)")
+    cmd.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu", help="where to merge")
+    cmd.set_defaults(func=cmd_merge)
 
     cmd = commands.add_parser("zoo", help="build the tiny demo models (tokenizer, base, experts)")
     cmd.add_argument("out", type=Path, nargs="?", default=Path("runs/zoo"))
@@ -149,6 +157,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         same = reproduced == record["quality"]
         print(f"re-evaluated: quality {reproduced:.4f} ({'equal to' if same else 'DIFFERS from'} the journal)")
         return 0 if same else 1
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from evomerge.mergekit_config import run_merge
+
+    out = run_merge(args.config, args.out, force=args.force, seed=args.seed, device=args.device)
+    print(f"merged {args.config} into {out}")
     return 0
 
 

@@ -120,7 +120,8 @@ def mergekit_yaml(recipe: Recipe, config: RunConfig, parameter_names: list[str],
             document["base_model"] = config.models.base
         document["models"] = models
     document["dtype"] = config.models.dtype
-    document["tokenizer_source"] = "base"
+    # The exported folder carries the base's tokenizer; linear has no base_model to call "base".
+    document["tokenizer_source"] = "base" if "base_model" in document else config.models.base
     header = f"# evomerge export of trial {trial} ({recipe.label or 'evolved'}), run seed {config.seed}\n"
     if recipe.method.startswith("dare"):
         header += "# dare masks are random: mergekit draws its own, so its tensors match only in distribution\n"

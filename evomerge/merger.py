@@ -9,15 +9,23 @@ The same code serves the workers (one merge per candidate) and `export`.
 from __future__ import annotations
 
 import zlib
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 
 from evomerge.config import ModelsConfig
 from evomerge.errors import MergeError
-from evomerge.genome import Recipe
 from evomerge.merge import get_method
 from evomerge.sources import load_model
+
+
+class TensorRecipe(Protocol):
+    """What the merger reads: a method name and its keyword arguments per tensor (a `Recipe`, or
+    the `MergePlan` of a mergekit config)."""
+
+    method: str
+
+    def for_tensor(self, name: str) -> dict[str, Any]: ...
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -37,7 +45,7 @@ class Merger:
         self.seed = seed
 
     @torch.inference_mode()
-    def merge_into(self, model: torch.nn.Module, recipe: Recipe) -> None:
+    def merge_into(self, model: torch.nn.Module, recipe: TensorRecipe) -> None:
         """Overwrite every parameter of `model` with the recipe's merge. Raises MergeError naming a tensor."""
         method = get_method(recipe.method)
         for name, param in model.named_parameters():

@@ -167,16 +167,17 @@ def test_dare_density_one_hand_computed():
     assert torch.equal(out, BASE4 + T([3.0, 2.0, 0.625 / 1.5, -2.0]))
 
 
-def test_dare_kept_entries_are_rescaled_by_one_over_density():
+def test_dare_kept_entries_are_rescaled_to_the_l1_norm_or_by_one_over_density():
     delta, zeros = torch.arange(1, 1001, dtype=torch.float32), torch.zeros(1000)
     kwargs = {"weight": [1.0], "density": [0.25], "seed": 3}
-    out = merge("dare_linear", zeros, [delta], **kwargs)
+    out = merge("dare_linear", zeros, [delta], **kwargs)  # default: L1 norm kept, as mergekit 0.1.5
     kept = out != 0
-    torch.testing.assert_close(out[kept], delta[kept] / 0.25)
+    torch.testing.assert_close(out.abs().sum(), delta.sum())
+    torch.testing.assert_close(out[kept], delta[kept] * (delta.sum() / delta[kept].sum()))
     out = merge("dare_linear", zeros, [delta], **kwargs, rescale=False)
     assert torch.equal(out[kept], delta[kept]) and torch.equal(out != 0, kept)
-    out = merge("dare_linear", zeros, [delta], **kwargs, rescale="l1")
-    torch.testing.assert_close(out.abs().sum(), delta.sum())
+    out = merge("dare_linear", zeros, [delta], **kwargs, rescale="density")  # the paper's 1/density
+    torch.testing.assert_close(out[kept], delta[kept] / 0.25)
     # the same uniforms decide every density: a lower density keeps a subset
     sparser = merge("dare_linear", zeros, [delta], weight=[1.0], density=[0.1], seed=3) != 0
     assert torch.equal(sparser & kept, sparser)

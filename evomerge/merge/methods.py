@@ -115,11 +115,15 @@ def _dare(
 ) -> torch.Tensor:
     """DARE: drop each delta entry with probability 1 - density and rescale the kept ones.
 
+    `rescale=True` matches each dropped task vector's L1 norm to the original's, as mergekit
+    0.1.5 does (`sparsify.bernoulli` with `RescaleNorm.l1`); the paper's 1/density is
+    `rescale='density'`. Both scale the kept entries by ~1/density in expectation.
+
     Expert i's mask comes from its own stream seeded by (seed, i). The mask depends only on
     (seed, i, shape, density): callers merging many tensors should give each tensor its own seed
     (e.g. derived from the run seed and the tensor name), or same-shaped tensors share masks.
     """
-    mode = resolve_rescale(rescale, natural="density")
+    mode = resolve_rescale(rescale, natural="l1")
     deltas = [
         sparsify_random(d, rho, expert_generator(seed, i), mode)
         for i, (d, rho) in enumerate(zip(task_vectors(base, experts), density))
@@ -142,8 +146,8 @@ def dare_ties(
 ) -> torch.Tensor:
     """DARE drop-and-rescale of each task vector, then TIES sign election and disjoint merge.
 
-    `rescale`: True / 'density' divides kept entries by density (the paper), 'l1' matches the
-    task vector's L1 norm instead (what newer mergekit's rescale does), False keeps them as they are.
+    `rescale`: True / 'l1' matches each task vector's L1 norm after the drop (mergekit's default),
+    'density' divides kept entries by density (the paper), False keeps them as they are.
     """
     return _dare(base, experts, weight, density, seed, consensus=True,
                  normalize=normalize, rescale=rescale, lambda_=lambda_)

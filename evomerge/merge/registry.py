@@ -120,6 +120,7 @@ def register(
 
         fn.__name__, fn.__qualname__, fn.__doc__ = impl.__name__, impl.__qualname__, impl.__doc__
         fn.__module__ = impl.__module__
+        fn.__wrapped__ = impl  # inspect.signature(fn) shows the method's own options
 
         METHODS[name] = MergeMethod(
             name=name, fn=fn, genes=genes, needs_base=needs_base,

@@ -1,0 +1,610 @@
+"""A mergekit merge config, run by evomerge's own merge methods, written as a Hugging Face folder.
+
+    evomerge merge CONFIG.yaml --out DIR
+
+reads the fields of a mergekit config that describe one merge of whole models::
+
+    merge_method: ties
+    base_model: path/to/base
+    models:
+      - model: path/to/expert_a
+        parameters: {weight: [0.2, 0.8], density: 0.5}    # a list: interpolated across layers
+      - model: path/to/expert_b
+        parameters:
+          weight:
+            - filter: self_attn                          # tensor names containing "self_attn"
+              value: 0.7
+            - value: 0.3                                 # everything else
+    parameters: {normalize: true, lambda: 1.0}           # shared settings and per-model defaults
+    dtype: float32
+    tokenizer_source: base
+
+and resolves every parameter per tensor the way mergekit 0.1.5 does (`mergekit/config.py`
+`evaluate_setting`, `mergekit/plan.py`):
+
+- a setting is a scalar, a list of scalars (a gradient) or a list of `{filter, value}`
+  conditions; the first condition whose filter is a substring of the tensor name (no filter or
+  `*`: any tensor) gives the value;
+- a gradient is read at t = i / (L - 1) for a tensor of layer i of L (t = 1 when L is 1) and at
+  t = 0 for everything outside the layer stack (embeddings, final norm, head), linearly
+  interpolated between neighbouring entries (booleans and strings are picked, not interpolated);
+- a model's own parameters win over the top-level `parameters`; per-model genes (`weight`,
+  `density`) fall back to the top-level ones, then to mergekit's defaults (density 1);
+  shared settings (`t`, `normalize`, `rescale`, `lambda`, ...) come from the top level only.
+
+`slices:` is read in two forms: one slice whose sources each span every layer (mergekit's
+spelling of the same merge, e.g. its slerp examples; a slice's `parameters` sit between the
+sources' and the top-level ones), and `merge_method: passthrough` stacks of one-source slices
+(frankenmerges, layer paths): the output's layers are copies of the slices' layers in order,
+embeddings come from the first slice's model, final norm and head from the last one's.
+
+The merge itself is `Merger.merge_into` with the registered method (`evomerge.merge`), the code
+a search's workers and `evomerge export` run. Random-drop methods (dare_*) draw evomerge's masks
+from `--seed`, so they match mergekit's merges in distribution only.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from evomerge.config import ModelsConfig, _resolve_model, read_yaml
+from evomerge.errors import ConfigError, ModelMismatchError
+from evomerge.genome import layer_index
+from evomerge.merge import METHODS, MergeMethod, get_method
+from evomerge.merge.registry import GENE_NAMES
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_FIELDS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+                    "tokenizer_source")
+REFUSED_FIELDS = {
+    "modules": "per-module merges are not supported; list whole models under `models:`",
+    "tokenizer": "the `tokenizer:` block (vocabulary surgery) is not supported; use tokenizer_source: base or a model",
+    "chat_template": "chat_template is not supported; set it on the written tokenizer",
+}
+MODEL_FIELDS = ("model", "parameters")
+SLICE_FIELDS = ("sources", "parameters")
+SOURCE_FIELDS = ("model", "layer_range", "parameters")
+PASSTHROUGH = "passthrough"
+CONDITION_FIELDS = ("filter", "value")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+# mergekit's parameter names that evomerge spells differently ('lambda' is a Python keyword).
+EVOMERGE_NAME = {"lambda": "lambda_"}
+MERGEKIT_NAME = {ours: theirs for theirs, ours in EVOMERGE_NAME.items()}
+SHARED_GENES = ("t",)  # genes with one value for all models (mergekit: shared parameters)
+GENE_DEFAULTS = {"density": 1.0}  # mergekit's defaults for per-model genes; the others are required
+NO_OP_SETTINGS = ("int8_mask",)  # mergekit options with no effect on the result (mask dtype)
+_LAYER_IN_NAME = re.compile(r"(^|\.)(\d+)(\.|$)")  # the layer number in a name, as genome.layer_index reads it
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    model: str  # resolved folder or Hugging Face id
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MergekitConfig:
+    """The validated fields of a mergekit config; `models` excludes base_model where the method has a base."""
+
+    source: str  # the file, for messages
+    method: MergeMethod
+    base_model: str | None
+    models: tuple[ModelEntry, ...]
+    parameters: dict[str, Any]
+    dtype: str | None
+    out_dtype: str | None
+    tokenizer_source: str | None
+    slice_parameters: dict[str, Any] = field(default_factory=dict)  # a `slices:` config's one slice
+    layer_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # model -> its slice's range
+
+    @property
+    def skeleton(self) -> str:
+        """The model whose config and buffers the output takes (mergekit: base_model, else the first model)."""
+        return self.base_model or self.models[0].model
+
+    @property
+    def shared_scopes(self) -> tuple[dict[str, Any], ...]:
+        """Where shared settings are looked up, highest precedence first."""
+        return (self.slice_parameters, self.parameters)
+
+
+@dataclass(frozen=True)
+class SliceSource:
+    model: str
+    start: int
+    stop: int  # exclusive, as mergekit's layer_range
+
+
+@dataclass(frozen=True)
+class LayerStack:
+    """A passthrough `slices:` config: the output's layers are the slices' layers, in order.
+
+    Embeddings and everything before the layer stack come from the first slice's model, the final
+    norm, head and everything after it from the last slice's model (as mergekit's planner does).
+    """
+
+    source: str
+    base_model: str | None
+    slices: tuple[SliceSource, ...]
+    dtype: str | None
+    out_dtype: str | None
+    tokenizer_source: str | None
+
+    @property
+    def skeleton(self) -> str:
+        return self.base_model or self.slices[0].model
+
+    @property
+    def num_layers(self) -> int:
+        return sum(s.stop - s.start for s in self.slices)
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Per-tensor keyword arguments for the merge method; what `Merger.merge_into` reads from a Recipe."""
+
+    method: str
+    tensors: dict[str, dict[str, Any]]
+
+    def for_tensor(self, name: str) -> dict[str, Any]:
+        return self.tensors[name]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_config(path: str | Path) -> MergekitConfig | LayerStack:
+    """Read and validate a mergekit config; any problem is one ConfigError naming the field.
+
+    `slices:` is read in two cases: one slice whose sources each span every layer (the same merge
+    as `models:`; checked against the models' layer count in `plan_merge`), and passthrough
+    stacks of one-source slices without parameters (a `LayerStack`).
+    """
+    path = Path(path)
+    raw = read_yaml(path)
+    source = str(path)
+    unknown = [key for key in raw if key not in SUPPORTED_FIELDS]
+    for key in unknown:
+        if key in REFUSED_FIELDS:
+            raise ConfigError(f"{source}: {key}: {REFUSED_FIELDS[key]}")
+    if unknown:
+        raise ConfigError(f"{source}: unknown field(s) {', '.join(map(str, unknown))}; "
+                          f"supported: {', '.join(SUPPORTED_FIELDS)}")
+    name = raw.get("merge_method")
+    folder = path.resolve().parent
+    raw = {key: value for key, value in raw.items() if value is not None}  # `field: null` is no field
+    if ("models" in raw) == ("slices" in raw):
+        raise ConfigError(f"{source}: expected exactly one of `models:` or `slices:`")
+    if "slices" in raw and name == PASSTHROUGH:
+        return _layer_stack(raw, folder, source)
+    if name not in METHODS:
+        raise ConfigError(f"{source}: merge_method: {name!r} is not supported; expected one of: {', '.join(METHODS)}")
+    method = get_method(name)
+    base = _model_path(raw["base_model"], folder, source, "base_model") if raw.get("base_model") is not None else None
+
+    slice_parameters: dict[str, Any] = {}
+    layer_ranges: dict[str, tuple[int, int]] = {}
+    if "slices" in raw:
+        if not isinstance(raw["slices"], list) or len(raw["slices"]) != 1 or not isinstance(raw["slices"][0], dict):
+            raise ConfigError(f"{source}: slices: {method.name} reads one slice whose sources span every layer; "
+                              f"several slices are supported for passthrough only (one source each)")
+        entries = _entries(raw["slices"][0].get("sources"), "slices[0].sources", SOURCE_FIELDS, source)
+        slice_parameters = _mapping(raw["slices"][0].get("parameters"), f"{source}: slices[0].parameters")
+        _check_fields(raw["slices"][0], SLICE_FIELDS, "slices[0]", source)
+    else:
+        entries = _entries(raw.get("models"), "models", MODEL_FIELDS, source)
+    models = []
+    for where, entry in entries:
+        model = _model_path(entry["model"], folder, source, f"{where}.model")
+        models.append(ModelEntry(model, _mapping(entry.get("parameters"), f"{source}: {where}.parameters")))
+        if "slices" in raw:
+            layer_ranges[model] = _layer_range(entry.get("layer_range"), f"{where}.layer_range", source)
+
+    parameters = _mapping(raw.get("parameters"), f"{source}: parameters")
+    config = MergekitConfig(
+        source=source, method=method, base_model=base, models=tuple(_inputs(method, base, models, source)),
+        parameters=parameters, dtype=_dtype(raw.get("dtype"), source, "dtype"),
+        out_dtype=_dtype(raw.get("out_dtype"), source, "out_dtype"),
+        tokenizer_source=_tokenizer_source(raw.get("tokenizer_source"), base, folder, source),
+        slice_parameters=slice_parameters, layer_ranges=layer_ranges,
+    )
+    _check_parameter_names(config)
+    return config
+
+
+def _entries(value: Any, where: str, fields: tuple[str, ...], source: str) -> list[tuple[str, dict[str, Any]]]:
+    """A list of mappings with `model:` and only the given fields, each with its place for messages."""
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{source}: {where}: expected a list of {{{', '.join(fields)}}} entries")
+    entries = []
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise ConfigError(f"{source}: {where}[{i}]: expected a mapping with `model:` "
+                              f"(fields: {', '.join(fields)})")
+        _check_fields(entry, fields, f"{where}[{i}]", source)
+        entries.append((f"{where}[{i}]", entry))
+    return entries
+
+
+def _check_fields(entry: dict[str, Any], fields: tuple[str, ...], where: str, source: str) -> None:
+    extra = [key for key in entry if key not in fields]
+    if extra:
+        raise ConfigError(f"{source}: {where}: unknown field(s) {', '.join(map(str, extra))}; "
+                          f"supported: {', '.join(fields)}")
+
+
+def _layer_range(value: Any, where: str, source: str) -> tuple[int, int]:
+    if (not isinstance(value, list) or len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                                  for v in value) or not 0 <= value[0] < value[1]):
+        raise ConfigError(f"{source}: {where}: expected [start, stop] with 0 <= start < stop (got {value!r})")
+    return value[0], value[1]
+
+
+def _layer_stack(raw: dict[str, Any], folder: Path, source: str) -> LayerStack:
+    slices = raw["slices"]
+    if not isinstance(slices, list) or not slices:
+        raise ConfigError(f"{source}: slices: expected a list of {{sources: [{{model, layer_range}}]}}")
+    if raw.get("parameters"):
+        raise ConfigError(f"{source}: parameters: passthrough slices are stacked as they are; "
+                          f"scaling is not supported")
+    stack = []
+    for i, entry in enumerate(slices):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{source}: slices[{i}]: expected a mapping with `sources:`")
+        _check_fields(entry, ("sources",), f"slices[{i}]", source)
+        sources = _entries(entry.get("sources"), f"slices[{i}].sources", ("model", "layer_range"), source)
+        if len(sources) != 1:
+            raise ConfigError(f"{source}: slices[{i}].sources: passthrough takes one source per slice "
+                              f"(got {len(sources)})")
+        where, item = sources[0]
+        start, stop = _layer_range(item.get("layer_range"), f"{where}.layer_range", source)
+        stack.append(SliceSource(_model_path(item["model"], folder, source, f"{where}.model"), start, stop))
+    base = _model_path(raw["base_model"], folder, source, "base_model") if raw.get("base_model") is not None else None
+    return LayerStack(source=source, base_model=base, slices=tuple(stack),
+                      dtype=_dtype(raw.get("dtype"), source, "dtype"),
+                      out_dtype=_dtype(raw.get("out_dtype"), source, "out_dtype"),
+                      tokenizer_source=_tokenizer_source(raw.get("tokenizer_source"), base, folder, source))
+
+
+def _inputs(method: MergeMethod, base: str | None, models: list[ModelEntry], source: str) -> list[ModelEntry]:
+    """The models merged as experts: for methods with a base, every model but base_model (mergekit
+    ignores the base's parameters there); for the others every model, plus base_model when it is
+    not listed (mergekit adds it as an input)."""
+    if method.needs_base:
+        if base is None:
+            raise ConfigError(f"{source}: base_model: merge_method {method.name} needs a base model")
+        experts = [entry for entry in models if entry.model != base]
+        if not experts:
+            raise ConfigError(f"{source}: models: {method.name} needs at least one model besides base_model")
+    else:
+        experts = models + ([ModelEntry(base)] if base is not None and base not in [m.model for m in models] else [])
+    if method.max_experts is not None and len(experts) > method.max_experts:
+        raise ConfigError(f"{source}: models: {method.name} merges base_model with at most {method.max_experts} "
+                          f"other model(s); got {len(experts)}")
+    return experts
+
+
+def _model_path(value: Any, folder: Path, source: str, field_name: str) -> str:
+    """A model reference: a folder relative to the working directory (as mergekit reads it), else to
+    the config's folder, else a Hugging Face id. LoRA references (`model+lora`) are refused."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{source}: {field_name}: expected a model folder or Hugging Face id (got {value!r})")
+    if "+" in value and not Path(value).exists():
+        raise ConfigError(f"{source}: {field_name}: LoRA references ({value!r}) are not supported; merge the adapter first")
+    if Path(value).expanduser().is_dir():
+        folder = Path.cwd()
+    problems: list[str] = []
+    resolved = _resolve_model(value, folder, field_name, problems)
+    if problems:
+        raise ConfigError(f"{source}: {problems[0]}")
+    return resolved
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping of parameter names to values (got {type(value).__name__})")
+    return dict(value)
+
+
+def _dtype(value: Any, source: str, field_name: str) -> str | None:
+    if value is None:
+        return None
+    if value not in DTYPES:
+        raise ConfigError(f"{source}: {field_name}: {value!r} is not supported; expected one of: {', '.join(DTYPES)}")
+    return str(value)
+
+
+def _tokenizer_source(value: Any, base: str | None, folder: Path, source: str) -> str | None:
+    if value is None:
+        return None
+    if value == "base":
+        if base is None:
+            raise ConfigError(f"{source}: tokenizer_source: 'base' needs base_model")
+        return base
+    if value == "union":
+        raise ConfigError(f"{source}: tokenizer_source: 'union' is not supported (evomerge merges models that "
+                          f"share one vocabulary); expected 'base' or a model")
+    return _model_path(value, folder, source, "tokenizer_source")
+
+
+def method_settings(method: MergeMethod) -> tuple[list[str], list[str]]:
+    """(per-model genes, shared settings) of a method, in mergekit's spelling."""
+    impl = inspect.unwrap(method.fn)
+    options = [name for name, spec in inspect.signature(impl).parameters.items()
+               if spec.kind is inspect.Parameter.KEYWORD_ONLY and name not in (*GENE_NAMES, "seed")]
+    per_model = [gene for gene in method.genes if gene not in SHARED_GENES]
+    shared = [gene for gene in method.genes if gene in SHARED_GENES]
+    return per_model, shared + [MERGEKIT_NAME.get(option, option) for option in options] + list(NO_OP_SETTINGS)
+
+
+def _check_parameter_names(config: MergekitConfig) -> None:
+    per_model, shared = method_settings(config.method)
+    name = config.method.name
+    for where, scope in (("parameters", config.parameters), ("slices[0].parameters", config.slice_parameters)):
+        for key in scope:
+            if key not in per_model and key not in shared:
+                raise ConfigError(f"{config.source}: {where}.{key}: not a parameter of {name}; "
+                                  f"supported: {', '.join(per_model + shared)}")
+    for i, entry in enumerate(config.models):
+        for key in entry.parameters:
+            if key in shared:
+                raise ConfigError(f"{config.source}: model {entry.model}: parameters.{key} is shared by all models "
+                                  f"in {name}; set it under the top-level parameters")
+            if key not in per_model:
+                raise ConfigError(f"{config.source}: model {entry.model}: parameters.{key}: not a per-model "
+                                  f"parameter of {name}; supported: {', '.join(per_model) or 'none'}")
+
+
+# --------------------------------------------------------------------------- parameters per tensor
+
+
+def evaluate_setting(setting: Any, tensor: str, t: float, where: str) -> Any:
+    """A setting's value for one tensor at layer position t (None when no condition matches)."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if _is_scalar(setting):
+        return setting
+    if not isinstance(setting, list):
+        raise ConfigError(f"{where}: expected a value, a list of values or a list of {{filter, value}} (got {setting!r})")
+    if not setting:
+        return None
+    if all(_is_scalar(item) for item in setting):
+        return _gradient(setting, t, where)
+    for condition in setting:
+        if not isinstance(condition, dict) or "value" not in condition:
+            raise ConfigError(f"{where}: expected {{filter, value}} entries (got {condition!r})")
+        extra = [key for key in condition if key not in CONDITION_FIELDS]
+        if extra:
+            raise ConfigError(f"{where}: unknown field(s) {', '.join(map(str, extra))}; supported: filter, value")
+        pattern = condition.get("filter")
+        if pattern is None or pattern == "*" or str(pattern) in tensor:
+            return evaluate_setting(condition["value"], tensor, t, where)
+    return None
+
+
+def _gradient(values: list[Any], t: float, where: str) -> Any:
+    """mergekit's gradient: linear interpolation at t * (n - 1); non-numbers are picked, not mixed."""
+    numbers = [_number(v) for v in values]
+    if any(n is None for n in numbers):
+        return values[int(t * (len(values) - 1))]
+    scaled = t * (len(values) - 1)
+    low = int(scaled)
+    high = min(len(values) - 1, low + 1)
+    frac = scaled - low
+    return (1 - frac) * numbers[low] + frac * numbers[high]
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (bool, int, float, str))
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return float(value)  # mergekit reads '1e-3' as a number for numeric parameters
+    except (TypeError, ValueError):
+        return None
+
+
+def layer_position(tensor: str, num_layers: int) -> float:
+    """mergekit's t: i / (L - 1) for layer i of L (1 when L is 1), 0 outside the layer stack."""
+    index = layer_index(tensor)
+    if index is None or index >= num_layers:
+        return 0.0
+    return index / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+def plan_merge(config: MergekitConfig, tensor_names: list[str], num_layers: int) -> MergePlan:
+    """Resolve every parameter of every tensor before any weight is loaded."""
+    per_model, shared = method_settings(config.method)
+    for model, (start, stop) in config.layer_ranges.items():
+        if (start, stop) != (0, num_layers):
+            raise ConfigError(f"{config.source}: slices[0]: layer_range [{start}, {stop}] of {model}; "
+                              f"{config.method.name} merges whole models: expected [0, {num_layers}]")
+    tensors = {}
+    for tensor in tensor_names:
+        t = layer_position(tensor, num_layers)
+        kwargs: dict[str, Any] = {}
+        for gene in per_model:
+            values = []
+            for entry in config.models:
+                value = _first(tensor, t, gene, (entry.parameters, *config.shared_scopes),
+                               f"{config.source}: model {entry.model}: {gene}")
+                if value is None:
+                    value = GENE_DEFAULTS.get(gene)
+                if value is None:
+                    raise ConfigError(f"{config.source}: model {entry.model}: no {gene} for tensor {tensor!r}; "
+                                      f"expected it in the model's or the top-level parameters")
+                values.append(_gene_value(value, f"{config.source}: model {entry.model}: {gene}"))
+            kwargs[gene] = values
+        for setting in shared:
+            value = _first(tensor, t, setting, config.shared_scopes, f"{config.source}: parameters.{setting}")
+            if setting in NO_OP_SETTINGS:
+                continue
+            if setting in config.method.genes:
+                if value is None:
+                    raise ConfigError(f"{config.source}: parameters.{setting}: no value for tensor {tensor!r}; "
+                                      f"{config.method.name} needs one")
+                value = _gene_value(value, f"{config.source}: parameters.{setting}")
+            if value is not None:
+                kwargs[EVOMERGE_NAME.get(setting, setting)] = value
+        tensors[tensor] = kwargs
+    return MergePlan(config.method.name, tensors)
+
+
+def _first(tensor: str, t: float, name: str, scopes: tuple[Mapping[str, Any], ...], where: str) -> Any:
+    for scope in scopes:
+        if name in scope:
+            value = evaluate_setting(scope[name], tensor, t, where)
+            if value is not None:
+                return value
+    return None
+
+
+def _gene_value(value: Any, where: str) -> float:
+    number = _number(value)
+    if number is None:
+        raise ConfigError(f"{where}: expected a number (got {value!r})")
+    return number
+
+
+# --------------------------------------------------------------------------- merging
+
+
+def run_merge(config_path: str | Path, out: str | Path, *, force: bool = False, seed: int = 0,
+              device: str = "cpu") -> Path:
+    """Merge (or stack) what a mergekit config describes and write a Hugging Face folder to `out`."""
+    from evomerge.export import move_into
+    from evomerge.sources import check_sources, load_tokenizer, pick_device
+
+    config = read_config(config_path)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out: {out} is a file, expected a folder")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ConfigError(f"--out: {out} exists and is not empty; choose another folder or pass --force")
+
+    dtype = config.dtype or _stored_dtype(config.skeleton)
+    inputs = ([entry.model for entry in config.models] if isinstance(config, MergekitConfig)
+              else list(dict.fromkeys(s.model for s in config.slices)))
+    models = ModelsConfig(base=config.skeleton, experts=inputs, dtype=_canonical(dtype), device=device,
+                          check_finite=False)
+    try:
+        info = check_sources(models)
+    except ModelMismatchError as exc:
+        raise ModelMismatchError(_mergekit_names(str(exc), models)) from None
+    tokenizer_path = config.tokenizer_source or config.skeleton
+    tokenizer = load_tokenizer(tokenizer_path, models)
+    if tokenizer_path not in models.sources:
+        _check_vocabulary(tokenizer, load_tokenizer(config.skeleton, models), tokenizer_path, config.source)
+
+    if isinstance(config, MergekitConfig):
+        model = _merge(config, models, info, seed, pick_device(device))
+    else:
+        model = _stack(config, models, info.num_layers, pick_device(device))
+    if config.out_dtype is not None:
+        model = model.to(DTYPES[config.out_dtype])
+    model.config.dtype = DTYPES[config.out_dtype or dtype]
+
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    shutil.copyfile(config_path, staging / "mergekit.yaml")
+    move_into(staging, out)
+    return out
+
+
+def _merge(config: MergekitConfig, models: ModelsConfig, info: Any, seed: int, device: torch.device) -> torch.nn.Module:
+    """The base (or first model) with every parameter overwritten by the merge, as a search's workers do it."""
+    from evomerge.merger import load_merge_target
+
+    plan = plan_merge(config, list(info.shapes), info.num_layers)  # every parameter resolved before loading
+    logger.info("merging %d model(s) with %s", len(config.models), config.method.name)
+    model, merger = load_merge_target(models, seed, device)
+    merger.merge_into(model, plan)
+    return model
+
+
+@torch.inference_mode()
+def _stack(stack: LayerStack, models: ModelsConfig, source_layers: int, device: torch.device) -> torch.nn.Module:
+    """A new model with the slices' layers in order (copies, no arithmetic), embeddings from the first
+    slice's model and the final norm / head from the last one's."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from evomerge.sources import load_model, torch_dtype
+
+    for i, part in enumerate(stack.slices):
+        if part.stop > source_layers:
+            raise ConfigError(f"{stack.source}: slices[{i}]: layer_range [{part.start}, {part.stop}] of {part.model}; "
+                              f"it has {source_layers} layers")
+    config = AutoConfig.from_pretrained(stack.skeleton, trust_remote_code=models.trust_remote_code)
+    layer_types = getattr(config, "layer_types", None)
+    config.num_hidden_layers = stack.num_layers
+    if isinstance(layer_types, list) and len(layer_types) == source_layers:
+        config.layer_types = [layer_types[j] for part in stack.slices for j in range(part.start, part.stop)]
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(models.dtype),
+                                             trust_remote_code=models.trust_remote_code).to(device).eval()
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(stack.skeleton)
+    except OSError:  # no generation_config.json: keep the default one
+        pass
+    sources = {}
+    for path in dict.fromkeys(part.model for part in stack.slices):
+        sources[path] = {name: p.detach() for name, p in load_model(path, models, device).named_parameters()}
+    names = [name for name, _ in model.named_parameters()]
+    first_layer = next((i for i, name in enumerate(names) if layer_index(name) is not None), len(names))
+    origin = [(part, j) for part in stack.slices for j in range(part.start, part.stop)]
+    logger.info("stacking %d layers from %d slice(s)", stack.num_layers, len(stack.slices))
+    for position, (name, param) in enumerate(model.named_parameters()):
+        index = layer_index(name)
+        if index is not None and index < stack.num_layers:
+            part, j = origin[index]
+            source_name = _LAYER_IN_NAME.sub(lambda m: f"{m.group(1)}{j}{m.group(3)}", name, count=1)
+        else:  # before the layer stack: the first slice's model; after it: the last slice's
+            part, source_name = (stack.slices[0] if position < first_layer else stack.slices[-1]), name
+        param.copy_(sources[part.model][source_name])
+    return model
+
+
+def _stored_dtype(path: str) -> str:
+    """The dtype a model's config declares (mergekit keeps stored dtypes when `dtype` is unset)."""
+    from transformers import AutoConfig
+
+    declared = getattr(AutoConfig.from_pretrained(path), "dtype", None)
+    name = str(declared).removeprefix("torch.") if declared is not None else "float32"
+    return name if name in DTYPES else "float32"
+
+
+def _canonical(dtype: str) -> str:
+    return str(DTYPES[dtype]).removeprefix("torch.")
+
+
+def _mergekit_names(message: str, models: ModelsConfig) -> str:
+    """Name models by path in source-check messages (they speak of models.base / models.experts.i)."""
+    for i, path in reversed(list(enumerate(models.experts))):
+        message = message.replace(f"models.experts.{i}", f"model {path}")
+    return message.replace("models.base", f"model {models.base}")
+
+
+def _check_vocabulary(tokenizer: Any, reference: Any, path: str, source: str) -> None:
+    if tokenizer.get_vocab() != reference.get_vocab():
+        raise ModelMismatchError(f"{source}: tokenizer_source: the tokenizer of {path} has another vocabulary "
+                                 f"than the merged models; expected the same vocabulary")
