@@ -49,6 +49,13 @@ class CandidateRunner:
         sources = {name: load_model(paths[name], models, self.device)
                    for name in config.policy.members if name != "merged"}
         self.evaluator = Evaluator(config.eval, self.model, self.tokenizer, sources, seed=config.seed)
+        # A moe run upcycles each candidate's merge into one preallocated mixture (evomerge/moe.py).
+        self.upcycler = self.moe_evaluator = None
+        if config.moe is not None:
+            from evomerge.moe import load_upcycler
+
+            self.upcycler = load_upcycler(models, self.model)
+            self.moe_evaluator = Evaluator(config.eval, self.upcycler.model, self.tokenizer, seed=config.seed)
         self.name = f"{socket.gethostname()}{_ray_node()}:{os.getpid()}"
 
     def identity(self) -> str:
@@ -58,9 +65,16 @@ class CandidateRunner:
         start = time.perf_counter()
         try:
             self.merger.merge_into(self.model, trial.recipe)
+            evaluator = self.evaluator
+            if trial.recipe.moe is not None:
+                from evomerge.moe import upcycle_candidate
+
+                upcycle_candidate(self.upcycler, self.model, self.tokenizer, self.config.moe, trial.recipe.moe,
+                                  self.config.seed)
+                evaluator = self.moe_evaluator
             merged = time.perf_counter()
             with torch.inference_mode():
-                evaluation = self.evaluator(trial.recipe.policy)
+                evaluation = evaluator(trial.recipe.policy)
             done = time.perf_counter()
             value = quality(evaluation.scores, list(self.config.eval.tasks))
             if not math.isfinite(value):
