@@ -184,9 +184,6 @@ class MoeConfig(_Frozen):
 
     @model_validator(mode="after")
     def _fields_agree(self) -> MoeConfig:
-        if self.gate_mode != "random" and (not self.prompts or any(not p or not all(p) for p in self.prompts)):
-            raise ValueError(f"prompts: gate_mode {self.gate_mode} needs a non-empty list of non-empty prompts "
-                             f"per expert (or gate_mode: random)")
         for gene, (low, high) in self.bounds.items():
             if not (math.isfinite(low) and math.isfinite(high) and low < high):
                 raise ValueError(f"bounds.{gene}: expected [low, high] with finite low < high (got [{low}, {high}])")
@@ -236,6 +233,9 @@ class RunConfig(_Frozen):
         return self
 
     def _moe_fits_models(self, moe: MoeConfig, experts: int) -> None:
+        if moe.gate_mode != "random" and (not moe.prompts or any(not p or not all(p) for p in moe.prompts)):
+            raise ValueError(f"moe.prompts: gate_mode {moe.gate_mode} needs a non-empty list of non-empty prompts "
+                             f"per expert (or gate_mode: random)")
         if moe.gate_mode != "random" and len(moe.prompts) != experts:
             raise ValueError(f"moe.prompts: one list of prompts per expert, {experts} in models.experts "
                              f"(got {len(moe.prompts)})")

@@ -181,7 +181,7 @@ def check_same_tensors(dense: torch.nn.Module, moe: torch.nn.Module) -> None:
     ours = {n: p.shape for n, p in moe.named_parameters() if ".mlp." not in n}
     theirs = {n: p.shape for n, p in dense.named_parameters() if ".mlp." not in n}
     kind = moe.config.model_type
-    for name in sorted(set(ours) | set(theirs)):
+    for name in [*theirs, *(n for n in ours if n not in theirs)]:  # in the dense model's order
         if name not in ours:
             raise ModelMismatchError(f"models.base: tensor {name!r} has no place in a {kind} mixture of experts")
         if name not in theirs:
