@@ -66,10 +66,10 @@ def write_folder(folder: Path, config: RunConfig, record: dict[str, Any]) -> Non
     merger.merge_into(model, recipe)
     tokenizer = load_tokenizer(config.models.base, config.models)
     if recipe.moe is not None:  # the mixture the worker built (mergekit-moe cannot express its routers)
-        from evomerge.moe import load_upcycler, upcycle_candidate
+        from evomerge.moe import Upcycler, upcycle_candidate
 
-        upcycled = upcycle_candidate(load_upcycler(config.models, model), model, tokenizer, config.moe,
-                                     recipe.moe, config.seed)
+        upcycled = upcycle_candidate(Upcycler(model, merger.experts), model, tokenizer, config.moe, recipe.moe,
+                                     config.seed)
         upcycled.save_pretrained(folder, safe_serialization=True)
     else:
         model.save_pretrained(folder, safe_serialization=True)

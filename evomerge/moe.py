@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from evomerge.config import MoeConfig, ModelsConfig
+from evomerge.config import ModelsConfig, MoeConfig
 from evomerge.errors import ModelMismatchError
 
 GATE_MODES = ("hidden", "cheap_embed", "random")
@@ -80,20 +80,23 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return layers
 
 
-def check_dense_mlps(model: torch.nn.Module, field_name: str = "models.experts") -> None:
-    """Refuse a model whose layers lack Llama-like gated MLPs, naming the tensor."""
-    params = dict(model.named_parameters())
+def mlp_weight_names(model: torch.nn.Module) -> list[dict[str, str]]:
+    """Per decoder layer, the parameter names of its gate/up/down projections (`model.layers.3.mlp.up_proj.weight`)."""
     prefix = _layers_prefix(model)
-    for index, layer in enumerate(decoder_layers(model)):
-        for projection in MLP_PROJECTIONS:
-            name = f"{prefix}{index}.mlp.{projection}"
-            module = getattr(getattr(layer, "mlp", None), projection, None)
-            if not isinstance(module, torch.nn.Linear):
-                raise ModelMismatchError(f"{field_name}: tensor {name + '.weight'!r} missing; upcycling needs "
-                                         f"Llama-like gated MLPs ({', '.join(MLP_PROJECTIONS)})")
-            if f"{name}.bias" in params:
-                raise ModelMismatchError(f"{field_name}: tensor {name + '.bias'!r}: MLP biases have no place "
-                                         f"in the experts of a mixture")
+    return [{p: f"{prefix}{index}.mlp.{p}.weight" for p in MLP_PROJECTIONS} for index in range(len(decoder_layers(model)))]
+
+
+def check_dense_mlps(params: dict[str, torch.Tensor], names: list[dict[str, str]], field_name: str) -> None:
+    """Refuse parameters without Llama-like gated MLPs (or with MLP biases), naming the tensor."""
+    for layer in names:
+        for name in layer.values():
+            if name not in params or params[name].dim() != 2:
+                raise ModelMismatchError(f"{field_name}: tensor {name!r} missing; upcycling needs Llama-like "
+                                         f"gated MLPs ({', '.join(MLP_PROJECTIONS)}) without biases")
+            bias = name.removesuffix(".weight") + ".bias"
+            if bias in params:
+                raise ModelMismatchError(f"{field_name}: tensor {bias!r}: MLP biases have no place in the experts "
+                                         f"of a mixture")
 
 
 def moe_config(dense: Any, num_experts: int, experts_per_token: int) -> Any:
@@ -118,21 +121,24 @@ def moe_config(dense: Any, num_experts: int, experts_per_token: int) -> Any:
 class Upcycler:
     """A preallocated MoE whose experts are copied once; `update` rewrites attention and router in place.
 
-    `experts` are the dense experts (their MLPs become the MoE's experts, in order);
-    `update(source, gates, experts_per_token, temperature)` copies every non-MLP tensor of
-    `source` (the base or a merged candidate), sets the router weights to gates / temperature
-    and the number of experts per token.
+    `experts` are the dense experts, as models or as their parameters by name (what the
+    merger holds); their MLPs become the MoE's experts, in order. `update(source, gates,
+    experts_per_token, temperature)` copies every non-MLP tensor of `source` (the base or a
+    merged candidate), sets the router weights to gates / temperature and the number of
+    experts per token.
     """
 
-    def __init__(self, base: torch.nn.Module, experts: Sequence[torch.nn.Module]):
+    def __init__(self, base: torch.nn.Module, experts: Sequence[torch.nn.Module | Mapping[str, torch.Tensor]]):
         from transformers import AutoModelForCausalLM
 
         if not experts:
             raise ModelMismatchError("models.experts: upcycling needs at least one expert")
         architecture(base.config)
-        check_dense_mlps(base, "models.base")
+        names = mlp_weight_names(base)
+        check_dense_mlps(dict(base.named_parameters()), names, "models.base")
+        experts = [dict(e.named_parameters()) if isinstance(e, torch.nn.Module) else e for e in experts]
         for index, expert in enumerate(experts):
-            check_dense_mlps(expert, f"models.experts.{index}")
+            check_dense_mlps(expert, names, f"models.experts.{index}")
         self.num_experts = len(experts)
         self.prefix = _layers_prefix(base)
         param = next(base.parameters())
@@ -146,10 +152,9 @@ class Upcycler:
                 stack = layer.mlp.experts
                 width = stack.down_proj.shape[-1]
                 for e, expert in enumerate(experts):
-                    mlp = decoder_layers(expert)[index].mlp
-                    stack.gate_up_proj[e, :width].copy_(mlp.gate_proj.weight)
-                    stack.gate_up_proj[e, width:].copy_(mlp.up_proj.weight)
-                    stack.down_proj[e].copy_(mlp.down_proj.weight)
+                    stack.gate_up_proj[e, :width].copy_(expert[names[index]["gate_proj"]])
+                    stack.gate_up_proj[e, width:].copy_(expert[names[index]["up_proj"]])
+                    stack.down_proj[e].copy_(expert[names[index]["down_proj"]])
                 for name, tensor in layer.mlp.named_parameters():
                     if not name.startswith(("experts.", "gate.")):
                         tensor.zero_()  # a zero-wide shared expert and its gate (Qwen2-MoE)
@@ -201,17 +206,9 @@ def check_upcyclable(models: ModelsConfig) -> None:
     architecture(config)
     with torch.device("meta"):
         dense = AutoModelForCausalLM.from_config(config, trust_remote_code=models.trust_remote_code)
-        check_dense_mlps(dense, "models.base")
+        check_dense_mlps(dict(dense.named_parameters()), mlp_weight_names(dense), "models.base")
         moe = AutoModelForCausalLM.from_config(moe_config(config, len(models.experts), 1))
     check_same_tensors(dense, moe)
-
-
-def load_upcycler(models: ModelsConfig, base: torch.nn.Module) -> Upcycler:
-    """An Upcycler over the configured experts (each loaded, its MLPs copied, then released)."""
-    from evomerge.sources import load_model
-
-    device = next(base.parameters()).device
-    return Upcycler(base, [load_model(path, models, device) for path in models.experts])
 
 
 def upcycle_candidate(upcycler: Upcycler, source: torch.nn.Module, tokenizer: Any, moe: MoeConfig,

@@ -52,9 +52,9 @@ class CandidateRunner:
         # A moe run upcycles each candidate's merge into one preallocated mixture (evomerge/moe.py).
         self.upcycler = self.moe_evaluator = None
         if config.moe is not None:
-            from evomerge.moe import load_upcycler
+            from evomerge.moe import Upcycler
 
-            self.upcycler = load_upcycler(models, self.model)
+            self.upcycler = Upcycler(self.model, self.merger.experts)  # the experts' weights, already loaded
             self.moe_evaluator = Evaluator(config.eval, self.upcycler.model, self.tokenizer, seed=config.seed)
         self.name = f"{socket.gethostname()}{_ray_node()}:{os.getpid()}"
 

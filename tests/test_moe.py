@@ -69,6 +69,17 @@ def test_copies_of_one_model_give_that_model_back(model_type, overrides, gate_mo
             assert difference <= 1e-5, (experts_per_token, temperature, difference)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_a_saved_mixture_reloads_with_auto_model(model_type, tmp_path):
+    base, tokenizer = dense(model_type), make_tokenizer()
+    experts = [dict(dense(model_type, seed=s).named_parameters()) for s in (1, 2)]  # as the merger holds them
+    moe = Upcycler(base, experts).update(base, router_gates(base, "hidden", 2, PROMPTS[:2], tokenizer), 2, 0.5)
+    moe.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is type(moe) and reloaded.config.num_experts_per_tok == 2
+    torch.testing.assert_close(logits(reloaded, IDS), logits(moe, IDS), atol=0, rtol=0)
+
+
 def test_different_experts_are_routed_and_not_averaged():
     base, tokenizer = dense(seed=0), make_tokenizer()
     experts = [dense(seed=s) for s in (1, 2, 3)]
