@@ -83,7 +83,8 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 def mlp_weight_names(model: torch.nn.Module) -> list[dict[str, str]]:
     """Per decoder layer, the parameter names of its gate/up/down projections (`model.layers.3.mlp.up_proj.weight`)."""
     prefix = _layers_prefix(model)
-    return [{p: f"{prefix}{index}.mlp.{p}.weight" for p in MLP_PROJECTIONS} for index in range(len(decoder_layers(model)))]
+    return [{p: f"{prefix}{index}.mlp.{p}.weight" for p in MLP_PROJECTIONS}
+            for index in range(len(decoder_layers(model)))]
 
 
 def check_dense_mlps(params: dict[str, torch.Tensor], names: list[dict[str, str]], field_name: str) -> None:
@@ -140,7 +141,6 @@ class Upcycler:
         for index, expert in enumerate(experts):
             check_dense_mlps(expert, names, f"models.experts.{index}")
         self.num_experts = len(experts)
-        self.prefix = _layers_prefix(base)
         param = next(base.parameters())
         config = moe_config(base.config, self.num_experts, experts_per_token=min(2, self.num_experts))
         config._attn_implementation = base.config._attn_implementation

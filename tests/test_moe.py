@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
@@ -230,8 +231,6 @@ def _moe_config(tmp_path: Path, zoo_paths: dict[str, str], **moe) -> Path:
     raw = {"models": {"base": zoo_paths["base"], "experts": [zoo_paths["a"], zoo_paths["b"]]},
            "eval": {"tasks": [{"name": "t", "metric": "acc"}]}, "moe": moe}
     path = tmp_path / "c.yaml"
-    import yaml
-
     path.write_text(yaml.safe_dump(raw))
     return path
 
