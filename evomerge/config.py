@@ -177,6 +177,39 @@ class PolicyConfig(_Frozen):
         return tuple(self.bounds.get(gene, POLICY_DEFAULT_BOUNDS[gene]))  # type: ignore[return-value]
 
 
+MOE_DEFAULT_BOUNDS = {"experts_per_token": (1, 2), "temperature": (0.25, 4.0)}
+
+
+class MoeConfig(_Frozen):
+    """Upcycle each candidate into a mixture of experts (evomerge/moe.py): attention, norms and
+    embeddings from `attention` (`base`, or `merged`: the candidate's merge, whose genes then
+    evolve too), one MLP expert per `models.experts` entry, routers from `gate_mode`.
+    Genes: the router temperature (`bounds.temperature`) and, unless fixed,
+    `experts_per_token` (`bounds.experts_per_token`)."""
+
+    attention: Literal["base", "merged"] = "base"
+    gate_mode: Literal["hidden", "cheap_embed", "random"] = "hidden"
+    prompts: list[list[str]] = Field(default_factory=list)  # positive prompts, one list per expert
+    experts_per_token: int | None = Field(default=2, ge=1)  # None: a gene within bounds.experts_per_token
+    bounds: dict[Literal["experts_per_token", "temperature"], tuple[float, float]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _fields_agree(self) -> MoeConfig:
+        for gene, (low, high) in self.bounds.items():
+            if not (math.isfinite(low) and math.isfinite(high) and low < high):
+                raise ValueError(f"bounds.{gene}: expected [low, high] with finite low < high (got [{low}, {high}])")
+        low, high = self.bound("temperature")
+        if low <= 0:
+            raise ValueError(f"bounds.temperature: expected low > 0 (got {low})")
+        low, high = self.bound("experts_per_token")
+        if low < 1 or low != int(low) or high != int(high):
+            raise ValueError(f"bounds.experts_per_token: expected whole numbers >= 1 (got [{low}, {high}])")
+        return self
+
+    def bound(self, gene: str) -> tuple[float, float]:
+        return tuple(self.bounds.get(gene, MOE_DEFAULT_BOUNDS[gene]))  # type: ignore[return-value]
+
+
 class WorkersConfig(_Frozen):
     count: int = Field(default=1, ge=1)
     cpus_per_worker: float = Field(default=1, gt=0)
@@ -192,6 +225,7 @@ class RunConfig(_Frozen):
     eval: EvalConfig
     search: SearchConfig = Field(default_factory=SearchConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    moe: MoeConfig | None = None  # set: every candidate is upcycled into a mixture of experts
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
 
     @model_validator(mode="after")
@@ -205,7 +239,24 @@ class RunConfig(_Frozen):
             if member.startswith("expert:") and int(member.split(":")[1]) >= len(self.models.experts):
                 raise ValueError(f"policy.members: {member} but there are {len(self.models.experts)} experts "
                                  f"(expert:0 to expert:{len(self.models.experts) - 1})")
+        if self.moe is not None:
+            self._moe_fits_models(self.moe, len(self.models.experts))
         return self
+
+    def _moe_fits_models(self, moe: MoeConfig, experts: int) -> None:
+        if moe.gate_mode != "random" and (not moe.prompts or any(not p or not all(p) for p in moe.prompts)):
+            raise ValueError(f"moe.prompts: gate_mode {moe.gate_mode} needs a non-empty list of non-empty prompts "
+                             f"per expert (or gate_mode: random)")
+        if moe.gate_mode != "random" and len(moe.prompts) != experts:
+            raise ValueError(f"moe.prompts: one list of prompts per expert, {experts} in models.experts "
+                             f"(got {len(moe.prompts)})")
+        if moe.experts_per_token is not None and moe.experts_per_token > experts:
+            raise ValueError(f"moe.experts_per_token: at most the {experts} experts (got {moe.experts_per_token})")
+        if moe.experts_per_token is None and moe.bound("experts_per_token")[1] > experts:
+            raise ValueError(f"moe.bounds.experts_per_token: at most the {experts} experts "
+                             f"(got {list(moe.bound('experts_per_token'))})")
+        if self.policy.kind != "none":
+            raise ValueError("policy.kind: a moe run serves the mixture alone; set policy.kind: none")
 
     def to_yaml_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -115,13 +115,17 @@ class Evaluator:
                         for i, (m, tok) in enumerate(scorers)] if scorers else None
         self.solo = Blend([self.members["merged"]], [1.0], seed=0)
         self.seed = seed
+        self.model = model
 
     def __call__(self, policy: dict[str, Any] | None = None) -> Evaluation:
         """Scores of the merged model alone (policy None) or of a policy {"kind", "members", "params"}."""
         from lm_eval.evaluator import evaluate
 
+        from evomerge.flops import CostModel
         from evomerge.policies import make_policy
 
+        # the candidate's structure may change between calls (a mixture's experts per token)
+        self.members["merged"].cost = CostModel.from_model(self.model)
         if policy is None:
             lm, names = self.solo, ["merged"]
         else:

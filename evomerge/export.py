@@ -65,10 +65,19 @@ def write_folder(folder: Path, config: RunConfig, record: dict[str, Any]) -> Non
     recipe = Recipe.from_json(record["recipe"])
     model, merger = load_merge_target(config.models, config.seed, pick_device(config.models.device))
     merger.merge_into(model, recipe)
-    model.save_pretrained(folder, safe_serialization=True)
-    load_tokenizer(config.models.base, config.models).save_pretrained(folder)
-    names = [name for name, _ in model.named_parameters()]
-    (folder / "mergekit.yaml").write_text(mergekit_yaml(recipe, config, names, record["trial"]), encoding="utf-8")
+    tokenizer = load_tokenizer(config.models.base, config.models)
+    if recipe.moe is not None:  # the mixture the worker built (mergekit-moe cannot express its routers)
+        from evomerge.moe import Upcycler, upcycle_candidate
+
+        upcycled = upcycle_candidate(Upcycler(model, merger.experts), model, tokenizer, config.moe, recipe.moe,
+                                     config.seed)
+        upcycled.save_pretrained(folder, safe_serialization=True)
+    else:
+        model.save_pretrained(folder, safe_serialization=True)
+        names = [name for name, _ in model.named_parameters()]
+        (folder / "mergekit.yaml").write_text(mergekit_yaml(recipe, config, names, record["trial"]),
+                                              encoding="utf-8")
+    tokenizer.save_pretrained(folder)
     (folder / "recipe.json").write_text(json.dumps({"trial": record["trial"], "quality": record["quality"],
                                                      "metrics": record["metrics"], "seed": config.seed,
                                                      "recipe": record["recipe"]}, indent=1), encoding="utf-8")

@@ -20,8 +20,12 @@ Models", Table 1: ``C_forward ≈ 2 N + 2 n_layer n_ctx d_attn`` per token):
 * ignored as sub-leading: biases, norms, activations, softmax, rotary/positional
   terms, residual adds, sampling.  Sliding-window attention is counted as full
   causal attention (exact while the context fits in the window, an upper bound
-  beyond).  Mixture-of-experts models are refused (only top-k experts run per
-  token; not modelled).
+  beyond);
+* **mixtures of experts** (Mixtral, Qwen-MoE, ...): a token goes through the router
+  (``hidden x num_experts``) and through ``experts_per_token`` of the ``num_experts``
+  expert MLPs, so only that many experts are counted (per layer
+  ``experts_per_token / num_experts`` of the stacked expert weights), plus any shared
+  expert.
 
 The lm_head matters for *which positions need logits*: transformers' ``generate``
 asks for the logits of the last position only (``logits_to_keep=1``), while a
@@ -50,6 +54,7 @@ _UNGATED_MLP = frozenset({
     "codegen", "starcoder2", "mpt", "biogpt", "xglm",
 })
 _MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+_EXPERTS_PER_TOKEN_KEYS = ("num_experts_per_tok", "moe_top_k", "top_k")
 
 
 def causal_attended_positions(new_tokens: int, context: int = 0) -> int:
@@ -95,7 +100,6 @@ class CostModel:
         False, the formula of ``_formula_matmul_params`` is used.
         """
         config = _text_config(config)
-        _refuse_moe(config)
         if instantiate:
             try:
                 from transformers import AutoModelForCausalLM
@@ -120,13 +124,16 @@ class CostModel:
         so quantised/packed weights count at their logical size) and every transformers
         ``Conv1D`` (GPT-2's linear layers); embeddings are lookups and count nothing.  The
         lm_head is ``model.get_output_embeddings()``.  Attention dimensions come from
-        ``model.config``.
+        ``model.config``.  In a mixture of experts, a module holding the experts' weights
+        as stacked 3-D tensors counts ``experts_per_token`` of its ``num_experts`` experts,
+        and a router (a module with ``top_k`` and a ``weight``) counts its weight.
         """
         config = _text_config(model.config)
-        _refuse_moe(config)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         lm_head = _linear_params(head) if head is not None else 0
         matmul = sum(_linear_params(module) for module in model.modules())
+        if _num_experts(config) > 1:
+            matmul += _active_expert_params(model, _experts_per_token(config))
         layers, attn = _attention_dims(config)
         return cls(matmul_params=matmul, lm_head_params=lm_head, num_layers=layers, attn_dim=attn)
 
@@ -188,12 +195,42 @@ def _text_config(config: Any) -> Any:
     return getter() if callable(getter) else config
 
 
-def _refuse_moe(config: Any) -> None:
+def _num_experts(config: Any) -> int:
+    """Routed experts per MoE layer (0 for a dense config)."""
     for key in _MOE_KEYS:
         value = getattr(config, key, None)
-        if isinstance(value, int) and value > 1:
-            raise NotImplementedError(f"mixture-of-experts config ({key}={value}): per-token expert "
-                                      "routing is not modelled by CostModel")
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return 0
+
+
+def _experts_per_token(config: Any) -> int:
+    for key in _EXPERTS_PER_TOKEN_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    raise NotImplementedError(f"mixture-of-experts config without experts per token "
+                              f"(none of {', '.join(_EXPERTS_PER_TOKEN_KEYS)})")
+
+
+def _active_expert_params(model: torch.nn.Module, experts_per_token: int) -> int:
+    """Matmul weights a token meets in the MoE layers: the router, and experts_per_token experts of
+    each stack of experts (transformers keeps them as 3-D tensors, one slice per expert)."""
+    total, stacks = 0, 0
+    for module in model.modules():
+        num_experts = getattr(module, "num_experts", None)
+        if not isinstance(num_experts, int) or num_experts < 1:
+            continue
+        stacked = [p for p in module.parameters(recurse=False) if p.dim() == 3 and p.shape[0] == num_experts]
+        if stacked:
+            stacks += 1
+            total += experts_per_token * sum(p[0].numel() for p in stacked)
+        elif hasattr(module, "top_k") and isinstance(getattr(module, "weight", None), torch.Tensor):
+            total += module.weight.numel()  # the router: hidden x num_experts
+    if stacks == 0:
+        raise NotImplementedError(f"{type(model).__name__}: mixture-of-experts config but no stacked expert "
+                                  "weights found; its experts are not modelled by CostModel")
+    return total
 
 
 def _linear_params(module: torch.nn.Module) -> int:
@@ -239,6 +276,15 @@ def _formula_matmul_params(config: Any) -> tuple[int, int]:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     q, kv = heads * head_dim, kv_heads * head_dim
     mlp_matrices = 2 if getattr(config, "model_type", "") in _UNGATED_MLP else 3
-    per_layer = hidden * q + 2 * hidden * kv + q * hidden + mlp_matrices * hidden * _intermediate_size(config)
+    mlp = mlp_matrices * hidden * _intermediate_size(config)
+    experts = _num_experts(config)
+    if experts:  # router + experts_per_token experts of moe_intermediate_size (or intermediate_size) + shared
+        if getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) != 1:
+            raise NotImplementedError("mixture-of-experts config with dense layers: count it from its modules")
+        width = getattr(config, "moe_intermediate_size", None) or _intermediate_size(config)
+        shared = getattr(config, "shared_expert_intermediate_size", 0) or 0
+        mlp = (hidden * experts + _experts_per_token(config) * 3 * hidden * width
+               + (3 * hidden * shared + hidden if getattr(config, "model_type", "") == "qwen2_moe" else 0))
+    per_layer = hidden * q + 2 * hidden * kv + q * hidden + mlp
     lm_head = hidden * config.vocab_size
     return config.num_hidden_layers * per_layer + lm_head, lm_head

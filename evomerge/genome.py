@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from evomerge.config import PolicyConfig
+from evomerge.config import MoeConfig, PolicyConfig
 from evomerge.errors import ConfigError
 
 EMBED_HEAD = "embed_head"
@@ -83,6 +83,7 @@ class Recipe:
     params: dict[str, dict[str, list[float]]]  # group -> gene -> one value per expert (t: one value)
     label: str | None = None  # references: "base", "expert:1", "uniform"
     policy: dict[str, Any] | None = None  # {"kind", "members", "params"}; None: the merged model alone
+    moe: dict[str, Any] | None = None  # {"experts_per_token", "temperature"}: upcycle the merge (evomerge/moe.py)
 
     def for_tensor(self, name: str) -> dict[str, Any]:
         """Keyword arguments for the merge method for one parameter tensor."""
@@ -96,6 +97,8 @@ class Recipe:
             data["label"] = self.label
         if self.policy is not None:
             data["policy"] = self.policy
+        if self.moe is not None:
+            data["moe"] = self.moe
         return data
 
     @classmethod
@@ -103,7 +106,7 @@ class Recipe:
         return cls(method=data["method"], granularity=data["granularity"], num_layers=int(data["num_layers"]),
                    params={g: {k: [float(v) for v in vs] for k, vs in genes.items()}
                            for g, genes in data["params"].items()},
-                   label=data.get("label"), policy=data.get("policy"))
+                   label=data.get("label"), policy=data.get("policy"), moe=data.get("moe"))
 
 
 @dataclass(frozen=True)
@@ -123,21 +126,24 @@ class GenomeLayout:
     num_experts: int
     genes: tuple[Gene, ...] = field(repr=False)
     policy: PolicyConfig | None = None
+    moe: MoeConfig | None = None
 
     @classmethod
     def build(cls, method: str, granularity: str, num_layers: int, num_experts: int,
-              bounds: dict[str, tuple[float, float]], policy: PolicyConfig | None = None) -> GenomeLayout:
+              bounds: dict[str, tuple[float, float]], policy: PolicyConfig | None = None,
+              moe: MoeConfig | None = None) -> GenomeLayout:
         if method not in METHOD_GENES:
             raise ConfigError(f"merge.method: unknown {method!r}; expected one of: {', '.join(METHOD_GENES)}")
         per_expert = METHOD_GENES[method]
         experts = 1 if per_expert == ("t",) else num_experts
-        genes = tuple(
+        merge_genes = () if moe is not None and moe.attention == "base" else tuple(
             Gene(group, expert, gene, *bounds[gene])
             for group in group_names(granularity, num_layers)
             for expert in range(experts)
             for gene in per_expert
-        ) + policy_genes(policy)
-        return cls(method, granularity, num_layers, num_experts, genes, policy)
+        )
+        genes = merge_genes + policy_genes(policy) + moe_genes(moe)
+        return cls(method, granularity, num_layers, num_experts, genes, policy, moe)
 
     @property
     def size(self) -> int:
@@ -153,21 +159,25 @@ class GenomeLayout:
             if not math.isfinite(value) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"genome[{index}] ({gene.group}/{gene.name}/expert {gene.expert}): "
                                  f"expected a value in [0, 1], got {float(value)!r}")
-            if gene.group == POLICY:
+            if gene.group in (POLICY, MOE):
                 continue
             actual = gene.low + float(value) * (gene.high - gene.low)
             params.setdefault(gene.group, {}).setdefault(gene.name, []).append(actual)
         policy_values = [float(v) for gene, v in zip(self.genes, x) if gene.group == POLICY]
+        moe = decode_moe(self.moe, {g.name: float(v) for g, v in zip(self.genes, x) if g.group == MOE})
+        if self.moe is not None and self.moe.attention == "base":  # attention etc. from the base itself
+            return Recipe("task_arithmetic", "global", self.num_layers, {ALL: {"weight": [0.0] * self.num_experts}},
+                          label, decode_policy(self.policy, policy_values), moe)
         return Recipe(self.method, self.granularity, self.num_layers, params, label,
-                      decode_policy(self.policy, policy_values))
+                      decode_policy(self.policy, policy_values), moe)
 
     def encode(self, recipe: Recipe) -> np.ndarray:
         """Inverse of decode for a recipe of this layout (values clipped into the box)."""
         x = np.empty(self.size)
         counters: dict[tuple[str, str], int] = {}
         for index, gene in enumerate(self.genes):
-            if gene.group == POLICY:
-                raise ValueError("encode: recipes with policy genes cannot be encoded")
+            if gene.group in (POLICY, MOE):
+                raise ValueError(f"encode: recipes with {gene.group} genes cannot be encoded")
             slot = counters.get((gene.group, gene.name), 0)
             counters[(gene.group, gene.name)] = slot + 1
             value = recipe.params[gene.group][gene.name][slot]
@@ -210,6 +220,35 @@ def decode_policy(policy: PolicyConfig | None, values: list[float]) -> dict[str,
         params = {"thresholds": {"generate_until": [t_low + v * (t_high - t_low) for v in values],
                                  "loglikelihood": [m_low + v * (m_high - m_low) for v in values]}}
     return {"kind": POLICY_KINDS[policy.kind], "members": list(policy.members), "params": params}
+
+
+MOE = "moe"
+
+
+def moe_genes(moe: MoeConfig | None) -> tuple[Gene, ...]:
+    """Genes of a mixture of experts, appended last: experts_per_token unless fixed, then temperature."""
+    if moe is None:
+        return ()
+    count = () if moe.experts_per_token is not None else (Gene(MOE, 0, "experts_per_token",
+                                                               *moe.bound("experts_per_token")),)
+    return count + (Gene(MOE, 0, "temperature", *moe.bound("temperature")),)
+
+
+def decode_moe(moe: MoeConfig | None, values: dict[str, float]) -> dict[str, Any] | None:
+    """The mixture's settings from its genes (each in [0, 1]).
+
+    experts_per_token: the whole numbers low..high in equal bins of the unit interval;
+    temperature: log-uniform, low * (high / low) ** x, so x = 0.5 is the geometric middle
+    (1.0 for the default [0.25, 4]).
+    """
+    if moe is None:
+        return None
+    count = moe.experts_per_token
+    if count is None:
+        low, high = (int(v) for v in moe.bound("experts_per_token"))
+        count = min(high, low + int(values["experts_per_token"] * (high - low + 1)))
+    low, high = moe.bound("temperature")
+    return {"experts_per_token": count, "temperature": low * (high / low) ** values["temperature"]}
 
 
 def reference_recipes(num_experts: int, num_layers: int) -> list[Recipe]:

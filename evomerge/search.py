@@ -37,10 +37,14 @@ class Pool(Protocol):
 def genome_layout(config: RunConfig) -> GenomeLayout:
     """Check the sources can be merged (before any worker starts) and lay out the genome."""
     sources = check_sources(config.models)
+    if config.moe is not None:
+        from evomerge.moe import check_upcyclable
+
+        check_upcyclable(config.models)
     merge = config.merge
     bounds = {gene: merge.bound(gene) for gene in ("weight", "density", "t")}
     return GenomeLayout.build(merge.method, merge.granularity, sources.num_layers, len(config.models.experts), bounds,
-                              config.policy)
+                              config.policy, config.moe)
 
 
 def search(config: RunConfig, run_dir: str | Path, pool: Pool | None = None,

@@ -52,6 +52,13 @@ class CandidateRunner:
                    for path in config.policy.scorers or []]
         self.evaluator = Evaluator(config.eval, self.model, self.tokenizer, sources, seed=config.seed,
                                    scorers=scorers)
+        # A moe run upcycles each candidate's merge into one preallocated mixture (evomerge/moe.py).
+        self.upcycler = self.moe_evaluator = None
+        if config.moe is not None:
+            from evomerge.moe import Upcycler
+
+            self.upcycler = Upcycler(self.model, self.merger.experts)  # the experts' weights, already loaded
+            self.moe_evaluator = Evaluator(config.eval, self.upcycler.model, self.tokenizer, seed=config.seed)
         self.name = f"{socket.gethostname()}{_ray_node()}:{os.getpid()}"
 
     def identity(self) -> str:
@@ -61,9 +68,16 @@ class CandidateRunner:
         start = time.perf_counter()
         try:
             self.merger.merge_into(self.model, trial.recipe)
+            evaluator = self.evaluator
+            if trial.recipe.moe is not None:
+                from evomerge.moe import upcycle_candidate
+
+                upcycle_candidate(self.upcycler, self.model, self.tokenizer, self.config.moe, trial.recipe.moe,
+                                  self.config.seed)
+                evaluator = self.moe_evaluator
             merged = time.perf_counter()
             with torch.inference_mode():
-                evaluation = self.evaluator(trial.recipe.policy)
+                evaluation = evaluator(trial.recipe.policy)
             done = time.perf_counter()
             value = quality(evaluation.scores, list(self.config.eval.tasks))
             if not math.isfinite(value):

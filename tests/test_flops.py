@@ -107,11 +107,11 @@ def test_module_count_sees_what_the_formula_cannot():
     assert built.matmul_params == layers + 2 * 32 * 64 + 32 * 100
 
 
-def test_mixture_of_experts_is_refused():
-    config = MixtralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
-                           num_key_value_heads=2, num_local_experts=4, vocab_size=100)
-    with pytest.raises(NotImplementedError, match="mixture-of-experts"):
-        CostModel.from_config(config)
+def test_mixture_of_experts_counts_its_active_experts():  # more in tests/test_moe.py
+    fields = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, num_local_experts=4, vocab_size=100)
+    one, two = (CostModel.from_config(MixtralConfig(**fields, num_experts_per_tok=k)) for k in (1, 2))
+    assert two.matmul_params - one.matmul_params == 3 * 64 * 96  # one more expert's gate, up and down
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True])
