@@ -93,8 +93,12 @@ def format_text(summary: dict[str, Any]) -> str:
                      f"{_num(g['mean_quality']):>9}{_num(g['best_so_far']):>13}")
     if summary["pareto"]:
         lines += ["", f"Pareto front (quality up, FLOPs per example down), hypervolume {summary['hypervolume']:.4g}:"]
-        lines += [f"  trial {e['trial']:>4}  quality {e['quality']:.4f}  FLOPs/ex {e['flops']:.5g}"
-                  for e in summary["pareto"]]
+        points: dict[tuple[float, float], list[int]] = {}  # trials with the same point shown once
+        for e in summary["pareto"]:
+            points.setdefault((e["quality"], e["flops"]), []).append(e["trial"])
+        for (value, flops), trials in points.items():
+            same = f"  (+{len(trials) - 1} trials at the same point)" if len(trials) > 1 else ""
+            lines.append(f"  trial {trials[0]:>4}  quality {value:.4f}  FLOPs/ex {flops:.5g}{same}")
     for failure in summary["failures"]:
         lines.append(f"trial {failure['trial']} FAILED: {failure['error']}")
     return "\n".join(lines)
