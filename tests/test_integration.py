@@ -194,3 +194,25 @@ def test_routed_search_records_costs_and_exports_its_policy(zoo, ray_cluster, tm
     saved = json.loads((tmp_path / "out" / "policy.json").read_text())
     assert len(saved.get("scorers") or policy["members"]) == len(policy["members"])
     assert evaluate_folder(load_config(tmp_path / "run" / "config.yaml"), tmp_path / "out") == best["quality"]
+
+
+def test_routed_runs_repeat_and_resume_exactly(zoo, ray_cluster, tmp_path) -> None:
+    """A routed search (prefix router with router models, k a gene) run twice gives the same
+    journal, and stopped after one generation then resumed, the same journal again."""
+    from evomerge.search import resume
+
+    routers = zoo["base"].parent / "routers"
+    policy = {"kind": "prefix_router", "members": ["merged", "expert:0", "expert:1"],
+              "scorers": [str(routers / "mix"), str(routers / "add"), str(routers / "rev")], "bounds": {"k": [0, 2]}}
+    path = write_config(tmp_path, zoo, policy=policy, merge={"granularity": "global"},
+                        search={"generations": 2, "population": 3})
+    config = load_config(path)
+    search(config, tmp_path / "one")
+    search(config, tmp_path / "two")
+    journal = canonical(RunDir.open(tmp_path / "one").records())
+    assert journal == canonical(RunDir.open(tmp_path / "two").records())
+    assert {r["recipe"]["policy"]["params"]["k"] for r in journal if r["recipe"].get("policy")} != set()
+
+    search(load_config(path, ["search.generations=1"]), tmp_path / "stopped")
+    resume(tmp_path / "stopped", ["search.generations=2"])
+    assert canonical(RunDir.open(tmp_path / "stopped").records()) == journal
