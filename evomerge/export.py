@@ -3,8 +3,9 @@
 The folder is the exact artifact: it is merged with the same code the workers ran, so
 reloading it and evaluating it reproduces the journaled quality. The mergekit YAML expresses
 per-layer coefficients as tensor-name filters (`model.layers.3.` -> value) with a final
-default for embeddings, norm and head; random-drop methods (dare_*) draw their masks with
-evomerge's seeds, so mergekit reproduces them only in distribution.
+default for embeddings, norm and head; per-module recipes (merge.modules) as the shortest
+dotted-prefix filters that give every tensor its value. Random-drop methods (dare_*, della*)
+draw their masks with evomerge's seeds, so mergekit reproduces them only in distribution.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -22,6 +23,7 @@ import yaml
 from evomerge.config import RunConfig
 from evomerge.errors import ConfigError
 from evomerge.genome import ALL, EMBED_HEAD, Recipe, group_of, layer_index
+from evomerge.merge import get_method
 from evomerge.merger import load_merge_target
 from evomerge.report import best_trial
 from evomerge.run_dir import RunDir
@@ -109,33 +111,70 @@ def mergekit_yaml(recipe: Recipe, config: RunConfig, parameter_names: list[str],
     if recipe.method == "slerp":
         document["base_model"] = config.models.base
         document["models"] = [{"model": config.models.base}, {"model": experts[0]}]
-        document["parameters"] = {"t": _values(recipe, "t", 0, layer_prefixes)}
+        document["parameters"] = {"t": _values(recipe, "t", 0, layer_prefixes, parameter_names)}
     else:
+        genes = next(iter(recipe.params.values()), {}).keys()
         for index, path in enumerate(experts):
-            genes = next(iter(recipe.params.values())).keys()
-            models.append({"model": path, "parameters": {gene: _values(recipe, gene, index, layer_prefixes)
-                                                         for gene in genes}})
-        if recipe.method != "linear":
+            parameters = {gene: _values(recipe, gene, index, layer_prefixes, parameter_names) for gene in genes}
+            models.append({"model": path, "parameters": parameters} if parameters else {"model": path})
+        if get_method(recipe.method).needs_base:
             document["base_model"] = config.models.base
         document["models"] = models
     document["dtype"] = config.models.dtype
     document["tokenizer_source"] = "base"
     header = f"# evomerge export of trial {trial} ({recipe.label or 'evolved'}), run seed {config.seed}\n"
-    if recipe.method.startswith("dare"):
-        header += "# dare masks are random: mergekit draws its own, so its tensors match only in distribution\n"
+    if get_method(recipe.method).random:
+        header += (f"# {recipe.method} masks are random: mergekit draws its own, so its tensors match only in "
+                   "distribution\n")
     return header + yaml.safe_dump(document, sort_keys=False)
 
 
-def _values(recipe: Recipe, gene: str, expert: int, layer_prefixes: dict[int, str]) -> Any:
+def _values(recipe: Recipe, gene: str, expert: int, layer_prefixes: dict[int, str],
+            parameter_names: list[str]) -> Any:
     """A scalar when every group agrees, else `[{filter: 'model.layers.i.', value}, ..., {value}]`."""
     if set(recipe.params) == {ALL}:
         return recipe.params[ALL][gene][expert]
+    if recipe.modules is not None:
+        return prefix_filters(parameter_names, lambda name: recipe.params[recipe.group(name)][gene][expert])
     entries = []
     for index, prefix in sorted(layer_prefixes.items()):
         group = group_of(prefix + "weight", recipe.granularity, recipe.num_layers)
         entries.append({"filter": prefix, "value": recipe.params[group][gene][expert]})
     entries.append({"value": recipe.params[EMBED_HEAD][gene][expert]})
     return entries
+
+
+def prefix_filters(names: list[str], value_of: Callable[[str], float]) -> Any:
+    """mergekit filters giving each tensor its value: a scalar when all agree, else one entry per
+    shortest dotted prefix whose tensors share a value (a whole name where none does), the last
+    entry without a filter (the default). mergekit takes the first entry whose filter is a
+    substring of the tensor name; every tensor is checked to get its own value that way."""
+    values = {name: value_of(name) for name in names}
+    entries: list[tuple[str, float]] = []
+
+    def visit(prefix: str, members: list[str]) -> None:
+        if len({values[name] for name in members}) == 1:
+            entries.append((prefix or members[0], values[members[0]]))
+            return
+        children: dict[str, list[str]] = {}
+        for name in members:
+            children.setdefault(name[len(prefix):].split(".")[0], []).append(name)
+        for component, group in children.items():
+            child = prefix + component
+            if group == [child]:
+                entries.append((child, values[child]))
+            else:
+                visit(child + ".", group)
+
+    visit("", list(names))
+    if len(entries) == 1:
+        return entries[0][1]
+    for name, value in values.items():
+        first = next(v for f, v in entries[:-1] + [("", entries[-1][1])] if f in name)
+        if first != value:  # a filter that also matches elsewhere: fall back to whole names
+            entries = [(n, v) for n, v in values.items()]
+            break
+    return [{"filter": f, "value": v} for f, v in entries[:-1]] + [{"value": entries[-1][1]}]
 
 
 def _layer_prefixes(names: list[str], num_layers: int) -> dict[int, str]:

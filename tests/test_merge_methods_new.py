@@ -258,3 +258,95 @@ def test_half_precision_inputs_come_back_in_their_dtype() -> None:
                          ("model_stock", {}), ("multislerp", {"weight": [1] * 3})]:
         merged = ours(name, half[0], half[1:], **kwargs)
         assert merged.dtype == torch.bfloat16 and torch.isfinite(merged.float()).all()
+
+
+# ---------------------------------------------------------------- exported mergekit.yaml, run by mergekit
+
+@pytest.fixture(scope="module")
+def tiny_llamas(tmp_path_factory) -> dict[str, str]:
+    """A 4-layer Llama base (untied head, GQA) and three experts = base + small random updates."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from evomerge.zoo import make_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_llamas")
+    tokenizer = make_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=24, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config)
+    paths = {"base": folder / "base"}
+    base.save_pretrained(paths["base"])
+    tokenizer.save_pretrained(paths["base"])
+    for i in range(3):
+        expert = LlamaForCausalLM(config)
+        expert.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p in expert.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        paths[f"expert{i}"] = folder / f"expert{i}"
+        expert.save_pretrained(paths[f"expert{i}"])
+        tokenizer.save_pretrained(paths[f"expert{i}"])
+    return {name: str(path) for name, path in paths.items()}
+
+
+BOUNDS = {"weight": (0.0, 1.5), "density": (0.1, 1.0), "t": (0.0, 1.0), "gamma": (0.0, 0.1),
+          "epsilon": (0.0, 0.3), "scale": (0.5, 1.5)}
+EXPORT_CASES = [  # method, experts, merge options, genes pinned to 1.0 (randomness removed)
+    ("breadcrumbs_ties", 3, {"modules": ["attention", "mlp", "norm", "embed"], "gamma": 0.02}, ()),
+    ("breadcrumbs", 2, {"modules": ["attention", "mlp"], "smooth": 3, "gamma": "evolve"}, ()),
+    ("della_linear", 2, {"modules": ["mlp"], "granularity": "block:2"}, ("density",)),
+    ("della", 3, {"smooth": 2}, ("density",)),
+    ("task_arithmetic", 3, {"modules": ["attention", "norm"], "smooth": 4}, ()),
+    ("ties", 2, {"granularity": "global", "modules": ["embed", "mlp"]}, ()),
+    ("model_stock", 3, {"modules": ["attention"]}, ()),
+    ("nuslerp", 2, {"smooth": 2, "granularity": "block:2"}, ()),
+    ("multislerp", 3, {"modules": ["mlp", "norm"]}, ()),
+    ("passthrough", 1, {"modules": ["attention", "mlp"]}, ()),
+]
+
+
+@pytest.mark.parametrize("method, experts, options, pinned", EXPORT_CASES, ids=[c[0] for c in EXPORT_CASES])
+def test_exported_yaml_merged_by_mergekit_equals_our_merge(tiny_llamas, tmp_path, method, experts, options,
+                                                           pinned) -> None:
+    import numpy as np
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+    from safetensors.torch import load_file
+
+    from evomerge.config import validate
+    from evomerge.export import mergekit_yaml
+    from evomerge.genome import GenomeLayout, Recipe
+    from evomerge.merger import load_merge_target
+
+    merge = {"method": method, **options}
+    config = validate({"models": {"base": tiny_llamas["base"], "device": "cpu",
+                                  "experts": [tiny_llamas[f"expert{i}"] for i in range(experts)]},
+                       "merge": merge, "eval": {"tasks": [{"name": "t", "metric": "acc"}]}})
+    model, merger = load_merge_target(config.models, config.seed, torch.device("cpu"))
+    names = [name for name, _ in model.named_parameters()]
+    m = config.merge
+    if method == "model_stock":  # no genes: the recipe is the method alone
+        recipe = Recipe(method, m.granularity, 4, {}, modules=tuple(m.modules))
+    else:
+        layout = GenomeLayout.build(method, m.granularity, 4, experts, BOUNDS, modules=m.modules, smooth=m.smooth,
+                                    fixed=m.fixed_genes(), extra=m.evolved_extra_genes(), parameter_names=names)
+        x = np.random.default_rng(len(names)).uniform(0.05, 0.95, layout.size)
+        x[[i for i, gene in enumerate(layout.genes) if gene.name in pinned]] = 1.0
+        recipe = layout.decode(x)
+        if method.startswith("della"):
+            assert all(d == 1.0 for genes in recipe.params.values() for d in genes["density"])
+    merger.merge_into(model, recipe)
+
+    document = yaml.safe_load(mergekit_yaml(recipe, config, names, trial=0))
+    if method != "model_stock":  # per-layer or per-module values, as filters
+        assert any(isinstance(v, list) for model_in in document["models"]
+                   for v in model_in.get("parameters", {}).values())
+    run_merge(MergeConfiguration.model_validate(document), str(tmp_path / "mk"),
+              MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
+    theirs = load_file(tmp_path / "mk" / "model.safetensors")
+    for name, param in model.named_parameters():
+        difference = (param.detach() - theirs[name]).abs().max().item()
+        assert difference <= TOLERANCE, f"{name}: {difference}"
