@@ -100,6 +100,13 @@ class MergeConfig(_Frozen):
                 raise ValueError(f"density: expected low > 0 (got {low})")
         return value
 
+    @field_validator("gamma", "epsilon", mode="before")
+    @classmethod
+    def _number_or_evolve(cls, value: Any) -> Any:
+        if value is None or value == "evolve" or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            return value
+        raise ValueError(f"expected a number or 'evolve' (got {value!r})")
+
     @field_validator("modules")
     @classmethod
     def _modules(cls, value: list[str] | None) -> list[str] | None:
