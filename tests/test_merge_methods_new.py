@@ -162,6 +162,24 @@ def test_della_rescale_keeps_the_l1_norm_and_vectors_are_one_row() -> None:
     assert probabilities[0, delta.abs().argmin()] == pytest.approx(0.2)
 
 
+def test_della_on_a_scalar_parameter() -> None:
+    base, experts = torch.tensor(0.5), [torch.tensor(0.7), torch.tensor(0.2)]
+    merged = ours("della_linear", base, experts, weight=[1.0, 1.0], density=[0.5, 0.5], epsilon=[0.1, 0.1], seed=3)
+    assert merged.shape == () and torch.isfinite(merged)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_della_masks_identical_on_cpu_and_cuda() -> None:
+    base, experts = tensors((96, 64), 2, seed=14)
+    kwargs = {"weight": [0.6, 0.4], "density": [0.3, 0.5], "epsilon": [0.1, 0.2], "seed": 15}
+    for name in ("della", "della_linear"):
+        cpu = ours(name, base, experts, **kwargs)
+        gpu = ours(name, base.cuda(), [e.cuda() for e in experts], **kwargs)
+        assert torch.equal((cpu - base) != 0, (gpu.cpu() - base) != 0)
+        torch.testing.assert_close(gpu.cpu(), cpu)
+
+
 def test_della_refuses_epsilon_outside_the_density_range() -> None:
     base, experts = tensors((10,), 2)
     with pytest.raises(MergeError, match=r"della: expert 1: density 0.1 and epsilon 0.15: expected density - epsilon > 0"):

@@ -200,9 +200,9 @@ def magprune_probabilities(delta: torch.Tensor, density: float, epsilon: float) 
     Ranks are taken along dim 1 (within each row of a matrix; a vector is one row): the
     smallest |delta| of a row gets density - epsilon, the largest density + epsilon, linearly in
     rank between (ties ordered by index). A row of one entry gets density. Returns a tensor of
-    delta's shape (a vector comes back as [1, n]).
+    delta's shape (a vector or a scalar comes back as [1, n]).
     """
-    rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
+    rows = delta if delta.dim() >= 2 else delta.reshape(1, -1)
     n = rows.shape[1]
     ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).to(delta.dtype)
     rank_norm = ranks / (n - 1) if n > 1 else torch.full_like(ranks, 0.5)
