@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -145,34 +146,43 @@ def _values(recipe: Recipe, gene: str, expert: int, layer_prefixes: dict[int, st
 
 
 def prefix_filters(names: list[str], value_of: Callable[[str], float]) -> Any:
-    """mergekit filters giving each tensor its value: a scalar when all agree, else one entry per
-    shortest dotted prefix whose tensors share a value (a whole name where none does), the last
-    entry without a filter (the default). mergekit takes the first entry whose filter is a
-    substring of the tensor name; every tensor is checked to get its own value that way."""
+    """mergekit filters giving each tensor its value: a scalar when all agree, else a list.
+
+    mergekit gives a tensor the value of the first entry whose filter is a substring of its name
+    (an entry without a filter matches all). Walking the dotted names as a tree, a subtree whose
+    tensors share one value is one entry (its prefix); a mixed one lists its exceptions first,
+    then its prefix with its most common value. The last entry (the root's) is the default.
+    A subtree whose most common value is its parent's needs no entry of its own. Every tensor is
+    checked to get its own value; if one would not, the entries are whole names, longest first.
+    """
     values = {name: value_of(name) for name in names}
     entries: list[tuple[str, float]] = []
 
-    def visit(prefix: str, members: list[str]) -> None:
-        if len({values[name] for name in members}) == 1:
-            entries.append((prefix or members[0], values[members[0]]))
-            return
+    def visit(prefix: str, members: list[str], inherited: float | None) -> None:
+        counts = Counter(values[name] for name in members)
+        best = max(counts.values())
+        common = inherited if counts.get(inherited) == best else next(v for v, c in counts.items() if c == best)
         children: dict[str, list[str]] = {}
         for name in members:
             children.setdefault(name[len(prefix):].split(".")[0], []).append(name)
         for component, group in children.items():
+            if all(values[name] == common for name in group):
+                continue
             child = prefix + component
             if group == [child]:
                 entries.append((child, values[child]))
             else:
-                visit(child + ".", group)
+                visit(child + ".", group, common)
+        if common != inherited:  # else the enclosing entry, which comes later, gives the same value
+            entries.append((prefix, common))
 
-    visit("", list(names))
+    visit("", list(names), None)
     if len(entries) == 1:
         return entries[0][1]
     for name, value in values.items():
-        first = next(v for f, v in entries[:-1] + [("", entries[-1][1])] if f in name)
-        if first != value:  # a filter that also matches elsewhere: fall back to whole names
-            entries = [(n, v) for n, v in values.items()]
+        if next(v for f, v in entries if f in name) != value:  # a filter matching elsewhere too
+            # whole names, longest first: a name is matched by no earlier entry but its own
+            entries = [*sorted(values.items(), key=lambda item: -len(item[0])), ("", entries[-1][1])]
             break
     return [{"filter": f, "value": v} for f, v in entries[:-1]] + [{"value": entries[-1][1]}]
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from evomerge.errors import MergeError
+from evomerge.genome import module_kind
 from evomerge.merge import get_method
 from evomerge.merge.tensor_ops import expert_generator, magprune_probabilities, sparsify_magprune, sparsify_outliers
 
@@ -306,6 +307,36 @@ def tiny_llamas(tmp_path_factory) -> dict[str, str]:
         expert.save_pretrained(paths[f"expert{i}"])
         tokenizer.save_pretrained(paths[f"expert{i}"])
     return {name: str(path) for name, path in paths.items()}
+
+
+def test_prefix_filters_resolve_like_mergekit() -> None:
+    from mergekit.config import ConditionalParameter, evaluate_setting
+
+    from evomerge.export import prefix_filters
+
+    names = ["model.embed_tokens.weight",
+             *[f"model.layers.{i}.{p}" for i in range(3) for p in (
+                 "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.q_norm.weight",
+                 "mlp.up_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight")],
+             "model.norm.weight", "lm_head.weight", "x.lm_head.weight"]
+    value_cases = [
+        lambda n: 1.0,
+        lambda n: 2.0 if n.startswith("lm_head") else 1.0,
+        lambda n: {"attention": 1.0, "mlp": 2.0}.get(module_kind(n), 3.0) + (0.5 if ".1." in n else 0.0),
+        lambda n: float(len(n) % 5),
+        lambda n: 9.0 if n == "lm_head.weight" else 1.0,  # a filter that is inside another name
+    ]
+    for value_of in value_cases:
+        setting = prefix_filters(names, value_of)
+        if isinstance(setting, float):
+            assert {value_of(n) for n in names} == {setting}
+            continue
+        conditions = [ConditionalParameter(**entry) for entry in setting]
+        assert "filter" not in setting[-1]
+        for name in names:
+            assert evaluate_setting(name, conditions, validate=float) == value_of(name), name
+    layered = prefix_filters(names, value_cases[2])
+    assert len(layered) <= len(names) // 2  # prefixes, not one entry per tensor
 
 
 BOUNDS = {"weight": (0.0, 1.5), "density": (0.1, 1.0), "t": (0.0, 1.0), "gamma": (0.0, 0.1),
