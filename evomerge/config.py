@@ -18,9 +18,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from evomerge.errors import ConfigError
 
-MERGE_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp")
+MERGE_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "breadcrumbs",
+                 "breadcrumbs_ties", "della", "della_linear", "model_stock", "nuslerp", "multislerp", "passthrough")
+MergeMethodName = Literal["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "breadcrumbs",
+                          "breadcrumbs_ties", "della", "della_linear", "model_stock", "nuslerp", "multislerp",
+                          "passthrough"]
+MODULE_KINDS = ("attention", "mlp", "norm", "embed")
 DTYPES = ("float32", "bfloat16", "float16")
-DEFAULT_BOUNDS = {"weight": (0.0, 1.5), "density": (0.1, 1.0), "t": (0.0, 1.0)}
+DEFAULT_BOUNDS = {"weight": (0.0, 1.5), "density": (0.1, 1.0), "t": (0.0, 1.0), "gamma": (0.0, 0.1),
+                  "epsilon": (0.0, 0.3), "scale": (0.5, 1.5)}
+# Fixed values of the extra genes when they do not evolve (mergekit's defaults), and their methods.
+EXTRA_GENES = {"gamma": (0.01, ("breadcrumbs", "breadcrumbs_ties")), "epsilon": (0.15, ("della", "della_linear"))}
+# (fewest, most) experts per method where it is not (1, any).
+EXPERT_COUNTS = {"slerp": (1, 1), "passthrough": (1, 1), "nuslerp": (2, 2), "model_stock": (2, None)}
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -48,11 +58,23 @@ class ModelsConfig(_Frozen):
 
 
 class MergeConfig(_Frozen):
-    method: Literal["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp"] = (
-        "task_arithmetic"
-    )
+    """How candidates are merged and which genes the search evolves.
+
+    `modules` splits every group into one group per listed module kind (attention, mlp, norm,
+    embed) plus `other` for the rest; `smooth: N` evolves N control points per gene across the
+    layer groups (linearly interpolated, as mergekit's gradients) instead of one value per group;
+    `gamma` (breadcrumbs) and `epsilon` (della) are fixed at mergekit's defaults unless given, or
+    evolve within `bounds` when set to `evolve`.
+    """
+
+    method: MergeMethodName = "task_arithmetic"
     granularity: str = "layer"
-    bounds: dict[Literal["weight", "density", "t"], tuple[float, float]] = Field(default_factory=dict)
+    bounds: dict[Literal["weight", "density", "t", "gamma", "epsilon", "scale"], tuple[float, float]] = Field(
+        default_factory=dict)
+    modules: list[Literal["attention", "mlp", "norm", "embed"]] | None = Field(default=None, min_length=1)
+    smooth: int | None = Field(default=None, ge=2)
+    gamma: float | Literal["evolve"] | None = None
+    epsilon: float | Literal["evolve"] | None = None
 
     @field_validator("granularity")
     @classmethod
@@ -70,14 +92,55 @@ class MergeConfig(_Frozen):
         for gene, (low, high) in value.items():
             if not (math.isfinite(low) and math.isfinite(high) and low < high):
                 raise ValueError(f"{gene}: expected [low, high] with finite low < high (got [{low}, {high}])")
-            if gene in ("density", "t") and not (0.0 <= low and high <= 1.0):
+            if gene in ("density", "t", "gamma") and not (0.0 <= low and high <= 1.0):
                 raise ValueError(f"{gene}: expected bounds within [0, 1] (got [{low}, {high}])")
+            if gene == "epsilon" and not (0.0 <= low and high < 0.5):
+                raise ValueError(f"epsilon: expected bounds within [0, 0.5) (got [{low}, {high}])")
             if gene == "density" and low <= 0.0:
                 raise ValueError(f"density: expected low > 0 (got {low})")
         return value
 
+    @field_validator("gamma", "epsilon", mode="before")
+    @classmethod
+    def _number_or_evolve(cls, value: Any) -> Any:
+        if value is None or value == "evolve" or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            return value
+        raise ValueError(f"expected a number or 'evolve' (got {value!r})")
+
+    @field_validator("modules")
+    @classmethod
+    def _modules(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError(f"each module kind once (got {value})")
+        return value
+
+    @model_validator(mode="after")
+    def _options_fit_method(self) -> MergeConfig:
+        for gene, (_, methods) in EXTRA_GENES.items():
+            value = getattr(self, gene)
+            if value is not None and self.method not in methods:
+                raise ValueError(f"{gene}: only {' and '.join(methods)} use {gene} (merge.method is {self.method})")
+            if isinstance(value, float) and not (0.0 <= value <= 1.0 if gene == "gamma" else 0.0 <= value < 0.5):
+                raise ValueError(f"{gene}: expected a value in " + ("[0, 1]" if gene == "gamma" else "[0, 0.5)")
+                                 + f" or 'evolve' (got {value})")
+        if self.smooth is not None and self.granularity == "global":
+            raise ValueError("smooth: interpolates across layer groups; set merge.granularity to layer or block:N "
+                             "(got global)")
+        return self
+
     def bound(self, gene: str) -> tuple[float, float]:
         return tuple(self.bounds.get(gene, DEFAULT_BOUNDS[gene]))  # type: ignore[return-value]
+
+    def fixed_genes(self) -> dict[str, float]:
+        """Values of this method's extra genes that do not evolve (gamma, epsilon), by name."""
+        return {gene: (default if getattr(self, gene) is None else getattr(self, gene))
+                for gene, (default, methods) in EXTRA_GENES.items()
+                if self.method in methods and getattr(self, gene) != "evolve"}
+
+    def evolved_extra_genes(self) -> tuple[str, ...]:
+        """This method's extra genes that evolve (set to `evolve`)."""
+        return tuple(gene for gene, (_, methods) in EXTRA_GENES.items()
+                     if self.method in methods and getattr(self, gene) == "evolve")
 
     @property
     def block_size(self) -> int | None:
@@ -230,11 +293,16 @@ class RunConfig(_Frozen):
 
     @model_validator(mode="after")
     def _method_fits_models(self) -> RunConfig:
-        if self.merge.method == "slerp" and len(self.models.experts) != 1:
+        low, high = EXPERT_COUNTS.get(self.merge.method, (1, None))
+        count = len(self.models.experts)
+        if self.merge.method == "slerp" and count != 1:
             raise ValueError(
                 f"merge.method: slerp interpolates base and exactly one expert "
-                f"(got {len(self.models.experts)} experts)"
+                f"(got {count} experts)"
             )
+        if not low <= count <= (high if high is not None else count):
+            wanted = f"exactly {low}" if low == high else f"at least {low}"
+            raise ValueError(f"merge.method: {self.merge.method} merges {wanted} expert(s) (got {count} experts)")
         for member in self.policy.members:
             if member.startswith("expert:") and int(member.split(":")[1]) >= len(self.models.experts):
                 raise ValueError(f"policy.members: {member} but there are {len(self.models.experts)} experts "

@@ -3,8 +3,9 @@
 The folder is the exact artifact: it is merged with the same code the workers ran, so
 reloading it and evaluating it reproduces the journaled quality. The mergekit YAML expresses
 per-layer coefficients as tensor-name filters (`model.layers.3.` -> value) with a final
-default for embeddings, norm and head; random-drop methods (dare_*) draw their masks with
-evomerge's seeds, so mergekit reproduces them only in distribution.
+default for embeddings, norm and head; per-module recipes (merge.modules) as the shortest
+dotted-prefix filters that give every tensor its value. Random-drop methods (dare_*, della*)
+draw their masks with evomerge's seeds, so mergekit reproduces them only in distribution.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import json
 import logging
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -22,6 +24,7 @@ import yaml
 from evomerge.config import RunConfig
 from evomerge.errors import ConfigError
 from evomerge.genome import ALL, EMBED_HEAD, Recipe, group_of, layer_index
+from evomerge.merge import get_method
 from evomerge.merger import load_merge_target
 from evomerge.report import best_trial
 from evomerge.run_dir import RunDir
@@ -119,34 +122,80 @@ def mergekit_yaml(recipe: Recipe, config: RunConfig, parameter_names: list[str],
     if recipe.method == "slerp":
         document["base_model"] = config.models.base
         document["models"] = [{"model": config.models.base}, {"model": experts[0]}]
-        document["parameters"] = {"t": _values(recipe, "t", 0, layer_prefixes)}
+        document["parameters"] = {"t": _values(recipe, "t", 0, layer_prefixes, parameter_names)}
     else:
+        genes = next(iter(recipe.params.values()), {}).keys()
         for index, path in enumerate(experts):
-            genes = next(iter(recipe.params.values())).keys()
-            models.append({"model": path, "parameters": {gene: _values(recipe, gene, index, layer_prefixes)
-                                                         for gene in genes}})
-        if recipe.method != "linear":
+            parameters = {gene: _values(recipe, gene, index, layer_prefixes, parameter_names) for gene in genes}
+            models.append({"model": path, "parameters": parameters} if parameters else {"model": path})
+        if get_method(recipe.method).needs_base:
             document["base_model"] = config.models.base
         document["models"] = models
     document["dtype"] = config.models.dtype
     # The exported folder carries the base's tokenizer; linear has no base_model to call "base".
     document["tokenizer_source"] = "base" if "base_model" in document else config.models.base
     header = f"# evomerge export of trial {trial} ({recipe.label or 'evolved'}), run seed {config.seed}\n"
-    if recipe.method.startswith("dare"):
-        header += "# dare masks are random: mergekit draws its own, so its tensors match only in distribution\n"
+    if get_method(recipe.method).random:
+        header += (f"# {recipe.method} masks are random: mergekit draws its own, so its tensors match only in "
+                   "distribution\n")
     return header + yaml.safe_dump(document, sort_keys=False)
 
 
-def _values(recipe: Recipe, gene: str, expert: int, layer_prefixes: dict[int, str]) -> Any:
+def _values(recipe: Recipe, gene: str, expert: int, layer_prefixes: dict[int, str],
+            parameter_names: list[str]) -> Any:
     """A scalar when every group agrees, else `[{filter: 'model.layers.i.', value}, ..., {value}]`."""
     if set(recipe.params) == {ALL}:
         return recipe.params[ALL][gene][expert]
+    if recipe.modules is not None:
+        return prefix_filters(parameter_names, lambda name: recipe.params[recipe.group(name)][gene][expert])
     entries = []
     for index, prefix in sorted(layer_prefixes.items()):
         group = group_of(prefix + "weight", recipe.granularity, recipe.num_layers)
         entries.append({"filter": prefix, "value": recipe.params[group][gene][expert]})
     entries.append({"value": recipe.params[EMBED_HEAD][gene][expert]})
     return entries
+
+
+def prefix_filters(names: list[str], value_of: Callable[[str], float]) -> Any:
+    """mergekit filters giving each tensor its value: a scalar when all agree, else a list.
+
+    mergekit gives a tensor the value of the first entry whose filter is a substring of its name
+    (an entry without a filter matches all). Walking the dotted names as a tree, a subtree whose
+    tensors share one value is one entry (its prefix); a mixed one lists its exceptions first,
+    then its prefix with its most common value. The last entry (the root's) is the default.
+    A subtree whose most common value is its parent's needs no entry of its own. Every tensor is
+    checked to get its own value; if one would not, the entries are whole names, longest first.
+    """
+    values = {name: value_of(name) for name in names}
+    entries: list[tuple[str, float]] = []
+
+    def visit(prefix: str, members: list[str], inherited: float | None) -> None:
+        counts = Counter(values[name] for name in members)
+        best = max(counts.values())
+        common = inherited if counts.get(inherited) == best else next(v for v, c in counts.items() if c == best)
+        children: dict[str, list[str]] = {}
+        for name in members:
+            children.setdefault(name[len(prefix):].split(".")[0], []).append(name)
+        for component, group in children.items():
+            if all(values[name] == common for name in group):
+                continue
+            child = prefix + component
+            if group == [child]:
+                entries.append((child, values[child]))
+            else:
+                visit(child + ".", group, common)
+        if common != inherited:  # else the enclosing entry, which comes later, gives the same value
+            entries.append((prefix, common))
+
+    visit("", list(names), None)
+    if len(entries) == 1:
+        return entries[0][1]
+    for name, value in values.items():
+        if next(v for f, v in entries if f in name) != value:  # a filter matching elsewhere too
+            # whole names, longest first: a name is matched by no earlier entry but its own
+            entries = [*sorted(values.items(), key=lambda item: -len(item[0])), ("", entries[-1][1])]
+            break
+    return [{"filter": f, "value": v} for f, v in entries[:-1]] + [{"value": entries[-1][1]}]
 
 
 def _layer_prefixes(names: list[str], num_layers: int) -> dict[int, str]:

@@ -12,8 +12,20 @@ gene's bounds. Genes are laid out group by group, then expert by expert, then ge
 
 Groups follow `merge.granularity`: `global` (one group), `layer` (one per transformer layer),
 `block:N` (N consecutive layers), each plus `embed_head` (embeddings, final norm, lm_head and
-anything else outside the layer stack). A recipe is plain data: JSON in the journal, the
-input of the merger and of the mergekit export.
+anything else outside the layer stack). Two options refine them (both absent: the layout above,
+unchanged):
+
+- `merge.modules` splits each group by module kind (`module_kind`: attention, mlp, norm, embed;
+  unlisted kinds share `other`): `layers.3/attention`, `layers.3/other`, `embed_head/embed`...;
+  only kinds the model has in that group get genes.
+- `merge.smooth: N` evolves N control points `smooth.0` ... `smooth.N-1` instead of one value
+  per layer group; layer group j of G takes the value at t = j / (G - 1), linearly interpolated
+  between the control points as mergekit interpolates a gradient list. `embed_head` keeps its own
+  genes.
+
+A recipe holds the decoded value of every gene for every group (control points expanded), plus
+the fixed extra genes (breadcrumbs' gamma, della's epsilon): plain data, JSON in the journal,
+the input of the merger and of the mergekit export.
 """
 
 from __future__ import annotations
@@ -26,13 +38,16 @@ from typing import Any, Sequence
 import numpy as np
 
 from evomerge.config import MoeConfig, PolicyConfig
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, MergeError
 
 EMBED_HEAD = "embed_head"
 ALL = "all"
+OTHER = "other"
+SMOOTH = "smooth"
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 # Genes each method evolves per expert ("t" is one value per group: slerp has one expert).
+# breadcrumbs' gamma and della's epsilon are added when they evolve (merge.gamma / merge.epsilon).
 METHOD_GENES: dict[str, tuple[str, ...]] = {
     "linear": ("weight",),
     "task_arithmetic": ("weight",),
@@ -40,13 +55,51 @@ METHOD_GENES: dict[str, tuple[str, ...]] = {
     "dare_ties": ("weight", "density"),
     "dare_linear": ("weight", "density"),
     "slerp": ("t",),
+    "breadcrumbs": ("weight", "density"),
+    "breadcrumbs_ties": ("weight", "density"),
+    "della": ("weight", "density"),
+    "della_linear": ("weight", "density"),
+    "model_stock": (),
+    "nuslerp": ("weight",),
+    "multislerp": ("weight",),
+    "passthrough": ("scale",),
 }
+# della needs density +/- epsilon strictly inside (0, 1): epsilon is capped at this share of the room.
+DELLA_EPSILON_ROOM = 0.99
+
+# Module kinds by parameter-name component, checked in this order (a norm inside attention is a norm).
+_NORM = re.compile(r"norm|^ln(?:_|\d|$)|_ln(?:_|\d|$)")
+_EMBED = re.compile(r"embed|^lm_head$|^wte$|^wpe$")
+_ATTENTION = re.compile(r"attn|attention")
+_MLP = re.compile(r"mlp|feed_forward|ffn|^ff$|^fc_?(?:1|2|in|out)$|moe|^experts$|dense_h_to_4h|dense_4h_to_h")
+_KIND_PATTERNS = (("norm", _NORM), ("embed", _EMBED), ("attention", _ATTENTION), ("mlp", _MLP))
 
 
 def layer_index(name: str) -> int | None:
     """Index of the transformer layer a parameter belongs to (`model.layers.3.mlp...` -> 3)."""
     match = _LAYER_INDEX.search(name)
     return int(match.group(1)) if match else None
+
+
+def module_kind(name: str) -> str | None:
+    """The kind of module a parameter belongs to: attention, mlp, norm, embed, or None.
+
+    Read from the dotted name's components, so it covers the causal LMs transformers ships:
+    `self_attn`/`attn`/`attention`/`self_attention`, `mlp`/`feed_forward`/`fc1`/`block_sparse_moe`,
+    `*norm*`/`ln_*`, `embed_*`/`lm_head`/`wte`/`wpe`. Norms win over their parent (`self_attn.q_norm`
+    is a norm).
+    """
+    parts = name.lower().split(".")
+    for kind, pattern in _KIND_PATTERNS:
+        if any(pattern.search(part) for part in parts):
+            return kind
+    return None
+
+
+def module_group(name: str, modules: Sequence[str]) -> str:
+    """The module sub-group of a parameter: its kind if listed in `modules`, else `other`."""
+    kind = module_kind(name)
+    return kind if kind in modules else OTHER
 
 
 def group_names(granularity: str, num_layers: int) -> list[str]:
@@ -84,10 +137,20 @@ class Recipe:
     label: str | None = None  # references: "base", "expert:1", "uniform"
     policy: dict[str, Any] | None = None  # {"kind", "members", "params"}; None: the merged model alone
     moe: dict[str, Any] | None = None  # {"experts_per_token", "temperature"}: upcycle the merge (evomerge/moe.py)
+    modules: tuple[str, ...] | None = None  # merge.modules: groups are split as `group/kind`
+
+    def group(self, name: str) -> str:
+        """The group whose values a parameter tensor takes."""
+        group = group_of(name, self.granularity, self.num_layers)
+        return group if self.modules is None else f"{group}/{module_group(name, self.modules)}"
 
     def for_tensor(self, name: str) -> dict[str, Any]:
         """Keyword arguments for the merge method for one parameter tensor."""
-        genes = self.params[group_of(name, self.granularity, self.num_layers)]
+        if not self.params:  # a method without genes (model_stock)
+            return {}
+        genes = self.params.get(self.group(name))
+        if genes is None:
+            raise MergeError(f"the recipe has no values for group {self.group(name)!r}")
         return {gene: (values[0] if gene == "t" else list(values)) for gene, values in genes.items()}
 
     def to_json(self) -> dict[str, Any]:
@@ -99,14 +162,18 @@ class Recipe:
             data["policy"] = self.policy
         if self.moe is not None:
             data["moe"] = self.moe
+        if self.modules is not None:
+            data["modules"] = list(self.modules)
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Recipe:
+        modules = data.get("modules")
         return cls(method=data["method"], granularity=data["granularity"], num_layers=int(data["num_layers"]),
                    params={g: {k: [float(v) for v in vs] for k, vs in genes.items()}
                            for g, genes in data["params"].items()},
-                   label=data.get("label"), policy=data.get("policy"), moe=data.get("moe"))
+                   label=data.get("label"), policy=data.get("policy"), moe=data.get("moe"),
+                   modules=tuple(modules) if modules is not None else None)
 
 
 @dataclass(frozen=True)
@@ -127,23 +194,37 @@ class GenomeLayout:
     genes: tuple[Gene, ...] = field(repr=False)
     policy: PolicyConfig | None = None
     moe: MoeConfig | None = None
+    modules: tuple[str, ...] | None = None  # merge.modules
+    smooth: int | None = None  # merge.smooth: control points per gene across the layer groups
+    fixed: dict[str, float] = field(default_factory=dict)  # extra genes that do not evolve (gamma, epsilon)
 
     @classmethod
     def build(cls, method: str, granularity: str, num_layers: int, num_experts: int,
               bounds: dict[str, tuple[float, float]], policy: PolicyConfig | None = None,
-              moe: MoeConfig | None = None) -> GenomeLayout:
+              moe: MoeConfig | None = None, *,
+              modules: Sequence[str] | None = None, smooth: int | None = None,
+              fixed: dict[str, float] | None = None, extra: Sequence[str] = (),
+              parameter_names: Sequence[str] | None = None) -> GenomeLayout:
+        """Lay out the genes. `extra`: evolved extra genes (gamma, epsilon); `fixed`: their values
+        when they do not evolve; `parameter_names` (the model's) are needed with `modules`."""
         if method not in METHOD_GENES:
             raise ConfigError(f"merge.method: unknown {method!r}; expected one of: {', '.join(METHOD_GENES)}")
-        per_expert = METHOD_GENES[method]
+        per_expert = (*METHOD_GENES[method], *extra)
         experts = 1 if per_expert == ("t",) else num_experts
+        modules = tuple(modules) if modules is not None else None
+        groups = gene_groups(granularity, num_layers, modules, smooth, parameter_names)
         merge_genes = () if moe is not None and moe.attention == "base" else tuple(
             Gene(group, expert, gene, *bounds[gene])
-            for group in group_names(granularity, num_layers)
+            for group in groups
             for expert in range(experts)
             for gene in per_expert
         )
         genes = merge_genes + policy_genes(policy) + moe_genes(moe)
-        return cls(method, granularity, num_layers, num_experts, genes, policy, moe)
+        if not genes:
+            raise ConfigError(f"merge.method: {method} has no genes to evolve and there is no policy to search; "
+                              f"expected a method with genes or a policy with genes")
+        return cls(method, granularity, num_layers, num_experts, genes, policy, moe, modules, smooth,
+                   dict(fixed or {}))
 
     @property
     def size(self) -> int:
@@ -163,16 +244,24 @@ class GenomeLayout:
                 continue
             actual = gene.low + float(value) * (gene.high - gene.low)
             params.setdefault(gene.group, {}).setdefault(gene.name, []).append(actual)
+        if self.smooth is not None:
+            params = expand_control_points(params, group_names(self.granularity, self.num_layers)[:-1])
+        params = complete_params(self.method, params, self.fixed, self.num_experts)
         policy_values = [float(v) for gene, v in zip(self.genes, x) if gene.group == POLICY]
         moe = decode_moe(self.moe, {g.name: float(v) for g, v in zip(self.genes, x) if g.group == MOE})
         if self.moe is not None and self.moe.attention == "base":  # attention etc. from the base itself
             return Recipe("task_arithmetic", "global", self.num_layers, {ALL: {"weight": [0.0] * self.num_experts}},
                           label, decode_policy(self.policy, policy_values), moe)
         return Recipe(self.method, self.granularity, self.num_layers, params, label,
-                      decode_policy(self.policy, policy_values), moe)
+                      decode_policy(self.policy, policy_values), moe, self.modules)
 
     def encode(self, recipe: Recipe) -> np.ndarray:
-        """Inverse of decode for a recipe of this layout (values clipped into the box)."""
+        """Inverse of decode for a recipe of this layout (values clipped into the box).
+
+        Smooth layouts have no inverse (a recipe holds interpolated values, not control points).
+        """
+        if self.smooth is not None:
+            raise ValueError("encode: a smooth layout's recipes hold interpolated values; they cannot be encoded")
         x = np.empty(self.size)
         counters: dict[tuple[str, str], int] = {}
         for index, gene in enumerate(self.genes):
@@ -187,6 +276,77 @@ class GenomeLayout:
     def describe(self) -> list[dict[str, Any]]:
         return [{"index": i, "group": g.group, "expert": g.expert, "gene": g.name, "bounds": [g.low, g.high]}
                 for i, g in enumerate(self.genes)]
+
+
+def gene_groups(granularity: str, num_layers: int, modules: tuple[str, ...] | None, smooth: int | None,
+                parameter_names: Sequence[str] | None) -> list[str]:
+    """The groups that carry genes, in layout order (see the module docstring)."""
+    groups = group_names(granularity, num_layers)
+    if smooth is not None:
+        layer_groups = groups[:-1]
+        if granularity == "global" or smooth > len(layer_groups):
+            raise ConfigError(f"merge.smooth: {smooth} control points but {len(layer_groups)} layer group(s) "
+                              f"({granularity}); expected at most {len(layer_groups)}")
+        groups = [f"{SMOOTH}.{k}" for k in range(smooth)] + [EMBED_HEAD]
+    if modules is None:
+        return groups
+    if parameter_names is None:
+        raise ValueError("gene_groups: merge.modules needs the model's parameter names")
+    kinds: dict[str, set[str]] = {}  # group -> module kinds of its tensors (all layer groups under smooth)
+    for name in parameter_names:
+        group = group_of(name, granularity, num_layers)
+        for owner in ([f"{SMOOTH}.{k}" for k in range(smooth)] if smooth and group != EMBED_HEAD else [group]):
+            kinds.setdefault(owner, set()).add(module_group(name, modules))
+    return [f"{group}/{kind}" for group in groups for kind in (*modules, OTHER) if kind in kinds.get(group, ())]
+
+
+def interpolate(controls: Sequence[float], t: float) -> float:
+    """A gradient list's value at t in [0, 1], computed the way mergekit computes it."""
+    scaled = t * (len(controls) - 1)
+    i0 = int(scaled)
+    i1 = min(len(controls) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * controls[i0] + frac * controls[i1]
+
+
+def expand_control_points(params: dict[str, dict[str, list[float]]],
+                          layer_groups: Sequence[str]) -> dict[str, dict[str, list[float]]]:
+    """Per-layer-group values from `smooth.k[/kind]` control points; other groups as they are.
+
+    Layer group j of G sits at t = j / (G - 1) (t = 1 for a single group, as in mergekit).
+    """
+    controls: dict[str, list[dict[str, list[float]]]] = {}  # "" or "/kind" -> control points in order
+    expanded: dict[str, dict[str, list[float]]] = {}
+    for group, genes in params.items():
+        if group.startswith(SMOOTH + "."):
+            _, _, kind = group.partition("/")
+            controls.setdefault(f"/{kind}" if kind else "", []).append(genes)
+    count = len(layer_groups)
+    for j, layer_group in enumerate(layer_groups):
+        t = j / (count - 1) if count > 1 else 1.0
+        for suffix, points in controls.items():
+            expanded[layer_group + suffix] = {
+                gene: [interpolate([point[gene][i] for point in points], t) for i in range(len(values))]
+                for gene, values in points[0].items()
+            }
+    expanded.update({group: genes for group, genes in params.items() if not group.startswith(SMOOTH + ".")})
+    return expanded
+
+
+def complete_params(method: str, params: dict[str, dict[str, list[float]]], fixed: dict[str, float],
+                    num_experts: int) -> dict[str, dict[str, list[float]]]:
+    """Add the fixed extra genes to every group and cap della's epsilon inside its density's room.
+
+    della refuses density +/- epsilon outside (0, 1) (for density < 1), so epsilon becomes
+    min(epsilon, 0.99 * min(density, 1 - density)); the recipe holds the value that is used.
+    """
+    for genes in params.values():
+        for gene, value in fixed.items():
+            genes[gene] = [float(value)] * num_experts
+        if method in ("della", "della_linear"):
+            genes["epsilon"] = [eps if rho >= 1 else min(eps, DELLA_EPSILON_ROOM * min(rho, 1 - rho))
+                                for eps, rho in zip(genes["epsilon"], genes["density"])]
+    return params
 
 
 POLICY = "policy"

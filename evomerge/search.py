@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Protocol
 
 from tqdm import tqdm
 
-from evomerge.config import RunConfig
+from evomerge.config import DEFAULT_BOUNDS, RunConfig
 from evomerge.errors import EvalError, ResumeError
 from evomerge.genome import GenomeLayout, reference_recipes
 from evomerge.report import summarize
@@ -42,9 +42,11 @@ def genome_layout(config: RunConfig) -> GenomeLayout:
 
         check_upcyclable(config.models)
     merge = config.merge
-    bounds = {gene: merge.bound(gene) for gene in ("weight", "density", "t")}
+    bounds = {gene: merge.bound(gene) for gene in DEFAULT_BOUNDS}
     return GenomeLayout.build(merge.method, merge.granularity, sources.num_layers, len(config.models.experts), bounds,
-                              config.policy, config.moe)
+                              config.policy, config.moe, modules=merge.modules, smooth=merge.smooth,
+                              fixed=merge.fixed_genes(), extra=merge.evolved_extra_genes(),
+                              parameter_names=list(sources.shapes))
 
 
 def search(config: RunConfig, run_dir: str | Path, pool: Pool | None = None,

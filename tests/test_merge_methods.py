@@ -19,14 +19,17 @@ def merge(name: str, base: torch.Tensor, experts: list[torch.Tensor], **kwargs) 
 
 
 def genes_for(method: MergeMethod, n: int, weight: list[float] | None = None, density: float = 1.0) -> dict:
-    values = {"weight": weight or [1.0 / n] * n, "density": [density] * n, "t": 0.5}
+    values = {"weight": weight or [1.0 / n] * n, "density": [density] * n, "gamma": [0.05] * n,
+              "epsilon": [0.1] * n, "scale": [1.0] * n, "t": 0.5}
     return {g: values[g] for g in method.genes}
 
 
 # ---------------------------------------------------------------- registry
 
-def test_registry_lists_the_six_methods_with_their_metadata():
-    assert list(METHODS) == ["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp"]
+def test_registry_lists_the_methods_with_their_metadata():
+    assert list(METHODS) == ["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp",
+                             "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock",
+                             "nuslerp", "multislerp", "passthrough"]
     assert get_method("linear").genes == ("weight",) and not get_method("linear").needs_base
     assert get_method("ties").genes == ("weight", "density") and not get_method("ties").random
     assert get_method("dare_ties").random and get_method("dare_linear").random
@@ -40,7 +43,8 @@ def test_unknown_method_message_lists_the_valid_names():
         get_method("average")
     assert str(err.value) == (
         "unknown merge method 'average'; expected one of: "
-        "linear, task_arithmetic, ties, dare_ties, dare_linear, slerp"
+        "linear, task_arithmetic, ties, dare_ties, dare_linear, slerp, breadcrumbs, breadcrumbs_ties, "
+        "della, della_linear, model_stock, nuslerp, multislerp, passthrough"
     )
 
 
@@ -273,7 +277,7 @@ def test_slerp_needs_exactly_one_expert_and_t_in_range():
 def test_bf16_in_bf16_out_close_to_float32(name):
     g = torch.Generator().manual_seed(9)
     base, e1 = torch.randn(32, 8, generator=g), torch.randn(32, 8, generator=g)
-    experts = [e1] if name == "slerp" else [e1, torch.randn(32, 8, generator=g)]
+    experts = [e1] if get_method(name).max_experts == 1 else [e1, torch.randn(32, 8, generator=g)]
     kwargs = genes_for(get_method(name), len(experts), density=0.7)
     ref = merge(name, base.bfloat16().float(), [e.bfloat16().float() for e in experts], **kwargs)
     out = merge(name, base.bfloat16(), [e.bfloat16() for e in experts], **kwargs)
@@ -285,7 +289,7 @@ def test_bf16_in_bf16_out_close_to_float32(name):
 def test_inputs_are_not_modified_and_output_is_new(name):
     g = torch.Generator().manual_seed(10)
     base, e1, e2 = (torch.randn(6, 5, generator=g, dtype=torch.float64) for _ in range(3))
-    experts = [e1] if name == "slerp" else [e1, e2]
+    experts = [e1] if get_method(name).max_experts == 1 else [e1, e2]
     copies = [base.clone(), *(e.clone() for e in experts)]
     kwargs = genes_for(get_method(name), len(experts), weight=[1.0, 0.0][: len(experts)])
     out = merge(name, base, experts, **kwargs)

@@ -4,8 +4,10 @@ Each function below receives tensors already in the working dtype on base's devi
 validated (see `registry.register`); callers use the wrapper returned by the decorator, e.g.
 `get_method("ties").fn(base, experts, weight=[...], density=[...])`.
 
-Semantics and defaults follow mergekit (normalize / rescale per method, TIES sign election,
-magnitude top-k rule, slerp's colinearity threshold).
+Semantics, parameter names and defaults follow mergekit 0.1.5 (normalize / rescale per method,
+TIES sign election, magnitude top-k rule, slerp's colinearity threshold, ...); mergekit's
+`lambda` is spelled `lambda_`. Random masks are evomerge's own (seeded per expert), so random
+methods match mergekit in distribution only.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from evomerge.merge.tensor_ops import (
     merge_task_vectors,
     resolve_rescale,
     sparsify_magnitude,
+    sparsify_magprune,
+    sparsify_outliers,
     sparsify_random,
     stack_weights,
     task_vectors,
@@ -195,3 +199,279 @@ def slerp(base: torch.Tensor, experts: Sequence[torch.Tensor], *, t: float) -> t
     sin_theta = math.sin(theta)
     s0, s1 = math.sin(theta - theta * t) / sin_theta, math.sin(theta * t) / sin_theta
     return weighted_sum([v0, v1], [s0, s1])
+
+
+def _breadcrumbs(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    weight: list[float],
+    density: list[float],
+    gamma: list[float],
+    *,
+    consensus: bool,
+    normalize: bool,
+    rescale: bool | str,
+    lambda_: float,
+) -> torch.Tensor:
+    """Drop each task vector's largest (gamma) and smallest magnitudes, keep density, then mix."""
+    mode = resolve_rescale(rescale, natural="l1")
+    deltas = [
+        sparsify_outliers(d, rho, g, mode)
+        for d, rho, g in zip(task_vectors(base, experts), density, gamma)
+    ]
+    return merge_task_vectors(base, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
+
+
+@register("breadcrumbs", genes=("weight", "density", "gamma"), needs_base=True,
+          reference="https://arxiv.org/abs/2312.06795")
+def breadcrumbs(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    *,
+    weight: list[float],
+    density: list[float],
+    gamma: list[float],
+    normalize: bool = False,
+    rescale: bool | str = False,
+    lambda_: float = 1.0,
+) -> torch.Tensor:
+    """Model Breadcrumbs: outlier-and-small-magnitude masks on the task vectors, weighted sum.
+
+    Per expert, the gamma share of largest |delta| and enough of the smallest are dropped to keep
+    density (see `tensor_ops.sparsify_outliers`); `rescale=True` restores each task vector's L1
+    norm (mergekit's rescale).
+    """
+    return _breadcrumbs(base, experts, weight, density, gamma, consensus=False,
+                        normalize=normalize, rescale=rescale, lambda_=lambda_)
+
+
+@register("breadcrumbs_ties", genes=("weight", "density", "gamma"), needs_base=True,
+          reference="https://arxiv.org/abs/2312.06795")
+def breadcrumbs_ties(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    *,
+    weight: list[float],
+    density: list[float],
+    gamma: list[float],
+    normalize: bool = False,
+    rescale: bool | str = False,
+    lambda_: float = 1.0,
+) -> torch.Tensor:
+    """Model Breadcrumbs masks, then TIES sign election and disjoint merge."""
+    return _breadcrumbs(base, experts, weight, density, gamma, consensus=True,
+                        normalize=normalize, rescale=rescale, lambda_=lambda_)
+
+
+def _della(
+    name: str,
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    weight: list[float],
+    density: list[float],
+    epsilon: list[float],
+    seed: int,
+    *,
+    consensus: bool,
+    normalize: bool,
+    rescale: bool | str,
+    lambda_: float,
+) -> torch.Tensor:
+    """MagPrune each task vector (expert i's mask from the stream seeded by (seed, i)), then mix."""
+    mode = resolve_rescale(rescale, natural="l1")
+    deltas = []
+    for i, (delta, rho, eps) in enumerate(zip(task_vectors(base, experts), density, epsilon)):
+        try:
+            deltas.append(sparsify_magprune(delta, rho, eps, expert_generator(seed, i), mode))
+        except MergeError as exc:
+            raise MergeError(f"{name}: expert {i}: {exc}") from None
+    return merge_task_vectors(base, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
+
+
+@register("della", genes=("weight", "density", "epsilon"), needs_base=True, random=True,
+          reference="https://arxiv.org/abs/2406.11617")
+def della(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    *,
+    weight: list[float],
+    density: list[float],
+    epsilon: list[float],
+    seed: int,
+    normalize: bool = True,
+    rescale: bool | str = True,
+    lambda_: float = 1.0,
+) -> torch.Tensor:
+    """DELLA: MagPrune (keep probability density +/- epsilon by magnitude rank within each row),
+    rescale, TIES sign election, disjoint merge.
+
+    `rescale=True` restores each pruned task vector's L1 norm (mergekit's rescale; the paper
+    divides each kept entry by its own keep probability instead). density < 1 needs
+    density - epsilon > 0 and density + epsilon < 1 (MergeError otherwise).
+    """
+    return _della("della", base, experts, weight, density, epsilon, seed, consensus=True,
+                  normalize=normalize, rescale=rescale, lambda_=lambda_)
+
+
+@register("della_linear", genes=("weight", "density", "epsilon"), needs_base=True, random=True,
+          reference="https://arxiv.org/abs/2406.11617")
+def della_linear(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    *,
+    weight: list[float],
+    density: list[float],
+    epsilon: list[float],
+    seed: int,
+    normalize: bool = False,
+    rescale: bool | str = True,
+    lambda_: float = 1.0,
+) -> torch.Tensor:
+    """DELLA's MagPrune and rescale, then a plain weighted sum (no sign election)."""
+    return _della("della_linear", base, experts, weight, density, epsilon, seed, consensus=False,
+                  normalize=normalize, rescale=rescale, lambda_=lambda_)
+
+
+MODEL_STOCK_NORM_EPS = 1e-6  # norm products are clamped to at least this (mergekit)
+MODEL_STOCK_SINGULAR_EPS = 1e-6  # |1 + (N-1) cos| below this: keep the base (mergekit)
+
+
+@register("model_stock", genes=(), needs_base=True, min_experts=2,
+          reference="https://arxiv.org/abs/2403.19522")
+def model_stock(
+    base: torch.Tensor, experts: Sequence[torch.Tensor], *, filter_wise: bool = False
+) -> torch.Tensor:
+    """Model Stock (Jang et al., 2024): move from the base towards the experts' average by
+    t = N cos / (1 + (N - 1) cos), cos the mean pairwise cosine of the experts' task vectors.
+
+    Computed over the flattened tensor, or per row with `filter_wise` (a vector is one row).
+    Where 1 + (N - 1) cos is ~0 the base is kept. No genes: the ratio comes from the geometry.
+    """
+    if filter_wise:
+        w0 = base if base.dim() > 1 else base.unsqueeze(0)
+        ws = [e if e.dim() > 1 else e.unsqueeze(0) for e in experts]
+    else:
+        w0, ws = base.reshape(-1), [e.reshape(-1) for e in experts]
+    offsets = [w - w0 for w in ws]
+    cosines = []
+    for i, a in enumerate(offsets):
+        for b in offsets[i + 1:]:
+            norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
+            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=MODEL_STOCK_NORM_EPS)).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    n = len(ws)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < MODEL_STOCK_SINGULAR_EPS
+    t = torch.where(singular, torch.zeros_like(cos),
+                    n * cos / torch.where(singular, torch.ones_like(denominator), denominator))
+    average = ws[0]
+    for w in ws[1:]:
+        average = average + w
+    average = average / n
+    return (t * average + (1 - t) * w0).reshape(base.shape)
+
+
+NUSLERP_NORM_EPS = 1e-7  # norms are clamped to at least this before normalizing (mergekit)
+NUSLERP_COLINEAR_EPS = 1e-8  # 1 - cos^2 <= this squared: interpolate linearly (mergekit)
+NUSLERP_WEIGHT_SUM_EPS = 1e-6  # |w0 + w1| below this: t = 0.5 (mergekit)
+
+
+def _nuslerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor, *, row_wise: bool, flatten: bool) -> torch.Tensor:
+    """Slerp from v0 (t=0) to v1 (t=1) over the flattened tensors, or per column (per row with
+    row_wise); nearly colinear vectors are interpolated linearly."""
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    u0 = v0 / torch.linalg.vector_norm(v0, dim=-1, keepdim=True).clamp(min=NUSLERP_NORM_EPS)
+    u1 = v1 / torch.linalg.vector_norm(v1, dim=-1, keepdim=True).clamp(min=NUSLERP_NORM_EPS)
+    cos = (u0 * u1).sum(dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= NUSLERP_COLINEAR_EPS**2
+    theta = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
+    spherical = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    result = torch.where(colinear, (1 - t) * v0 + t * v1, spherical)
+    if row_wise and not flatten:
+        result = result.transpose(0, -1)
+    return result.reshape(shape)
+
+
+@register("nuslerp", genes=("weight",), needs_base=True, min_experts=2, max_experts=2,
+          reference="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md#nuslerp-nuslerp")
+def nuslerp(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    *,
+    weight: list[float],
+    nuslerp_flatten: bool = True,
+    nuslerp_row_wise: bool = False,
+    relative_to_base: bool = True,
+) -> torch.Tensor:
+    """mergekit's NuSLERP: slerp between two experts' task vectors at t = w1 / (w0 + w1).
+
+    |w0 + w1| < 1e-6 gives t = 0.5. `nuslerp_flatten=False` slerps per column (per row with
+    `nuslerp_row_wise`). `relative_to_base=False` slerps the experts themselves (mergekit
+    without a base_model).
+    """
+    total = weight[0] + weight[1]
+    t = 0.5 if abs(total) < NUSLERP_WEIGHT_SUM_EPS else weight[1] / total
+    if not relative_to_base:
+        return _nuslerp_vectors(t, experts[0], experts[1], row_wise=nuslerp_row_wise, flatten=nuslerp_flatten)
+    v0, v1 = task_vectors(base, experts)
+    return base + _nuslerp_vectors(t, v0, v1, row_wise=nuslerp_row_wise, flatten=nuslerp_flatten)
+
+
+@register("multislerp", genes=("weight",), needs_base=True,
+          reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea")
+def multislerp(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    *,
+    weight: list[float],
+    normalize_weights: bool = True,
+    eps: float = 1e-8,
+    relative_to_base: bool = True,
+) -> torch.Tensor:
+    """Barycentric interpolation on the hypersphere (mergekit's multislerp) of the task vectors.
+
+    The flattened vectors are projected onto the unit sphere, mapped into the tangent space at
+    their weighted mean direction, mixed there, mapped back with the exponential map and scaled
+    by the weighted mean of their norms. One expert gives that expert. Weights summing to ~0
+    with `normalize_weights`, or unit vectors whose weighted mean is ~0 (three or more experts;
+    two fall back to a weighted sum), are a MergeError.
+    """
+    if len(experts) == 1:
+        return experts[0].clone()
+    stacked = torch.stack(list(experts))
+    if relative_to_base:
+        stacked = stacked - base
+    flat = stacked.reshape(len(experts), -1)
+    w = torch.tensor(weight, dtype=flat.dtype, device=flat.device)
+    if normalize_weights:
+        if abs(sum(weight)) < WEIGHT_SUM_EPS:
+            raise MergeError(f"multislerp: weights {weight} sum to {sum(weight):g}; expected a non-zero sum")
+        w = w / w.sum()
+    norms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * w.view(-1, 1)).sum(dim=0)
+    mean_norm = torch.linalg.vector_norm(mean)
+    if mean_norm < eps:
+        if len(experts) != 2:
+            raise MergeError("multislerp: the weighted mean of the experts' directions is ~0 "
+                             "(opposite vectors with balancing weights); expected other weights")
+        mixed = stacked[0] * w[0] + stacked[1] * w[1]
+        return mixed + base if relative_to_base else mixed
+    mean = mean / mean_norm
+    tangents = units - (units * mean).sum(dim=-1, keepdim=True) * mean
+    tangent = (tangents * w.view(-1, 1)).sum(dim=0)
+    length = torch.linalg.vector_norm(tangent) + eps
+    result = mean * torch.cos(length) + tangent * (torch.sin(length) / length)
+    result = (result * (norms.squeeze(-1) * w).sum()).view(base.shape)
+    return result + base if relative_to_base else result
+
+
+@register("passthrough", genes=("scale",), needs_base=False, max_experts=1,
+          reference="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md#passthrough-passthrough")
+def passthrough(base: torch.Tensor, experts: Sequence[torch.Tensor], *, scale: list[float]) -> torch.Tensor:
+    """The single expert's tensor times its `scale` (mergekit's passthrough); scale 1 copies it exactly."""
+    return experts[0] * scale[0]

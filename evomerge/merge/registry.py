@@ -2,9 +2,11 @@
 
 Every registered method is called the same way::
 
-    fn(base, experts, *, weight=None, density=None, t=None, seed=0, **options) -> Tensor
+    fn(base, experts, *, weight=None, density=None, gamma=None, epsilon=None, scale=None, t=None,
+       seed=0, **options) -> Tensor
 
-`weight` and `density` carry one value per expert, `t` is one float (slerp). A method takes
+`weight`, `density`, `gamma`, `epsilon` and `scale` carry one value per expert (mergekit's
+per-model parameters of the same names), `t` is one float (slerp). A method takes
 exactly the genes it declares in `MergeMethod.genes`: a missing one, or one it does not declare,
 is a `MergeError`. `seed` is always accepted and only used by methods with `random=True`.
 `options` are the method's own keyword settings (e.g. `normalize`, `lambda_`, `rescale`); an
@@ -27,7 +29,8 @@ import torch
 
 from evomerge.errors import MergeError
 
-GENE_NAMES = ("weight", "density", "t")
+GENE_NAMES = ("weight", "density", "gamma", "epsilon", "scale", "t")
+PER_EXPERT_GENES = GENE_NAMES[:-1]
 
 
 @dataclass(frozen=True)
@@ -36,9 +39,10 @@ class MergeMethod:
 
     name: str
     fn: Callable[..., torch.Tensor]
-    genes: tuple[str, ...]  # per-expert genes the search evolves ("t" is a single value)
+    genes: tuple[str, ...]  # per-expert values it takes, mergekit's per-model parameters ("t": one value)
     needs_base: bool  # works on task vectors (expert - base) rather than on the experts alone
     max_experts: int | None  # most experts the method can combine; None: any number
+    min_experts: int  # fewest experts the method needs
     random: bool  # uses `seed`
     reference: str  # URL of the paper / reference
 
@@ -63,6 +67,7 @@ def register(
     needs_base: bool,
     reference: str,
     max_experts: int | None = None,
+    min_experts: int = 1,
     random: bool = False,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Decorator: register a method implementation under `name` and return its public wrapper.
@@ -91,6 +96,9 @@ def register(
             *,
             weight: Sequence[float] | None = None,
             density: Sequence[float] | None = None,
+            gamma: Sequence[float] | None = None,
+            epsilon: Sequence[float] | None = None,
+            scale: Sequence[float] | None = None,
             t: float | None = None,
             seed: int = 0,
             **options: Any,
@@ -102,13 +110,14 @@ def register(
                     f"expected among: {', '.join(allowed_options) or 'none'}"
                 )
             experts = list(experts)
-            _check_tensors(name, base, experts, max_experts)
-            given = {"weight": weight, "density": density, "t": t}
+            _check_tensors(name, base, experts, min_experts, max_experts)
+            given = {"weight": weight, "density": density, "gamma": gamma, "epsilon": epsilon,
+                     "scale": scale, "t": t}
             kwargs = {g: _check_gene(name, g, given[g], len(experts)) for g in genes}
             for gene, value in given.items():
                 if gene not in genes and value is not None:
                     raise MergeError(
-                        f"{name}: does not take {gene!r}; its genes are: {', '.join(genes)}"
+                        f"{name}: does not take {gene!r}; its genes are: {', '.join(genes) or 'none'}"
                     )
             if random:
                 kwargs["seed"] = int(seed)
@@ -124,7 +133,7 @@ def register(
 
         METHODS[name] = MergeMethod(
             name=name, fn=fn, genes=genes, needs_base=needs_base,
-            max_experts=max_experts, random=random, reference=reference,
+            max_experts=max_experts, min_experts=min_experts, random=random, reference=reference,
         )
         return fn
 
@@ -139,10 +148,12 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _check_tensors(
-    name: str, base: torch.Tensor, experts: list[torch.Tensor], max_experts: int | None
+    name: str, base: torch.Tensor, experts: list[torch.Tensor], min_experts: int, max_experts: int | None
 ) -> None:
     if not experts:
-        raise MergeError(f"{name}: no expert tensors given; expected at least 1")
+        raise MergeError(f"{name}: no expert tensors given; expected at least {min_experts}")
+    if len(experts) < min_experts:
+        raise MergeError(f"{name}: got {len(experts)} experts; expected at least {min_experts}")
     if max_experts is not None and len(experts) > max_experts:
         raise MergeError(f"{name}: got {len(experts)} experts; expected at most {max_experts}")
     for i, expert in enumerate(experts):
@@ -156,7 +167,8 @@ def _check_tensors(
 
 
 def _check_gene(name: str, gene: str, value: Any, num_experts: int) -> Any:
-    """Validate one gene: present, one finite value per expert (t: one float), density in (0, 1]."""
+    """Validate one gene: present, one finite value per expert (t: one float), density in (0, 1],
+    gamma in [0, 1], epsilon in [0, 0.5) (della needs density +/- epsilon inside (0, 1))."""
     if value is None:
         raise MergeError(f"{name}: missing {gene!r}; expected " + (
             "a float" if gene == "t" else f"one value per expert ({num_experts})"))
@@ -174,6 +186,10 @@ def _check_gene(name: str, gene: str, value: Any, num_experts: int) -> Any:
             raise MergeError(f"{name}: {gene} value {v!r} is not a finite number")
         if gene == "density" and not 0.0 < float(v) <= 1.0:
             raise MergeError(f"{name}: density {float(v)} is outside (0, 1]")
+        if gene == "gamma" and not 0.0 <= float(v) <= 1.0:
+            raise MergeError(f"{name}: gamma {float(v)} is outside [0, 1]")
+        if gene == "epsilon" and not 0.0 <= float(v) < 0.5:
+            raise MergeError(f"{name}: epsilon {float(v)} is outside [0, 0.5)")
     return [float(v) for v in values]
 
 

@@ -170,3 +170,66 @@ def merge_task_vectors(
     if lambda_ != 1:
         mixed = mixed * lambda_
     return base + mixed
+
+
+def sparsify_outliers(
+    delta: torch.Tensor, density: float, gamma: float, rescale: RescaleMode | None = None
+) -> torch.Tensor:
+    """Model Breadcrumbs' mask (Davari & Belilovsky, 2023): drop the largest and the smallest |delta|.
+
+    Of n entries, keep int(density * n): the int(gamma * n) largest magnitudes go first, the
+    smallest ones fill the rest of the drop (when density + gamma > 1 fewer large ones are
+    dropped, so density always holds; int(density * n) = 0 keeps nothing). density >= 1 returns
+    delta itself, outliers included, as mergekit does. Ties in magnitude are ordered by flat index.
+    """
+    if density >= 1:
+        return delta
+    flat = delta.abs().flatten()
+    n = flat.numel()
+    kept, top = int(density * n), int(gamma * n)
+    bottom = max(0, n - kept - top)
+    ascending = torch.argsort(flat, stable=True)
+    keep = torch.zeros(n, dtype=torch.bool, device=delta.device)
+    keep[ascending[bottom:bottom + kept]] = True
+    return _rescaled(delta, keep.view_as(delta), density, rescale)
+
+
+def magprune_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's MagPrune keep probabilities (Deep et al., 2024), laid out as mergekit lays them out.
+
+    Ranks are taken along dim 1 (within each row of a matrix; a vector is one row): the
+    smallest |delta| of a row gets density - epsilon, the largest density + epsilon, linearly in
+    rank between (ties ordered by index). A row of one entry gets density. Returns a tensor of
+    delta's shape (a vector or a scalar comes back as [1, n]).
+    """
+    rows = delta if delta.dim() >= 2 else delta.reshape(1, -1)
+    n = rows.shape[1]
+    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).to(delta.dtype)
+    rank_norm = ranks / (n - 1) if n > 1 else torch.full_like(ranks, 0.5)
+    return (density - epsilon) + rank_norm * 2 * epsilon
+
+
+def sparsify_magprune(
+    delta: torch.Tensor,
+    density: float,
+    epsilon: float,
+    generator: torch.Generator,
+    rescale: RescaleMode | None = "l1",
+) -> torch.Tensor:
+    """DELLA's MagPrune: keep each entry with its magnitude-ranked probability, then rescale.
+
+    The keep mask is u < p for u ~ U[0, 1) drawn on the CPU from `generator` (as in
+    `sparsify_random`). density >= 1 returns delta itself; otherwise density - epsilon and
+    density + epsilon must lie strictly inside (0, 1) (MergeError), as mergekit requires.
+    """
+    if density >= 1:
+        return delta
+    if not (density - epsilon > 0 and density + epsilon < 1):
+        raise MergeError(
+            f"density {density:g} and epsilon {epsilon:g}: expected density - epsilon > 0 "
+            f"and density + epsilon < 1"
+        )
+    probabilities = magprune_probabilities(delta, density, epsilon)
+    draw = torch.rand(probabilities.shape, generator=generator, device="cpu")
+    keep = (draw < probabilities.cpu()).to(delta.device).view_as(delta)
+    return _rescaled(delta, keep, density, rescale)
