@@ -16,7 +16,7 @@ class RandomStrategy:
     def ask(self) -> list[np.ndarray]:
         return list(self.rng.random((self.population, self.dim)))
 
-    def tell(self, genomes: list[np.ndarray], losses: list[float]) -> None:
+    def tell(self, genomes: list[np.ndarray], losses: list[float], costs: list[float]) -> None:
         """Random search learns nothing."""
 
     def get_state(self) -> bytes:
