@@ -7,17 +7,19 @@ import numpy as np
 import pytest
 
 from evomerge.config import validate
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, ResumeError
 from evomerge.search import costs, losses
 from evomerge.strategies import make_strategy
 from evomerge.trial import TrialResult, TrialState
 
 DIM = 4
 KINDS = {"cma": {}, "random": {}, "nsga2": {}, "tpe": {}, "cma-tradeoffs": {"tradeoffs": [0.0, 0.5]}}
+OTHER_KINDS = {"cma-3-tradeoffs": {"tradeoffs": [0.0, 0.1, 0.2]}}
 
 
 def search_config(kind: str, population: int = 6, **extra):
-    search = {"strategy": kind.split("-")[0], "population": population, "sigma0": 0.3, **KINDS[kind], **extra}
+    search = {"strategy": kind.split("-")[0], "population": population, "sigma0": 0.3,
+              **{**KINDS, **OTHER_KINDS}[kind], **extra}
     return validate({"models": {"base": "b", "experts": ["e"]}, "eval": {"tasks": [{"name": "t", "metric": "acc"}]},
                      "search": search}).search
 
@@ -108,3 +110,13 @@ def test_config_lists_the_strategies_and_keeps_tradeoffs_to_cma() -> None:
     with pytest.raises(ConfigError, match="search.tradeoffs: expected finite weights >= 0"):
         search_config("cma", tradeoffs=[0.0, -0.5])
     assert search_config("cma").tradeoffs is None
+
+
+@pytest.mark.parametrize("written_by", [*KINDS, *OTHER_KINDS])
+def test_a_state_written_by_another_strategy_is_refused(written_by: str) -> None:
+    """A resume forced through a change of strategy (or of the number of trade-offs) says so."""
+    writer = make_strategy(search_config(written_by), DIM, seed=0)
+    generation(writer)
+    for kind in [k for k in [*KINDS, *OTHER_KINDS] if k != written_by]:
+        with pytest.raises(ResumeError, match=f"not written by strategy {kind.split('-')[0]}"):
+            make_strategy(search_config(kind), DIM, seed=0).set_state(writer.get_state())

@@ -12,11 +12,13 @@ whole state as bytes, so a checkpointed run draws the same numbers as an uninter
 
 from __future__ import annotations
 
-from typing import Protocol
+import pickle
+from typing import Any, Protocol
 
 import numpy as np
 
 from evomerge.config import SearchConfig
+from evomerge.errors import ResumeError
 
 
 class Strategy(Protocol):
@@ -37,6 +39,16 @@ class Strategy(Protocol):
 def default_population(dim: int) -> int:
     """CMA-ES default population size 4 + floor(3 ln n) (Hansen, The CMA Evolution Strategy: A Tutorial)."""
     return 4 + int(3 * np.log(max(dim, 1)))
+
+
+def unpickle_state(state: bytes, accepts: Any, strategy: str) -> Any:
+    """The checkpointed optimiser state, refused by name when another strategy wrote it (a resume
+    forced through a change of search.strategy or search.tradeoffs)."""
+    value = pickle.loads(state)
+    if not accepts(value):
+        raise ResumeError(f"checkpoint: its optimiser state was not written by strategy {strategy}; "
+                          f"search.strategy or search.tradeoffs changed since (resume with the original values)")
+    return value
 
 
 def make_strategy(search: SearchConfig, dim: int, seed: int) -> Strategy:

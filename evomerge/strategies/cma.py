@@ -14,6 +14,8 @@ import pickle
 import cma
 import numpy as np
 
+from evomerge.strategies import unpickle_state
+
 
 class _Normal:
     """pycma's `randn` option backed by a private numpy Generator (picklable with the strategy)."""
@@ -51,7 +53,7 @@ class CMAStrategy:
         return pickle.dumps(self.es)
 
     def set_state(self, state: bytes) -> None:
-        self.es = pickle.loads(state)
+        self.es = unpickle_state(state, lambda es: isinstance(es, cma.CMAEvolutionStrategy), "cma")
 
 
 class TradeoffCMA:
@@ -82,5 +84,8 @@ class TradeoffCMA:
         return pickle.dumps([member.es for member in self.members])
 
     def set_state(self, state: bytes) -> None:
-        for member, es in zip(self.members, pickle.loads(state), strict=True):
+        states = unpickle_state(state, lambda value: isinstance(value, list) and len(value) == len(self.members)
+                                and all(isinstance(es, cma.CMAEvolutionStrategy) for es in value),
+                                f"cma with {len(self.members)} trade-offs")
+        for member, es in zip(self.members, states):
             member.es = es

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 
 from evomerge.errors import ConfigError
+from evomerge.strategies import unpickle_state
 
 
 def _optuna() -> Any:
@@ -59,5 +60,6 @@ class StudyStrategy:
         return pickle.dumps(self.study)
 
     def set_state(self, state: bytes) -> None:
-        self.study = pickle.loads(state)
+        sampler = type(self.study.sampler)
+        self.study = unpickle_state(state, lambda study: isinstance(getattr(study, "sampler", None), sampler), self.kind)
         self.asked = []

@@ -6,6 +6,8 @@ import pickle
 
 import numpy as np
 
+from evomerge.strategies import unpickle_state
+
 
 class RandomStrategy:
     def __init__(self, dim: int, population: int, seed: int):
@@ -23,4 +25,5 @@ class RandomStrategy:
         return pickle.dumps(self.rng.bit_generator.state)
 
     def set_state(self, state: bytes) -> None:
-        self.rng.bit_generator.state = pickle.loads(state)
+        self.rng.bit_generator.state = unpickle_state(
+            state, lambda value: isinstance(value, dict) and value.get("bit_generator") == "PCG64", "random")
