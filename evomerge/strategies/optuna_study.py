@@ -41,7 +41,8 @@ class StudyStrategy:
             sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
             self.study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
         else:
-            sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=population)
+            sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=population, multivariate=True,
+                                                 constant_liar=True)  # optuna 5 defaults, explicit for 4.x
             self.study = optuna.create_study(direction="minimize", sampler=sampler)
         self.asked: list[Any] = []  # the optuna trials of the last ask, in order
 
