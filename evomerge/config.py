@@ -177,13 +177,40 @@ class EvalConfig(_Frozen):
         return self
 
 
+STRATEGIES = ("cma", "random", "nsga2", "tpe")
+
+
 class SearchConfig(_Frozen):
-    strategy: Literal["cma", "random"] = "cma"
+    """How candidates are proposed. `cma` and `tpe` maximise quality; `nsga2` searches the front of
+    quality vs FLOPs per example; `random` is the baseline. `tradeoffs` (cma only) runs one CMA-ES
+    per weight w, each minimising -quality + w * log2(FLOPs per example): w is the quality a
+    doubling of cost must buy. Absent: one CMA-ES on quality alone."""
+
+    strategy: Literal["cma", "random", "nsga2", "tpe"] = "cma"
     population: int | None = Field(default=None, ge=2)  # None: CMA-ES default 4 + floor(3 ln n)
     generations: int = Field(default=10, ge=1)
-    sigma0: float = Field(default=0.2, gt=0.0, le=1.0)  # in the normalised [0, 1] box
-    x0: float = Field(default=0.5, ge=0.0, le=1.0)  # every gene starts here (normalised)
+    sigma0: float = Field(default=0.2, gt=0.0, le=1.0)  # cma: in the normalised [0, 1] box
+    x0: float = Field(default=0.5, ge=0.0, le=1.0)  # cma: every gene starts here (normalised)
+    tradeoffs: list[float] | None = Field(default=None, min_length=1)  # cma: one CMA-ES per weight
     references: bool = True  # evaluate the sources and the uniform merge in generation 0
+
+    @field_validator("tradeoffs")
+    @classmethod
+    def _tradeoffs(cls, value: list[float] | None) -> list[float] | None:
+        if value is None:
+            return value
+        if not all(math.isfinite(w) and w >= 0.0 for w in value):
+            raise ValueError(f"expected finite weights >= 0 (got {value})")
+        if len(set(value)) != len(value):
+            raise ValueError(f"each weight once (got {value})")
+        return value
+
+    @model_validator(mode="after")
+    def _tradeoffs_need_cma(self) -> SearchConfig:
+        if self.tradeoffs is not None and self.strategy != "cma":
+            raise ValueError(f"tradeoffs: only strategy cma scalarises over trade-offs; {self.strategy} "
+                             f"takes none (remove search.tradeoffs)")
+        return self
 
 
 POLICY_DEFAULT_BOUNDS = {"k": (1, 16), "threshold": (-3.0, 0.0), "margin": (0.0, 5.0)}

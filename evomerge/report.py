@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.config import RunConfig
-from evomerge.pareto import ParetoArchive
+from evomerge.pareto import ParetoArchive, pareto_front
 
 
 def summarize(records: list[dict[str, Any]], config: RunConfig) -> dict[str, Any]:
@@ -35,7 +35,7 @@ def summarize(records: list[dict[str, Any]], config: RunConfig) -> dict[str, Any
             "best_so_far": best_so_far,
             "hypervolume": archive.hypervolume() if len(archive) else None,
         })
-    return {
+    summary = {
         "name": config.name,
         "trials": len(records),
         "failed": sum(r["state"] == "failed" for r in records),
@@ -48,6 +48,65 @@ def summarize(records: list[dict[str, Any]], config: RunConfig) -> dict[str, Any
         "hypervolume": archive.hypervolume() if len(archive) else None,
         "failures": [{"trial": r["trial"], "error": r["error"]} for r in records if r["state"] == "failed"],
     }
+    if config.policy.kind == "cascade" and len(config.policy.members) == 2:
+        summary["routellm"] = cascade_gap(records, *config.policy.members)
+    return summary
+
+
+def cascade_gap(records: list[dict[str, Any]], weak: str, strong: str) -> dict[str, Any]:
+    """RouteLLM's APGR and CPT(50%) of a two-member cascade (weak answers, escalates to strong).
+
+    The weak and strong qualities are those of the members alone: their reference trials (a
+    source's reference label is its member name). Every complete cascade trial is a point (share
+    of requests the strong member served, quality); see `gap_curve`, `apgr`, `cpt` and
+    docs/design.md. A null APGR comes with the reason.
+    """
+    result: dict[str, Any] = {"weak": weak, "strong": strong, "apgr": None, "cpt50": None}
+    if "merged" in (weak, strong):
+        return {**result, "reason": "the merged member changes with every trial: no fixed weak/strong quality"}
+    alone = {r["label"]: r["quality"] for r in records if r["label"] in (weak, strong) and r["state"] == "complete"}
+    if len(alone) < 2:
+        missing = [m for m in (weak, strong) if m not in alone]
+        return {**result, "reason": f"no complete reference trial for {', '.join(missing)}"}
+    result.update(weak_quality=alone[weak], strong_quality=alone[strong])
+    if alone[strong] <= alone[weak]:
+        return {**result, "reason": f"{strong} ({alone[strong]:.4f}) does not score above {weak} ({alone[weak]:.4f})"}
+    points = [(r["served"][strong], r["quality"]) for r in records
+              if r["state"] == "complete" and (r["recipe"].get("policy") or {}).get("kind") == "cascade"
+              and strong in r.get("served", {})]
+    curve = gap_curve(points, alone[weak], alone[strong])
+    return {**result, "apgr": apgr(curve, alone[weak], alone[strong]),
+            "cpt50": cpt(curve, alone[weak], alone[strong], 0.5), "curve": [list(point) for point in curve]}
+
+
+def gap_curve(points: list[tuple[float, float]], weak: float, strong: float) -> list[tuple[float, float]]:
+    """Best quality for a share of strong calls: the front (share down, quality up) of the points
+    plus (0, weak) and (1, strong) (the members alone), ascending in share; read between its
+    points by linear interpolation (a random mix of the two neighbouring policies), flat after the last."""
+    candidates = [(0.0, weak), (1.0, strong), *points]
+    front = pareto_front(candidates, maximize=(False, True))
+    return sorted({(float(candidates[i][0]), float(candidates[i][1])) for i in front})
+
+
+def apgr(curve: list[tuple[float, float]], weak: float, strong: float) -> float:
+    """Average performance gap recovered: the integral over share in [0, 1] of (Q(share) - weak) /
+    (strong - weak), Q the piecewise-linear curve (exact trapezoids), flat after its last point."""
+    shares, qualities = [c for c, _ in curve], [q for _, q in curve]
+    area = sum((shares[i + 1] - shares[i]) * (qualities[i] + qualities[i + 1]) / 2 for i in range(len(curve) - 1))
+    area += (1.0 - shares[-1]) * qualities[-1]
+    return (area - weak) / (strong - weak)
+
+
+def cpt(curve: list[tuple[float, float]], weak: float, strong: float, fraction: float) -> float:
+    """Call-performance threshold: the least share of strong calls at which the curve reaches
+    weak + fraction * (strong - weak). The curve ends at or above strong, so it always does."""
+    target = weak + fraction * (strong - weak)
+    if curve[0][1] >= target:
+        return curve[0][0]
+    for (c0, q0), (c1, q1) in zip(curve, curve[1:]):
+        if q1 >= target:
+            return c0 + (c1 - c0) * (target - q0) / (q1 - q0)
+    raise ValueError(f"the curve never reaches {target}")  # unreachable: (1, strong) is on or under it
 
 
 def _rank(record: dict[str, Any]) -> tuple[float, int]:
@@ -99,6 +158,11 @@ def format_text(summary: dict[str, Any]) -> str:
         for (value, flops), trials in points.items():
             same = f"  (+{len(trials) - 1} trials at the same point)" if len(trials) > 1 else ""
             lines.append(f"  trial {trials[0]:>4}  quality {value:.4f}  FLOPs/ex {flops:.5g}{same}")
+    gap = summary.get("routellm")
+    if gap is not None:
+        lines += ["", f"cascade {gap['weak']} -> {gap['strong']}: " + (
+            f"APGR {gap['apgr']:.3f}, CPT(50%) {gap['cpt50']:.3f} of requests to {gap['strong']}"
+            if gap["apgr"] is not None else f"no APGR ({gap['reason']})")]
     for failure in summary["failures"]:
         lines.append(f"trial {failure['trial']} FAILED: {failure['error']}")
     return "\n".join(lines)

@@ -3,14 +3,16 @@
 Each generation: the strategy proposes genomes (generation 0 also evaluates the sources and
 the uniform merge as reference points), the pool evaluates them on whichever worker is free,
 every finished trial is journaled at once, the strategy is told the losses (-quality; a
-failed trial gets a loss worse than every finished one), and the optimiser state is
-checkpointed. Resuming replays the same loop from the checkpoint: trials already in the
-journal are read back instead of evaluated again.
+failed trial gets a loss worse than every finished one) and costs (FLOPs per example; a
+failed trial gets the largest of its generation), and the optimiser state is checkpointed.
+Resuming replays the same loop from the checkpoint: trials already in the journal are read
+back instead of evaluated again.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
@@ -106,7 +108,8 @@ def run_loop(run: RunDir, config: RunConfig, layout: GenomeLayout, pool: Pool | 
 
             results = evaluate(pool, trials + candidates, journal, run, generation)
 
-            strategy.tell(genomes, losses([results[trial.id] for trial in candidates], generation))
+            told = [results[trial.id] for trial in candidates]
+            strategy.tell(genomes, losses(told, generation), costs(told))
             generation += 1
             run.save_checkpoint(Checkpoint(generation, next_id, strategy.get_state()))
             summary = summarize(run.records(), config)
@@ -161,3 +164,9 @@ def losses(results: list[TrialResult], generation: int) -> list[float]:
     worst = max(finished) + 1.0
     return [float(-r.quality) if r.ok else worst for r in results]
 
+
+def costs(results: list[TrialResult]) -> list[float]:
+    """FLOPs per example per candidate; a failed one (or one without FLOPs) gets the largest of its generation."""
+    known = [float(r.flops) if r.ok and r.flops is not None and math.isfinite(r.flops) else None for r in results]
+    worst = max((cost for cost in known if cost is not None), default=0.0)
+    return [worst if cost is None else cost for cost in known]

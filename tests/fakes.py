@@ -8,18 +8,19 @@ from evomerge.config import validate
 from evomerge.trial import TrialResult, TrialState
 
 
-def make_config(strategy: str = "cma", generations: int = 4, seed: int = 0):
+def make_config(strategy: str = "cma", generations: int = 4, seed: int = 0, **search):
     return validate({
         "name": "fake", "seed": seed,
         "models": {"base": "b", "experts": ["e0", "e1"]},
         "merge": {"method": "task_arithmetic", "granularity": "layer"},
         "eval": {"tasks": [{"name": "t", "metric": "acc"}]},
-        "search": {"strategy": strategy, "population": 6, "generations": generations, "sigma0": 0.3},
+        "search": {"strategy": strategy, "population": 6, "generations": generations, "sigma0": 0.3, **search},
     })
 
 
 class FakePool:
-    """Quality peaks at weights (0.4, 1.3) in every group; genomes whose first gene is above `fail_above` fail."""
+    """Quality peaks at weights (0.4, 1.3) in every group; FLOPs per example grow with the sum of the
+    weights (a trade-off to search); genomes whose first gene is above `fail_above` fail."""
 
     def __init__(self, fail_above: float = 2.0, stop_after: int | None = None):
         self.fail_above = fail_above
@@ -37,8 +38,9 @@ class FakePool:
                 yield trial, TrialResult(trial.id, TrialState.FAILED, error="ValueError: injected")
                 continue
             quality = float(1.0 - np.mean((weights - [0.4, 1.3]) ** 2))
+            flops = float(1e6 * (1.0 + weights.sum()))
             yield trial, TrialResult(trial.id, TrialState.COMPLETE, quality=quality, metrics={"t": quality},
-                                     seconds={"total": 0.01}, worker="fake")
+                                     flops=flops, seconds={"total": 0.01}, worker="fake")
 
     def close(self):
         self.closed = True

@@ -204,6 +204,10 @@ bad_granularity = st.one_of(
         lambda s: not _granularity_ok(s)),
     st.integers(), st.floats(), st.booleans(), containers, st.none())
 
+bad_weight = st.one_of(st.floats(max_value=-NEGATIVE), non_finite, huge, words, containers, st.none())
+bad_tradeoffs = st.one_of(  # cma's trade-off weights: a non-empty list of distinct finite floats >= 0
+    st.just([]), st.just([0.5, 0.5]), st.booleans(), st.integers(), st.floats(), words, dicts,
+    st.builds(lambda weight, where: [0.0, 1.0][:where] + [weight], bad_weight, st.integers(0, 2)))
 not_a_list = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), dicts)  # lists of str would pass
 not_a_mapping = st.one_of(scalar_junk, lists)  # a dict could be a valid section
 
@@ -294,7 +298,8 @@ GROUPS: dict[str, list[st.SearchStrategy]] = {
              *task_mutations(0), *task_mutations(1),
              at(("eval", "limit"), bad_int(1, optional=True)), at(("eval", "batch_size"), bad_int(1)),
              at(("eval", "num_fewshot"), bad_int(0, optional=True)), unknown_key(("eval",))],
-    "search": [at(("search",), not_a_mapping), at(("search", "strategy"), bad_choice("cma", "random")),
+    "search": [at(("search",), not_a_mapping), at(("search", "strategy"), bad_choice("cma", "random", "nsga2", "tpe")),
+               at(("search", "tradeoffs"), bad_tradeoffs),
                at(("search", "population"), bad_int(2, optional=True)),
                at(("search", "generations"), bad_int(1)),
                at(("search", "sigma0"), bad_float(st.floats(max_value=0.0), st.floats(min_value=1.0, exclude_min=True),

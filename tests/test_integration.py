@@ -102,6 +102,26 @@ def test_same_seed_gives_the_same_journal(finished_run, zoo, ray_cluster, tmp_pa
     assert canonical(RunDir.open(tmp_path / "again").records()) == canonical(RunDir.open(run_dir).records())
 
 
+def test_nsga2_uses_the_same_workers_and_journal(finished_run, zoo, ray_cluster, tmp_path) -> None:
+    """Changing only search.strategy: an NSGA-II run journals trials of the same shape as the CMA-ES run."""
+    run_dir, cma_summary = finished_run
+    config = load_config(write_config(tmp_path, zoo, search={"strategy": "nsga2"}))
+    summary = search(config, tmp_path / "nsga2")
+    nsga2 = sorted(RunDir.open(tmp_path / "nsga2").records(), key=lambda r: r["trial"])
+    cma = sorted(RunDir.open(run_dir).records(), key=lambda r: r["trial"])
+    assert all(r["state"] == "complete" for r in nsga2), [r["error"] for r in nsga2]
+    assert [(r["trial"], r["generation"], r["label"], sorted(r)) for r in nsga2] == \
+        [(r["trial"], r["generation"], r["label"], sorted(r)) for r in cma]
+    references = [r for r in canonical(nsga2) if r["label"] is not None]
+    assert references == [r for r in canonical(cma) if r["label"] is not None]  # same recipes, same scores
+    candidates = [r for r in nsga2 if r["label"] is None]
+    assert all(len(r["genome"]) == len(cma[-1]["genome"]) and 0 <= min(r["genome"]) <= max(r["genome"]) <= 1
+               and r["flops"] > 0 and 0.0 <= r["quality"] <= 1.0 for r in candidates)
+    assert [r["genome"] for r in candidates] != [r["genome"] for r in cma if r["label"] is None]
+    assert summary["tasks"] == cma_summary["tasks"] and summary["pareto"] and summary["hypervolume"] > 0
+    assert RunDir.open(tmp_path / "nsga2").load_checkpoint().generation == 2
+
+
 def test_failures_come_back_as_data_through_ray(zoo, ray_cluster, tmp_path) -> None:
     config = load_config(write_config(tmp_path, zoo, workers={"count": 1}))
     good = Recipe("linear", "global", 2, {"all": {"weight": [1.0] + [0.0] * (len(config.models.experts) - 1)}})

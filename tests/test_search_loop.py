@@ -20,7 +20,7 @@ def start(tmp_path: Path, config, name: str = "run") -> tuple[RunDir, GenomeLayo
     return RunDir.create(tmp_path / name, config, layout.describe()), layout
 
 
-@pytest.mark.parametrize("strategy", ["cma", "random"])
+@pytest.mark.parametrize("strategy", ["cma", "random", "nsga2", "tpe"])
 def test_same_seed_same_journal(tmp_path: Path, strategy: str) -> None:
     journals = []
     for name in ("a", "b"):
@@ -31,6 +31,15 @@ def test_same_seed_same_journal(tmp_path: Path, strategy: str) -> None:
         journals.append(canonical(run.records()))
     assert journals[0] == journals[1]
     assert len(journals[0]) == 4 + 4 * 6  # references + 4 generations of 6
+
+
+def test_tradeoffs_share_each_generation(tmp_path: Path) -> None:
+    """Two trade-offs: one CMA-ES each, both populations evaluated in every generation."""
+    config = make_config(generations=3, tradeoffs=[0.0, 0.2])
+    run, layout = start(tmp_path, config)
+    summary = run_loop(run, config, layout, FakePool())
+    assert [g["trials"] for g in summary["generations"]] == [4 + 12, 12, 12]
+    assert summary["pareto"] and summary["hypervolume"] > 0
 
 
 def test_cma_improves_on_the_references(tmp_path: Path) -> None:
@@ -61,17 +70,20 @@ def test_every_candidate_failing_stops_the_run(tmp_path: Path) -> None:
     assert len(run.records()) == 4 + 6  # nothing lost: references and failures are journaled
 
 
-def test_resume_after_interrupt_equals_uninterrupted(tmp_path: Path) -> None:
-    config = make_config(generations=5)
+@pytest.mark.parametrize("strategy, search", [("cma", {}), ("nsga2", {}), ("tpe", {}),
+                                              ("cma", {"tradeoffs": [0.0, 0.3]})])
+def test_resume_after_interrupt_equals_uninterrupted(tmp_path: Path, strategy: str, search: dict) -> None:
+    config = make_config(strategy, generations=5, **search)
     run, layout = start(tmp_path, config, "straight")
     run_loop(run, config, layout, FakePool())
     expected = canonical(run.records())
 
     run, layout = start(tmp_path, config, "interrupted")
-    first = FakePool(stop_after=15)  # mid generation 1
+    stop_after = 4 + 6 * len(search.get("tradeoffs", [0])) + 5  # mid generation 1
+    first = FakePool(stop_after=stop_after)
     with pytest.raises(KeyboardInterrupt):
         run_loop(run, config, layout, first)
-    assert first.closed and len(run.records()) == 15
+    assert first.closed and len(run.records()) == stop_after
     second = FakePool()
     run_loop(RunDir.open(run.path), config, layout, second)
     assert canonical(run.records()) == expected

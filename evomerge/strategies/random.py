@@ -6,6 +6,8 @@ import pickle
 
 import numpy as np
 
+from evomerge.strategies import unpickle_state
+
 
 class RandomStrategy:
     def __init__(self, dim: int, population: int, seed: int):
@@ -16,11 +18,12 @@ class RandomStrategy:
     def ask(self) -> list[np.ndarray]:
         return list(self.rng.random((self.population, self.dim)))
 
-    def tell(self, genomes: list[np.ndarray], losses: list[float]) -> None:
+    def tell(self, genomes: list[np.ndarray], losses: list[float], costs: list[float]) -> None:
         """Random search learns nothing."""
 
     def get_state(self) -> bytes:
         return pickle.dumps(self.rng.bit_generator.state)
 
     def set_state(self, state: bytes) -> None:
-        self.rng.bit_generator.state = pickle.loads(state)
+        self.rng.bit_generator.state = unpickle_state(
+            state, lambda value: isinstance(value, dict) and value.get("bit_generator") == "PCG64", "random")
