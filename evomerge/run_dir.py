@@ -64,6 +64,17 @@ def _fsync_dir(folder: Path) -> None:
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.check_links()
+
+    def check_links(self) -> None:
+        """Refuse a run directory whose files are links leading outside it: evomerge appends to
+        and rewrites them, and must never write into the run directory's parents or elsewhere."""
+        root = self.path.resolve()
+        for name in (CONFIG, GENOME, JOURNAL, CHECKPOINT, SUMMARY, LOG, LOCK, "pareto.png", "progress.png"):
+            path = self.path / name
+            if path.is_symlink() and not path.resolve().is_relative_to(root):
+                raise ConfigError(f"{path}: a link to {path.resolve()}, outside the run directory; "
+                                  f"evomerge writes only inside {root}")
 
     @classmethod
     def create(cls, path: str | Path, config: RunConfig, layout: list[dict[str, Any]]) -> RunDir:

@@ -102,3 +102,18 @@ def test_non_finite_weights_are_named(zoo, tmp_path, capsys) -> None:
     path = write_config(tmp_path, zoo, models={"experts": [str(other)]})
     code, err = run_cli(["search", str(path), "--run-dir", str(tmp_path / "r")], capsys)
     assert code == 2 and f"models.experts.0: tensor {poisoned!r} in model.safetensors has non-finite values" in err
+
+
+def test_run_files_linking_outside_the_run_directory_are_refused(tmp_path, capsys) -> None:
+    from evomerge.cli import main
+
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep me\n")
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("name: r\n")
+    (run_dir / "journal.jsonl").symlink_to(outside)
+    assert main(["resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "journal.jsonl" in err and "outside the run directory" in err and len(err.splitlines()) == 1
+    assert outside.read_text() == "keep me\n" and not (run_dir / "run.log").exists()
