@@ -14,10 +14,12 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evomerge.clock import ForwardClock
 from evomerge.config import EvalConfig, TaskSpec
 from evomerge.errors import EvalError
 
@@ -39,6 +41,7 @@ class Evaluation:
     scores: dict[str, TaskScore]
     flops_per_example: float  # forward FLOPs (evomerge.flops conventions) per evaluated document
     served: dict[str, float]  # share of requests each member served
+    seconds: dict[str, float]  # eval_setup, forward, serving, scoring (see evomerge.clock)
 
 
 def task_manager(eval_config: EvalConfig):
@@ -111,6 +114,7 @@ class Evaluator:
                         for name, m in {"merged": model, **(sources or {})}.items()}
         self.solo = Blend([self.members["merged"]], [1.0], seed=0)
         self.seed = seed
+        self.clock = ForwardClock([model, *(sources or {}).values()])
 
     def __call__(self, policy: dict[str, Any] | None = None) -> Evaluation:
         """Scores of the merged model alone (policy None) or of a policy {"kind", "members", "params"}."""
@@ -124,13 +128,16 @@ class Evaluator:
             names = list(policy["members"])
             lm = make_policy(policy["kind"], [self.members[name] for name in names], policy["params"], self.seed)
         lm.stats.reset()
+        self.clock.reset()
+        start = time.perf_counter()
         results = evaluate(lm=lm, task_dict=self.tasks, limit=self.config.limit, bootstrap_iters=0,
                            log_samples=False, verbosity="ERROR")
+        seconds = self.clock.split(start, time.perf_counter())
         scores = {task.name: read_score(results, task) for task in self.config.tasks}
         stats = lm.stats
         documents = sum(int(n.get("effective", 0)) for n in results.get("n-samples", {}).values()) or 1
         served = {name: count / max(stats.requests, 1) for name, count in zip(names, stats.served)}
-        return Evaluation(scores, stats.flops / documents, served)
+        return Evaluation(scores, stats.flops / documents, served, seconds)
 
 
 def read_score(results: dict[str, Any], task: TaskSpec) -> TaskScore:

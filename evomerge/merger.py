@@ -11,6 +11,7 @@ candidate) and `export`.
 
 from __future__ import annotations
 
+import time
 import zlib
 from typing import Iterator, Mapping, Sequence
 
@@ -59,11 +60,18 @@ class Merger:
             yield name, merged
 
     @torch.inference_mode()
-    def merge_into(self, model: torch.nn.Module, recipe: Recipe) -> None:
-        """Overwrite every parameter of `model` with the recipe's merge. Raises MergeError naming a tensor."""
+    def merge_into(self, model: torch.nn.Module, recipe: Recipe) -> float:
+        """Overwrite every parameter of `model` with the recipe's merge. Raises MergeError naming a tensor.
+
+        Returns the seconds spent writing into the model (the rest of the call is merging).
+        """
         params = dict(model.named_parameters())
+        writing = 0.0
         for name, merged in self.merged(recipe, list(params)):
+            start = time.perf_counter()
             params[name].copy_(merged)
+            writing += time.perf_counter() - start
+        return writing
 
 
 def load_merge_target(models: ModelsConfig, seed: int, device: torch.device) -> tuple[torch.nn.Module, Merger]:

@@ -57,7 +57,7 @@ class CandidateRunner:
     def run(self, trial: Trial) -> TrialResult:
         start = time.perf_counter()
         try:
-            self.merger.merge_into(self.model, trial.recipe)
+            load = self.merger.merge_into(self.model, trial.recipe)
             merged = time.perf_counter()
             with torch.inference_mode():
                 evaluation = self.evaluator(trial.recipe.policy)
@@ -73,7 +73,8 @@ class CandidateRunner:
         return TrialResult(trial.id, TrialState.COMPLETE, quality=value,
                            metrics={name: s.value for name, s in evaluation.scores.items()},
                            flops=evaluation.flops_per_example, served=evaluation.served,
-                           seconds={"merge": merged - start, "eval": done - merged, "total": done - start},
+                           seconds={"merge": merged - start - load, "load": load, **evaluation.seconds,
+                                    "eval": done - merged, "total": done - start},
                            worker=self.name)
 
 
