@@ -15,38 +15,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 import harness
 
 GOAL = 0.15
 PHASES = ("merge", "load", "eval_setup", "forward", "serving", "scoring", "journal")
-
-
-def ensure_zoo(folder: Path, quick: bool) -> dict[str, Path]:
-    """The demo zoo under `folder` (built once; the full one takes a few minutes)."""
-    from evomerge.zoo import SKILLS, build_zoo
-
-    names = ["base", *SKILLS]
-    if (folder / "zoo.json").exists() and all((folder / name / "config.json").exists() for name in names):
-        return {name: folder / name for name in names}
-    print(f"building the {'quick' if quick else 'demo'} zoo in {folder} ...", flush=True)
-    return {name: Path(path) for name, path in build_zoo(folder, quick=quick).items()}
-
-
-def demo_config(zoo: dict[str, Path], work: Path, limit: int | None):
-    """search_spaces/demo.yaml with this zoo, on the CPU (and a smaller eval.limit if given)."""
-    from evomerge.config import load_config
-
-    raw = yaml.safe_load((harness.REPO / "search_spaces" / "demo.yaml").read_text())
-    raw["models"].update(base=str(zoo["base"]), experts=[str(p) for name, p in zoo.items() if name != "base"],
-                         device="cpu")
-    raw["eval"]["include_path"] = str(harness.REPO / "evals" / "demo")
-    if limit is not None:
-        raw["eval"]["limit"] = limit
-    path = work / "config.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return load_config(path)
 
 
 def candidates(config, count: int, seed: int = 0):
@@ -62,8 +35,8 @@ def candidates(config, count: int, seed: int = 0):
 
 def main() -> None:
     parse = harness.parser(__doc__.splitlines()[0])
-    parse.add_argument("--zoo", type=Path, default=None, help="a built demo zoo (default: built under --work)")
-    parse.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "evomerge-bench-overhead")
+    parse.add_argument("--zoo", type=Path, default=None, help="a built demo zoo (default: built once under --work)")
+    parse.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "evomerge-bench")
     parse.add_argument("--candidates", type=int, default=None)
     args = parse.parse_args()
     host = harness.machine()
@@ -75,8 +48,8 @@ def main() -> None:
 
     work = args.work / ("quick" if args.quick else "full")
     work.mkdir(parents=True, exist_ok=True)
-    zoo = ensure_zoo(args.zoo or work / "zoo", args.quick)
-    config = demo_config(zoo, work, limit=8 if args.quick else None)
+    zoo = harness.ensure_zoo(args.zoo or work / "zoo", args.quick)
+    config = harness.demo_config(zoo, work / "overhead.yaml", limit=8 if args.quick else None)
     count = args.candidates or (2 if args.quick else 8)
     layout, trials = candidates(config, count + 1)
     run_path = work / f"run-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 RESULTS_HEADER = """# Benchmark results
@@ -153,3 +155,31 @@ def build_llama(folder: Path, *, hidden: int, layers: int, intermediate: int, vo
 
 def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def ensure_zoo(folder: Path, quick: bool) -> dict[str, Path]:
+    """The demo zoo under `folder` (built once; the full one takes a few minutes)."""
+    from evomerge.zoo import SKILLS, build_zoo
+
+    names = ["base", *SKILLS]
+    if (folder / "zoo.json").exists() and all((folder / name / "config.json").exists() for name in names):
+        return {name: folder / name for name in names}
+    print(f"building the {'quick' if quick else 'demo'} zoo in {folder} ...", flush=True)
+    return {name: Path(path) for name, path in build_zoo(folder, quick=quick).items()}
+
+
+def demo_config(zoo: dict[str, Path], path: Path, limit: int | None = None, **sections):
+    """search_spaces/demo.yaml with this zoo, on the CPU (a smaller eval.limit if given, sections updated),
+    written to `path` and loaded."""
+    from evomerge.config import load_config
+
+    raw = yaml.safe_load((REPO / "search_spaces" / "demo.yaml").read_text())
+    raw["models"].update(base=str(zoo["base"]), experts=[str(p) for name, p in zoo.items() if name != "base"],
+                         device="cpu")
+    raw["eval"]["include_path"] = str(REPO / "evals" / "demo")
+    if limit is not None:
+        raw["eval"]["limit"] = limit
+    for section, values in sections.items():
+        raw[section].update(values)
+    path.write_text(yaml.safe_dump(raw))
+    return load_config(path)
