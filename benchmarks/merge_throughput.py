@@ -183,7 +183,7 @@ def max_difference(a: Path, b: Path) -> float:
 
 def main() -> None:
     parse = harness.parser(__doc__.splitlines()[0])
-    parse.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "evomerge-bench-merge",
+    parse.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "evomerge-bench",
                        help="where the models are built (reused across runs)")
     parse.add_argument("--repeats", type=int, default=None, help="timed runs per tool and method")
     parse.add_argument("--evomerge-process", nargs=2, type=Path, metavar=("CONFIG", "OUT"), help=argparse_hidden())
@@ -196,7 +196,7 @@ def main() -> None:
     sizes = QUICK if args.quick else FULL
     repeats = args.repeats or (1 if args.quick else 3)
     methods = ("linear",) if args.quick else METHODS
-    work = args.work / ("quick" if args.quick else "full")
+    work = args.work / ("quick" if args.quick else "full") / "merge"
     paths = build_models(work, sizes)
     model_mb = harness.folder_bytes(paths["base"]) / 1e6
     print(f"models: base + 2 experts, {model_mb:.1f} MB of fp32 each ({sizes})")
