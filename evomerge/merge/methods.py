@@ -52,7 +52,7 @@ def linear(
         raise MergeError(
             f"linear: weights {weight} sum to {sum(weight):g}; expected a non-zero sum with normalize on"
         )
-    return merged / stack_weights(weight, merged).sum()
+    return merged.div_(stack_weights(weight, merged).sum())
 
 
 @register("task_arithmetic", genes=("weight",), needs_base=True,

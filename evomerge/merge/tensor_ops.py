@@ -59,7 +59,7 @@ def weighted_sum(tensors: Sequence[torch.Tensor], coefficients: Sequence[float])
     Bit-exact where it matters: with coefficients that are one 1.0 and otherwise 0.0 the result
     equals that tensor exactly (x * 1, 0 * y and x + 0 are exact for finite values).
     """
-    return (torch.stack(list(tensors)) * stack_weights(coefficients, tensors[0])).sum(dim=0)
+    return torch.stack(list(tensors)).mul_(stack_weights(coefficients, tensors[0])).sum(dim=0)
 
 
 def exact_combination(
