@@ -171,7 +171,10 @@ def sign_consensus(weighted: torch.Tensor) -> torch.Tensor:
     expert's weighted delta has the elected sign; zeros never agree (their sign is 0).
     """
     elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
-    return weighted.sign() == elected
+    agree = torch.empty(weighted.shape, dtype=torch.bool, device=weighted.device)
+    for i in range(weighted.shape[0]):  # expert by expert: no stack-sized float temporary
+        torch.eq(weighted[i].sign(), elected, out=agree[i])
+    return agree
 
 
 def merge_task_vectors(
@@ -196,16 +199,16 @@ def merge_task_vectors(
     weighted.mul_(w)
     if consensus:
         agree = sign_consensus(weighted)
-        divisor = (w * agree).sum(dim=0)
-        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
         mixed = weighted.mul_(agree).sum(dim=0)
+        divisor = torch.mul(w, agree, out=weighted).sum(dim=0)  # the stack is free again: reused
         del agree
+        divisor.masked_fill_(divisor == 0, 1.0)
     else:
         mixed = weighted.sum(dim=0)
         divisor = w.sum(dim=0)
-        divisor = torch.where(divisor.abs() < WEIGHT_SUM_EPS, torch.ones_like(divisor), divisor)
+        divisor.masked_fill_(divisor.abs() < WEIGHT_SUM_EPS, 1.0)
     if normalize:
-        mixed = mixed / divisor
+        mixed.div_(divisor)
     if lambda_ != 1:
-        mixed = mixed * lambda_
-    return base + mixed
+        mixed.mul_(lambda_)
+    return mixed.add_(base)  # = base + mixed (addition commutes exactly), without a new tensor
