@@ -11,13 +11,16 @@ serves every candidate.
 
 from __future__ import annotations
 
+import ast
 import copy
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evomerge.clock import ForwardClock
 from evomerge.config import EvalConfig, TaskSpec
 from evomerge.errors import EvalError
 
@@ -39,6 +42,7 @@ class Evaluation:
     scores: dict[str, TaskScore]
     flops_per_example: float  # forward FLOPs (evomerge.flops conventions) per evaluated document
     served: dict[str, float]  # share of requests each member served
+    seconds: dict[str, float]  # eval_setup, forward, serving, scoring (see evomerge.clock)
 
 
 def task_manager(eval_config: EvalConfig):
@@ -84,6 +88,54 @@ def _absolute(files: Any, folder: Path) -> Any:
     return files
 
 
+class CompiledTemplate:
+    """A task's Jinja prompt template, compiled once, as the callable lm-eval's task configs accept.
+
+    lm-eval renders a string `doc_to_text` / `doc_to_target` with `utils.apply_template`, which
+    compiles the template again for every document of every call: on the demo that was about
+    half of a candidate's time outside the forward passes. Called on a document, this returns
+    what lm-eval's string branch returns (the same template rendered in lm-eval's own Jinja
+    environment, then the same digit / list literal rules); printed, it is the template, so
+    dumped task configs read as before.
+    """
+
+    def __init__(self, template: str, field: str, has_choices: bool):
+        from lm_eval.utils import env
+
+        self.template, self.field, self.has_choices = template, field, has_choices
+        self.compiled = env.from_string(template)
+
+    def __call__(self, doc: dict[str, Any]) -> Any:
+        text = self.compiled.render(**doc)
+        if text.isdigit() and self.has_choices:
+            return ast.literal_eval(text)
+        if self.field == "doc_to_target" and len(text) >= 2 and text[0] == "[" and text[-1] == "]":
+            try:
+                return ast.literal_eval(text)
+            except (SyntaxError, ValueError):
+                return text
+        return text
+
+    def __str__(self) -> str:
+        return self.template
+
+    __repr__ = __str__
+
+    def __deepcopy__(self, memo: dict) -> CompiledTemplate:  # configs are deep-copied when dumped
+        return self
+
+
+def compile_templates(task: Any) -> None:
+    """Swap a task's string templates for `CompiledTemplate`s (not column names, not promptsource)."""
+    if getattr(task, "prompt", None) is not None or not hasattr(task, "features"):
+        return
+    config = task.config
+    for field in ("doc_to_text", "doc_to_target"):
+        template = getattr(config, field, None)
+        if isinstance(template, str) and template not in task.features:
+            setattr(config, field, CompiledTemplate(template, field, config.doc_to_choice is not None))
+
+
 class Evaluator:
     """Scores whatever weights `model` holds at call time on the configured tasks, and counts FLOPs.
 
@@ -108,6 +160,7 @@ class Evaluator:
             elif task.get_config("num_fewshot") is None:
                 task.set_config(key="num_fewshot", value=0)
             task.set_fewshot_seed(seed=FEWSHOT_SEED)
+            compile_templates(task)
         # HFLM runs on the model's own device (a model object, unlike a name, is not moved).
         self.members = {name: Member.from_model(name, m, tokenizer, batch_size=eval_config.batch_size)
                         for name, m in {"merged": model, **(sources or {})}.items()}
@@ -116,6 +169,7 @@ class Evaluator:
         self.solo = Blend([self.members["merged"]], [1.0], seed=0)
         self.seed = seed
         self.model = model
+        self.clock = ForwardClock([model, *(sources or {}).values()])
 
     def __call__(self, policy: dict[str, Any] | None = None) -> Evaluation:
         """Scores of the merged model alone (policy None) or of a policy {"kind", "members", "params"}."""
@@ -133,13 +187,16 @@ class Evaluator:
             lm = make_policy(policy["kind"], [self.members[name] for name in names], policy["params"], self.seed,
                              scorers=self.scorers if policy["kind"] == "router" else None)
         lm.stats.reset()
+        self.clock.reset()
+        start = time.perf_counter()
         results = evaluate(lm=lm, task_dict=self.tasks, limit=self.config.limit, bootstrap_iters=0,
                            log_samples=False, verbosity="ERROR")
+        seconds = self.clock.split(start, time.perf_counter())
         scores = {task.name: read_score(results, task) for task in self.config.tasks}
         stats = lm.stats
         documents = sum(int(n.get("effective", 0)) for n in results.get("n-samples", {}).values()) or 1
         served = {name: count / max(stats.requests, 1) for name, count in zip(names, stats.served)}
-        return Evaluation(scores, stats.flops / documents, served)
+        return Evaluation(scores, stats.flops / documents, served, seconds)
 
 
 def read_score(results: dict[str, Any], task: TaskSpec) -> TaskScore:

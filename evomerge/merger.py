@@ -1,22 +1,26 @@
 """Merges recipes into one preallocated model, in place, from source weights loaded once.
 
 The merger holds the base's and the experts' parameters (same names as the model's
-`named_parameters()`, so tied embeddings appear once) on the model's device. `merge_into`
-writes every parameter of the model from the recipe; buffers keep the base's values.
-The same code serves the workers (one merge per candidate) and `export`.
+`named_parameters()`, so tied embeddings appear once). On the CPU they are memory-mapped
+from the sources' safetensors files (`sources.source_parameters`): K sources of S bytes
+cost no copy, and merging touches each source page once per merge. On a GPU they are
+copied to the device once. `merge_into` writes every parameter of the model from the
+recipe; buffers keep the base's values. The same code serves the workers (one merge per
+candidate) and `export`.
 """
 
 from __future__ import annotations
 
+import time
 import zlib
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import torch
 
 from evomerge.config import ModelsConfig
 from evomerge.errors import MergeError
 from evomerge.merge import get_method
-from evomerge.sources import load_model
+from evomerge.sources import load_model, source_parameters
 
 
 class TensorRecipe(Protocol):
@@ -45,10 +49,13 @@ class Merger:
         self.seed = seed
 
     @torch.inference_mode()
-    def merge_into(self, model: torch.nn.Module, recipe: TensorRecipe) -> None:
-        """Overwrite every parameter of `model` with the recipe's merge. Raises MergeError naming a tensor."""
+    def merged(self, recipe: TensorRecipe, names: Sequence[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, merged tensor) for each name (default: every source tensor), one at a time.
+
+        Raises MergeError naming the tensor (missing from the sources, failed, or not finite).
+        """
         method = get_method(recipe.method)
-        for name, param in model.named_parameters():
+        for name in self.base if names is None else names:
             if name not in self.base:
                 raise MergeError(f"tensor {name!r}: in the model but not in the sources")
             try:
@@ -58,15 +65,30 @@ class Merger:
                 raise MergeError(f"tensor {name!r}: {exc}") from None
             if not torch.isfinite(merged).all():
                 raise MergeError(f"tensor {name!r}: merge produced non-finite values")
-            param.copy_(merged)
+            yield name, merged
+
+    @torch.inference_mode()
+    def merge_into(self, model: torch.nn.Module, recipe: TensorRecipe) -> float:
+        """Overwrite every parameter of `model` with the recipe's merge. Raises MergeError naming a tensor.
+
+        Returns the seconds spent writing into the model (the rest of the call is merging).
+        """
+        params = dict(model.named_parameters())
+        writing = 0.0
+        for name, merged in self.merged(recipe, list(params)):
+            start = time.perf_counter()
+            params[name].copy_(merged)
+            writing += time.perf_counter() - start
+        return writing
 
 
 def load_merge_target(models: ModelsConfig, seed: int, device: torch.device) -> tuple[torch.nn.Module, Merger]:
-    """The base loaded as the model to merge into, and a merger holding every source's parameters."""
+    """The base loaded as the model to merge into, and a merger over every source's parameters.
+
+    The model is the only full copy; the sources are memory-mapped where their files allow
+    (see `sources.source_parameters`).
+    """
     model = load_model(models.base, models, device)
-    experts = []
-    for path in models.experts:
-        expert = load_model(path, models, device)
-        experts.append({name: p.detach() for name, p in expert.named_parameters()})
-        del expert
-    return model, Merger(parameters_of(model), experts, seed=seed)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    base, *experts = [source_parameters(path, shapes, models, device) for path in models.sources]
+    return model, Merger(base, experts, seed=seed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
@@ -126,6 +127,49 @@ def _compare_shapes(field: str, theirs: dict[str, tuple[int, ...]], ours: dict[s
         if theirs[name] != ours[name]:
             raise ModelMismatchError(f"{field}: tensor {where!r} has shape {list(theirs[name])}, "
                                      f"models.base has {list(ours[name])}")
+
+
+def mapped_parameters(path: str, shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+    """The named tensors of a local safetensors folder, memory-mapped rather than read.
+
+    safetensors' `get_tensor` returns a CPU tensor backed by a private mapping of the file, so a
+    source costs no memory until its pages are read, and the OS may drop them again under
+    pressure. A tensor stored in another dtype than `dtype` is converted (a copy), as
+    `from_pretrained` would. Returns None when the folder is not local, holds no safetensors, or
+    lacks a name or shape the model has (e.g. keys renamed at load time): the caller then loads
+    the model itself.
+    """
+    from safetensors import safe_open
+
+    folder = Path(path)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            for key in handle.keys():
+                if key in shapes and key not in tensors:
+                    tensors[key] = handle.get_tensor(key)
+    if set(tensors) != set(shapes) or any(tuple(t.shape) != shapes[k] for k, t in tensors.items()):
+        return None
+    return {name: t if t.dtype == dtype else t.to(dtype) for name, t in tensors.items()}
+
+
+def source_parameters(path: str, shapes: Mapping[str, tuple[int, ...]], models: ModelsConfig,
+                      device: torch.device) -> dict[str, torch.Tensor]:
+    """One source's parameters by the model's names: memory-mapped where possible, else loaded.
+
+    On a GPU the tensors are copied to the device once, here (GPU-only branch); on the CPU the
+    mapped tensors are used as they are.
+    """
+    tensors = mapped_parameters(path, shapes, torch_dtype(models.dtype))
+    if tensors is None:
+        logger.info("%s: parameters not readable straight from safetensors; loading the model", path)
+        model = load_model(path, models, torch.device("cpu"))
+        tensors = {name: p.detach() for name, p in model.named_parameters()}
+        del model
+    if device.type != "cpu":  # GPU-only branch: one copy per worker, reused for every merge
+        tensors = {name: t.to(device) for name, t in tensors.items()}
+    return tensors
 
 
 def load_model(path: str, models: ModelsConfig, device: torch.device):

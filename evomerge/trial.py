@@ -39,7 +39,8 @@ class TrialResult:
     metrics: dict[str, float] = field(default_factory=dict)
     flops: float | None = None  # forward FLOPs per evaluated example
     served: dict[str, float] = field(default_factory=dict)  # share of requests per policy member
-    seconds: dict[str, float] = field(default_factory=dict)  # merge, eval, total
+    # merge, load, eval_setup, forward, serving, scoring (evomerge.clock), eval, total
+    seconds: dict[str, float] = field(default_factory=dict)
     worker: str = ""
     error: str | None = None
     traceback: str | None = None

@@ -30,6 +30,7 @@ from evomerge.merge.tensor_ops import (
     sparsify_outliers,
     sparsify_random,
     stack_weights,
+    stacked_task_vectors,
     task_vectors,
     weighted_sum,
 )
@@ -55,7 +56,7 @@ def linear(
         raise MergeError(
             f"linear: weights {weight} sum to {sum(weight):g}; expected a non-zero sum with normalize on"
         )
-    return merged / stack_weights(weight, merged).sum()
+    return merged.div_(stack_weights(weight, merged).sum())
 
 
 @register("task_arithmetic", genes=("weight",), needs_base=True,
@@ -101,7 +102,7 @@ def ties(
     `rescale=True` rescales each trimmed task vector to its original L1 norm (mergekit's option).
     """
     mode = resolve_rescale(rescale, natural="l1")
-    deltas = [sparsify_magnitude(d, rho, mode) for d, rho in zip(task_vectors(base, experts), density)]
+    deltas = stacked_task_vectors(base, experts, lambda i, d: sparsify_magnitude(d, density[i], mode))
     return merge_task_vectors(base, deltas, weight, consensus=True, normalize=normalize, lambda_=lambda_)
 
 
@@ -128,10 +129,8 @@ def _dare(
     (e.g. derived from the run seed and the tensor name), or same-shaped tensors share masks.
     """
     mode = resolve_rescale(rescale, natural="l1")
-    deltas = [
-        sparsify_random(d, rho, expert_generator(seed, i), mode)
-        for i, (d, rho) in enumerate(zip(task_vectors(base, experts), density))
-    ]
+    deltas = stacked_task_vectors(
+        base, experts, lambda i, d: sparsify_random(d, density[i], expert_generator(seed, i), mode))
     return merge_task_vectors(base, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
 
 

@@ -1,0 +1,256 @@
+"""Merge throughput: evomerge against mergekit's `mergekit-yaml`, same YAML, same models.
+
+Builds a tiny-architecture Llama-style base and two experts (about 110 MB of fp32 each; a few
+hundred kB with --quick), writes one mergekit YAML per method (linear, ties, dare_ties) and
+times, alternating, whole processes from start to written output:
+
+- mergekit: `mergekit-yaml CONFIG OUT` (mergekit is a benchmark dependency only:
+  `pip install mergekit`);
+- evomerge: `run_evomerge` (one function; switch it to `evomerge merge CONFIG --out DIR` once
+  that command exists).
+
+It also times the in-memory merge alone (sources memory-mapped, pages already read, output
+preallocated: what a worker does per candidate) and a torch copy of the same source bytes in the
+same process, and reports the merge's effective bandwidth as a share of the copy's: bytes of
+the source tensors the method reads / seconds, for both (so the share is copy s / merge s). Goals: end to end >= 5x faster than mergekit,
+in-memory merge >= 40% of copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+import harness
+
+METHODS = ("linear", "ties", "dare_ties")
+FULL = {"hidden": 512, "layers": 5, "intermediate": 2048, "vocab": 8192}
+QUICK = {"hidden": 64, "layers": 2, "intermediate": 128, "vocab": 256}
+GOAL_SPEEDUP = 5.0
+GOAL_BANDWIDTH = 0.40
+EXPERT_GENES = [{"weight": 0.6, "density": 0.5}, {"weight": 0.4, "density": 0.7}]
+
+
+def build_models(work: Path, sizes: dict[str, int]) -> dict[str, Path]:
+    """base, e1, e2 under `work` (reused when already built with the same sizes)."""
+    marker = work / "sizes.json"
+    paths = {name: work / name for name in ("base", "e1", "e2")}
+    if marker.exists() and json.loads(marker.read_text()) == sizes and all(p.is_dir() for p in paths.values()):
+        return paths
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    harness.build_llama(paths["base"], seed=0, **sizes)
+    for seed, name in enumerate(("e1", "e2"), start=1):
+        harness.build_llama(paths[name], seed=seed, like=paths["base"], **sizes)
+    marker.write_text(json.dumps(sizes))
+    return paths
+
+
+def mergekit_config(method: str, paths: dict[str, Path]) -> dict:
+    """The YAML both tools merge: two experts, plus the base for the task-vector methods."""
+    genes = [{"weight": g["weight"]} if method == "linear" else dict(g) for g in EXPERT_GENES]
+    config = {"merge_method": method, "dtype": "float32",
+              "models": [{"model": str(paths[n]), "parameters": g} for n, g in zip(("e1", "e2"), genes)]}
+    if method == "linear":
+        config["parameters"] = {"normalize": True}
+    else:
+        config["base_model"] = str(paths["base"])
+        config["parameters"] = {"normalize": True, "rescale": method == "dare_ties"}
+    return config
+
+
+# --------------------------------------------------------------------------- the two tools
+
+
+def run_mergekit(config: Path, out: Path) -> float:
+    """Seconds for `mergekit-yaml CONFIG OUT`, process start to exit."""
+    binary = Path(sys.executable).with_name("mergekit-yaml")
+    command = [str(binary) if binary.exists() else "mergekit-yaml", str(config), str(out),
+               "--no-copy-tokenizer", "--no-write-model-card", "--quiet", "--random-seed", "0"]
+    return _timed(command)
+
+
+def run_evomerge(config: Path, out: Path) -> float:
+    """Seconds for evomerge to merge CONFIG into OUT, process start to exit.
+
+    Switch to `[Path(sys.executable).with_name("evomerge"), "merge", config, "--out", out]`
+    when that command exists; `evomerge_process` below is its stand-in.
+    """
+    return _timed([sys.executable, str(Path(__file__).resolve()), "--evomerge-process", str(config), str(out)])
+
+
+def _timed(command: list[str]) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=harness.offline_environment())
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{command[0]} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+    return seconds
+
+
+def evomerge_process(config_path: Path, out: Path) -> None:
+    """What `evomerge merge CONFIG --out DIR` does, with the in-process API: memory-mapped
+    sources, one tensor merged at a time, safetensors written (no transformers import)."""
+    from safetensors.torch import save_file
+
+    merger, recipe, base = merger_for(yaml.safe_load(config_path.read_text()))
+    merged = dict(merger.merged(recipe))
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(merged, str(out / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(base / "config.json", out / "config.json")
+
+
+def merger_for(config: dict):
+    """(Merger over memory-mapped sources, the recipe, the base folder) for a mergekit-style config."""
+    import torch
+    from safetensors import safe_open
+
+    from evomerge.genome import Recipe
+    from evomerge.merger import Merger
+    from evomerge.sources import mapped_parameters
+
+    experts = [Path(m["model"]) for m in config["models"]]
+    base = Path(config.get("base_model") or experts[0])  # linear reads no base; its tensors give the names
+    with safe_open(str(base / "model.safetensors"), framework="pt") as handle:
+        shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    sources = [mapped_parameters(str(path), shapes, torch.float32) for path in [base, *experts]]
+    if any(s is None for s in sources):
+        raise SystemExit("a source folder lacks the base's tensors")
+    genes = {gene: [float(m["parameters"][gene]) for m in config["models"]]
+             for gene in config["models"][0]["parameters"]}
+    recipe = Recipe(config["merge_method"], "global", 0, {"all": genes})
+    return Merger(sources[0], sources[1:], seed=0), recipe, base
+
+
+# --------------------------------------------------------------------------- in-memory merge
+
+
+def in_memory(config: dict, repeats: int) -> tuple[float, float, int, int]:
+    """(best merge seconds, best copy seconds, bytes of the source tensors the method reads)."""
+    import torch
+
+    from evomerge.merge import get_method
+
+    merger, recipe, _ = merger_for(config)
+    sources = ([merger.base] if get_method(recipe.method).needs_base else []) + merger.experts
+    out = {name: torch.empty_like(t) for name, t in merger.base.items()}
+    size = sum(t.numel() * t.element_size() for t in out.values())
+    scratch = [{name: torch.empty_like(t) for name, t in source.items()} for source in sources]
+
+    def merge() -> None:
+        for name, tensor in merger.merged(recipe):
+            out[name].copy_(tensor)
+
+    def copy() -> None:
+        for source, target in zip(sources, scratch):
+            for name, tensor in source.items():
+                target[name].copy_(tensor)
+
+    merge()  # reads every source page once (they are memory-mapped)
+    copy()
+    merge_s, copy_s = [], []
+    for _ in range(repeats):  # alternated, so both see the same machine
+        merge_s.append(_seconds(merge))
+        copy_s.append(_seconds(copy))
+    return min(merge_s), min(copy_s), len(sources) * size
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def max_difference(a: Path, b: Path) -> float:
+    """Largest absolute difference between two merged folders' tensors."""
+    from safetensors.torch import load_file
+
+    ours = load_file(str(a / "model.safetensors"))
+    theirs = {}
+    for file in sorted(b.glob("*.safetensors")):
+        theirs.update(load_file(str(file)))
+    return max(float((ours[k] - theirs[k]).abs().max()) for k in ours)
+
+
+def main() -> None:
+    parse = harness.parser(__doc__.splitlines()[0])
+    parse.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "evomerge-bench",
+                       help="where the models are built (reused across runs)")
+    parse.add_argument("--repeats", type=int, default=None, help="timed runs per tool and method")
+    parse.add_argument("--evomerge-process", nargs=2, type=Path, metavar=("CONFIG", "OUT"), help=argparse_hidden())
+    args = parse.parse_args()
+    if args.evomerge_process:
+        evomerge_process(*args.evomerge_process)
+        return
+    host = harness.machine()
+    harness.header("merge throughput", host)
+    sizes = QUICK if args.quick else FULL
+    repeats = args.repeats or (1 if args.quick else 3)
+    methods = ("linear",) if args.quick else METHODS
+    work = args.work / ("quick" if args.quick else "full") / "merge"
+    paths = build_models(work, sizes)
+    model_mb = harness.folder_bytes(paths["base"]) / 1e6
+    print(f"models: base + 2 experts, {model_mb:.1f} MB of fp32 each ({sizes})")
+    has_mergekit = importlib.util.find_spec("mergekit") is not None
+    if not has_mergekit:
+        print("mergekit is not installed in this environment: `pip install mergekit` (a benchmark "
+              "dependency only) to time it; timing evomerge alone")
+
+    rows, failures = [], []
+    for method in methods:
+        config = mergekit_config(method, paths)
+        config_path = work / f"{method}.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        evo_s, kit_s = [], []
+        for _ in range(repeats):
+            evo_s.append(run_evomerge(config_path, work / f"out-evomerge-{method}"))
+            if has_mergekit:
+                kit_s.append(run_mergekit(config_path, work / f"out-mergekit-{method}"))
+        merge_s, copy_s, source_bytes = in_memory(config, repeats=max(3, repeats))
+        share = copy_s / merge_s
+        evo, kit = statistics.median(evo_s), statistics.median(kit_s) if kit_s else float("nan")
+        speedup = kit / evo
+        difference = (max_difference(work / f"out-evomerge-{method}", work / f"out-mergekit-{method}")
+                      if has_mergekit and method != "dare_ties" else float("nan"))
+        print(f"{method:10s} end to end: evomerge {evo:.2f} s, mergekit {kit:.2f} s -> {speedup:.1f}x "
+              f"(goal >= {GOAL_SPEEDUP:g}x); in memory: merge {merge_s:.3f} s "
+              f"({source_bytes / merge_s / 1e9:.2f} GB/s), copy {copy_s:.3f} s ({source_bytes / copy_s / 1e9:.2f} GB/s)"
+              f" -> {share:.0%} of copy bandwidth (goal >= {GOAL_BANDWIDTH:.0%}); max |evomerge - mergekit| "
+              f"{difference:.2g}")
+        speed_verdict = harness.verdict(speedup, GOAL_SPEEDUP) if has_mergekit else "not measured"
+        rows.append([method, f"{evo:.2f}", f"{kit:.2f}", f"**{speedup:.1f}x**", speed_verdict,
+                     f"{merge_s * 1e3:.0f}", f"{copy_s * 1e3:.0f}", f"**{share:.0%}**",
+                     harness.verdict(share, GOAL_BANDWIDTH), f"{difference:.1g}"])
+        failures += [f"{method} speedup"] * (speed_verdict == "FAIL") + [f"{method} bandwidth"] * (share < GOAL_BANDWIDTH)
+
+    body = (f"Base + 2 experts, Llama-style ({sizes}), {model_mb:.0f} MB fp32 each; median of {repeats} "
+            f"alternating runs per tool (whole processes, imports included). In memory: best of "
+            f"{max(3, repeats)}; bandwidth = bytes of the source tensors the method reads / s, for the "
+            f"merge and for a torch copy of the same tensors into preallocated buffers. Goals: speedup >= {GOAL_SPEEDUP:g}x, bandwidth >= "
+            f"{GOAL_BANDWIDTH:.0%} of copy. The last column compares the two tools' outputs "
+            f"(dare_ties draws different random masks in each tool).\n\n"
+            + harness.table(rows, ["method", "evomerge s", "mergekit s", "speedup", "goal 5x",
+                                   "merge ms", "copy ms", "of copy bw", "goal 40%", "max abs diff"]))
+    if not has_mergekit:
+        body += "\n\nmergekit was not installed: `pip install mergekit` to time it."
+    harness.write_section(harness.results_path(args), "Merge throughput", host, body)
+    print("result:", "pass" if not failures else "FAIL (" + ", ".join(failures) + ")")
+
+
+def argparse_hidden() -> str:
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    main()

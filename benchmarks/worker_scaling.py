@@ -1,0 +1,97 @@
+"""Worker scaling: trials per minute with 1 and with 2 Ray workers, real lm-eval, the demo zoo.
+
+Runs the real search (`evomerge.search.search`, the demo config: CMA-ES, population 8) once
+with `workers.count: 1` and once with 2, on one local Ray cluster of 2 CPUs. Each pool's actors
+are started and have run one trial before the clock starts, so the numbers are the search's
+steady pace. Idle share = 1 - (seconds workers spent running trials) / (wall seconds x workers): the
+time a worker waited for the driver or for the slowest trial of a generation. Goal: 2 workers
+at least 1.7x the trials per minute of 1.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import harness
+
+GOAL = 1.7
+
+
+def timed_search(config, run_dir: Path) -> tuple[float, int, float]:
+    """(wall seconds, trials, idle share) of one search with started workers."""
+    from evomerge.run_dir import RunDir
+    from evomerge.search import search
+    from evomerge.workers import WorkerPool
+
+    from evomerge.genome import reference_recipes
+    from evomerge.search import genome_layout
+    from evomerge.trial import Trial
+
+    layout = genome_layout(config)
+    pool = WorkerPool(config)
+    # One trial per actor first (sources loaded, lm-eval's first-call caches filled), untimed.
+    warm = [Trial(-1 - i, 0, reference_recipes(layout.num_experts, layout.num_layers)[0])
+            for i in range(config.workers.count)]
+    list(pool.run(warm))
+    start = time.perf_counter()
+    search(config, run_dir, pool=pool)
+    wall = time.perf_counter() - start
+    records = RunDir.open(run_dir).records()
+    busy = sum(r["seconds"].get("total", 0.0) for r in records)
+    return wall, len(records), 1 - busy / (wall * config.workers.count)
+
+
+def main() -> None:
+    parse = harness.parser(__doc__.splitlines()[0])
+    parse.add_argument("--zoo", type=Path, default=None, help="a built demo zoo (default: built once under --work)")
+    parse.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "evomerge-bench")
+    parse.add_argument("--generations", type=int, default=None)
+    args = parse.parse_args()
+    host = harness.machine()
+    harness.header("worker scaling", host)
+
+    import ray
+
+    from evomerge.config import WorkersConfig
+    from evomerge.workers import start_ray
+
+    work = args.work / ("quick" if args.quick else "full")
+    work.mkdir(parents=True, exist_ok=True)
+    zoo = harness.ensure_zoo(args.zoo or work / "zoo", args.quick)
+    generations = args.generations or (1 if args.quick else 4)
+    search = {"generations": generations, **({"population": 2} if args.quick else {})}
+    start_ray(WorkersConfig(count=2, cpus_per_worker=1))
+    pace = {}
+    try:
+        for count in (1, 2, 1, 2) if not args.quick else (1, 2):  # alternated: both see the same machine
+            config = harness.demo_config(zoo, work / f"scaling-{count}.yaml", limit=8 if args.quick else None,
+                                         search=search, workers={"count": count, "cpus_per_worker": 1})
+            run_dir = work / f"scaling-{count}-{time.strftime('%H%M%S')}"
+            wall, trials, idle = timed_search(config, run_dir)
+            print(f"{count} worker(s): {trials} trials in {wall:.1f} s = {60 * trials / wall:.1f} trials/min, "
+                  f"workers idle {idle:.0%}", flush=True)
+            pace.setdefault(count, []).append((60 * trials / wall, idle, trials, wall))
+    finally:
+        ray.shutdown()
+
+    best = {count: max(runs) for count, runs in pace.items()}  # the least disturbed run of each
+    ratio = best[2][0] / best[1][0]
+    print(f"2 workers / 1 worker: {ratio:.2f}x (goal >= {GOAL}x): {harness.verdict(ratio, GOAL)}")
+    rows = [[str(count), f"{t:.1f}", f"{rate:.1f}", f"{idle:.0%}", str(n)]
+            for count, runs in sorted(pace.items()) for rate, idle, n, t in runs]
+    body = (f"The demo search (`search_spaces/demo.yaml`, CMA-ES population "
+            f"{search.get('population', 8)}, {generations} generation(s) including the 5 references, "
+            f"eval.limit {'8' if args.quick else '100'}) on {'the quick' if args.quick else 'the demo'} zoo, "
+            f"one local Ray cluster of 2 CPUs, workers started and warmed by one trial before the clock; runs alternate 1 and 2 "
+            f"workers and the faster run of each counts.\n\n"
+            + harness.table(rows, ["workers", "wall s", "trials/min", "idle", "trials"])
+            + f"\n\n**2 workers / 1 worker: {ratio:.2f}x** (goal >= {GOAL}x): {harness.verdict(ratio, GOAL)}. "
+              f"Idle = share of worker time not spent running a trial (waiting for the driver or for "
+              f"a generation's slowest trial).")
+    harness.write_section(harness.results_path(args), "Worker scaling", host, body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Each benchmark's --quick mode runs to the end and writes its RESULTS.md section (no timings asserted)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_quick(script: str, tmp_path: Path, *extra: str) -> tuple[str, str]:
+    """(stdout, the RESULTS.md it wrote) of `python benchmarks/SCRIPT --quick`."""
+    results = tmp_path / "RESULTS.md"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--quick", "--results", str(results),
+                           "--work", str(tmp_path / "work"), *extra],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout, results.read_text()
+
+
+def check_section(text: str, name: str, script: str) -> str:
+    """The section `name`, with the machine, the command and a pass/FAIL verdict in it."""
+    match = re.search(rf"<!-- begin {name} -->(.*?)<!-- end {name} -->", text, re.S)
+    assert match, f"no section {name!r} in:\n{text}"
+    section = match.group(1)
+    assert "cores, torch" in section
+    assert f"python benchmarks/{script} --quick" in section
+    assert re.search(r"\b(pass|FAIL)\b", section)
+    return section
+
+
+@pytest.mark.slow
+def test_merge_throughput_quick(tmp_path) -> None:
+    out, text = run_quick("merge_throughput.py", tmp_path)
+    section = check_section(text, "Merge throughput", "merge_throughput.py")
+    assert "| linear |" in section
+    assert re.search(r"linear +end to end: evomerge [\d.]+ s", out)
+    merged = tmp_path / "work" / "quick" / "merge" / "out-evomerge-linear" / "model.safetensors"
+    assert merged.stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_memory_quick(tmp_path) -> None:
+    out, text = run_quick("memory.py", tmp_path)
+    section = check_section(text, "Memory", "memory.py")
+    assert re.search(r"\| 2 \| \d+ \| \*\*[\d.]+ S\*\* \| 4 S \|", section)
+    assert "K=3:" in out
+
+
+@pytest.mark.slow
+def test_candidate_overhead_quick(tmp_path, zoo) -> None:
+    out, text = run_quick("candidate_overhead.py", tmp_path, "--zoo", str(zoo["base"].parent))
+    section = check_section(text, "Overhead per candidate", "candidate_overhead.py")
+    shares = [float(s) for s in re.findall(r"\| [a-z_]+ \| [\d.]+ \| ([\d.]+)% \|", section)]
+    assert len(shares) == 7 and abs(sum(shares) - 100) < 1.0  # the phases add up to the total
+    assert re.search(r"Everything but forward passes: [\d.]+%", section)
+
+
+@pytest.mark.slow
+def test_worker_scaling_quick(tmp_path, zoo) -> None:
+    out, text = run_quick("worker_scaling.py", tmp_path, "--zoo", str(zoo["base"].parent))
+    section = check_section(text, "Worker scaling", "worker_scaling.py")
+    assert re.search(r"2 workers / 1 worker: [\d.]+x", out)
+    assert re.search(r"\| 1 \| [\d.]+ \| [\d.]+ \| \d+% \| 7 \|", section)  # 5 references + population 2
