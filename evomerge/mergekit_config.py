@@ -82,7 +82,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 EVOMERGE_NAME = {"lambda": "lambda_"}
 MERGEKIT_NAME = {ours: theirs for theirs, ours in EVOMERGE_NAME.items()}
 SHARED_GENES = ("t",)  # genes with one value for all models (mergekit: shared parameters)
-GENE_DEFAULTS = {"density": 1.0}  # mergekit's defaults for per-model genes; the others are required
+# mergekit 0.1.5 defaults for per-model genes; the others (weight, t) are required
+GENE_DEFAULTS = {"density": 1.0, "gamma": 0.01, "epsilon": 0.15, "scale": 1.0}
 NO_OP_SETTINGS = ("int8_mask",)  # mergekit options with no effect on the result (mask dtype)
 _LAYER_IN_NAME = re.compile(r"(^|\.)(\d+)(\.|$)")  # the layer number in a name, as genome.layer_index reads it
 
