@@ -117,8 +117,9 @@ class Evaluator:
         self.seed = seed
         self.model = model
 
-    def __call__(self, policy: dict[str, Any] | None = None) -> Evaluation:
-        """Scores of the merged model alone (policy None) or of a policy {"kind", "members", "params"}."""
+    def __call__(self, policy: dict[str, Any] | None = None, limit: int | float | None = None) -> Evaluation:
+        """Scores of the merged model alone (policy None) or of a policy {"kind", "members", "params"},
+        on the first `limit` documents of each task (lm-eval's `limit`; None: `eval.limit`)."""
         from lm_eval.evaluator import evaluate
 
         from evomerge.flops import CostModel
@@ -133,8 +134,8 @@ class Evaluator:
             lm = make_policy(policy["kind"], [self.members[name] for name in names], policy["params"], self.seed,
                              scorers=self.scorers if policy["kind"] == "router" else None)
         lm.stats.reset()
-        results = evaluate(lm=lm, task_dict=self.tasks, limit=self.config.limit, bootstrap_iters=0,
-                           log_samples=False, verbosity="ERROR")
+        results = evaluate(lm=lm, task_dict=self.tasks, limit=self.config.limit if limit is None else limit,
+                           bootstrap_iters=0, log_samples=False, verbosity="ERROR")
         scores = {task.name: read_score(results, task) for task in self.config.tasks}
         stats = lm.stats
         documents = sum(int(n.get("effective", 0)) for n in results.get("n-samples", {}).values()) or 1
