@@ -184,7 +184,8 @@ def rank_study(runner, layout, sizes, config, population: str, count: int, args)
     top_subset = set(np.argsort(-np.asarray(subset), kind="stable")[: max(1, math.ceil(len(subset) / 2))])
     return {"candidates": count, "subset_limit": subset_limit, "spearman": spearman(subset, full),
             "top_quarter_kept": len(top_full & top_subset) / len(top_full),
-            "flops_ratio": cost_subset.flops / cost_full.flops, "seconds_ratio": cost_subset.seconds / cost_full.seconds,
+            "flops_ratio": cost_subset.flops / cost_full.flops,
+            "seconds_ratio": cost_subset.seconds / cost_full.seconds,
             "seconds": [cost_subset.seconds, cost_full.seconds],
             "full_range": [min(full), max(full)], "subset": subset, "full": full}
 
@@ -239,7 +240,8 @@ def search_study(runner, layout, sizes, config, work: Path, args) -> list[dict]:
             started = time.perf_counter()
             summary = run_loop(run, run_config, layout, pool)
             rows.append({"seed": seed, "promote": promote, "generations": generations,
-                         "trials": summary["trials"], "full_evaluations": summary["trials"] - summary.get("subset_only", 0),
+                         "trials": summary["trials"],
+                         "full_evaluations": summary["trials"] - summary.get("subset_only", 0),
                          "best": summary["best_evolved"]["quality"], "flops": pool.cost.flops,
                          "documents": pool.cost.documents, "eval_seconds": pool.cost.seconds,
                          "wall_seconds": time.perf_counter() - started})
@@ -253,12 +255,15 @@ def search_study(runner, layout, sizes, config, work: Path, args) -> list[dict]:
 def markdown(report: dict) -> str:
     lines = [f"Demo zoo, `eval.limit` {report['limit']} documents per task (3 tasks), subset "
              f"`fraction` {report['fraction']}; random candidates (uniform in the genome box, or CMA-like: "
-             f"x0 0.5, sigma 0.2), each scored on both (interleaved). Goal: Spearman >= {GOAL_CORRELATION} at <= {GOAL_COST:.0%} of the cost.",
+             f"x0 0.5, sigma 0.2), each scored on both (interleaved). "
+             f"Goal: Spearman >= {GOAL_CORRELATION} at <= {GOAL_COST:.0%} of the cost.",
              "", "| candidates | N | subset docs/task | Spearman | full top quarter in subset top half | "
-             "cost: FLOPs | cost: eval seconds | full-limit quality range | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+             "cost: FLOPs | cost: eval seconds | full-limit quality range | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for population, row in report["correlation"].items():
         ok = row["spearman"] >= GOAL_CORRELATION and row["flops_ratio"] <= GOAL_COST + 0.005
-        lines.append(f"| {population} | {row['candidates']} | {row['subset_limit']} | {row['spearman']:.3f} | {row['top_quarter_kept']:.0%} | "
+        lines.append(f"| {population} | {row['candidates']} | {row['subset_limit']} | {row['spearman']:.3f} | "
+                     f"{row['top_quarter_kept']:.0%} | "
                      f"{row['flops_ratio']:.1%} | {row['seconds_ratio']:.1%} | "
                      f"{row['full_range'][0]:.3f}-{row['full_range'][1]:.3f} | {'pass' if ok else 'FAIL'} |")
     if report["search"]:
@@ -278,8 +283,9 @@ def markdown(report: dict) -> str:
 
 def write_section(path: Path, body: str) -> None:
     """Replace (or append) this benchmark's section of RESULTS.md, between its begin/end markers."""
-    section = (f"<!-- begin {SECTION} -->\n## {SECTION}\n\nMeasured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
-               f" on {machine()}.\n\n```bash\n{command_line()}\n```\n\n{body.strip()}\n<!-- end {SECTION} -->\n")
+    measured = time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())
+    section = (f"<!-- begin {SECTION} -->\n## {SECTION}\n\nMeasured {measured} on {machine()}.\n\n"
+               f"```bash\n{command_line()}\n```\n\n{body.strip()}\n<!-- end {SECTION} -->\n")
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     pattern = re.compile(rf"<!-- begin {re.escape(SECTION)} -->.*?<!-- end {re.escape(SECTION)} -->\n?", re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else (text.rstrip("\n") + "\n\n" + section

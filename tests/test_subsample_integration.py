@@ -73,4 +73,4 @@ def test_benchmark_quick_mode(zoo, tmp_path) -> None:
     text = results.read_text()
     assert "## 1. Other\nkept" in text  # other sections are left alone
     assert text.count("## 6. Cheaper fitness (eval.subsample)") == 1
-    assert "| uniform | 2 |" in text and "| cma-like | 2 |" in text
+    assert "| uniform | 6 | 2 |" in text and "| cma-like | 6 | 2 |" in text
