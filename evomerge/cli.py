@@ -156,7 +156,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     record = export(args.run_dir, args.out, trial_id=args.trial, force=args.force)
     print(f"exported trial {record['trial']} (quality {record['quality']:.4f}) to {args.out}")
     if args.verify:
-        reproduced = evaluate_folder(RunDir.open(args.run_dir).config(), args.out)
+        reproduced = evaluate_folder(RunDir.open(args.run_dir).config(), args.out, limit=record.get("limit"))
         same = reproduced == record["quality"]
         print(f"re-evaluated: quality {reproduced:.4f} ({'equal to' if same else 'DIFFERS from'} the journal)")
         return 0 if same else 1

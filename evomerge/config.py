@@ -156,12 +156,22 @@ class TaskSpec(_Frozen):
     higher_is_better: bool | None = None  # None: take lm-eval's own direction for the metric
 
 
+class SubsampleConfig(_Frozen):
+    """Cheaper fitness by successive halving over documents (evomerge/racing.py): each generation's
+    candidates are scored on the first `fraction` x `eval.limit` documents of every task (the same
+    documents for all), and the best `promote` share of them again on the full `eval.limit`."""
+
+    fraction: float = Field(default=0.25, gt=0.0, lt=1.0, allow_inf_nan=False)
+    promote: float = Field(default=0.5, gt=0.0, le=1.0, allow_inf_nan=False)
+
+
 class EvalConfig(_Frozen):
     include_path: list[str] = Field(default_factory=list)
     tasks: list[TaskSpec] = Field(min_length=1)
     limit: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=32, ge=1)
     num_fewshot: int | None = Field(default=None, ge=0)
+    subsample: SubsampleConfig | None = None  # None: every candidate on the full limit
 
     @field_validator("include_path", mode="before")
     @classmethod
@@ -174,7 +184,20 @@ class EvalConfig(_Frozen):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"tasks: each task once (repeated: {', '.join(map(_shown, duplicates))})")
+        if self.subsample is not None and self.limit is not None and self.subset_limit >= self.limit:
+            raise ValueError(f"subsample: fraction {self.subsample.fraction} of limit {self.limit} leaves "
+                             f"{self.subset_limit} documents per task, expected fewer than the limit")
         return self
+
+    @property
+    def subset_limit(self) -> int | float | None:
+        """lm-eval's `limit` for the subset: ceil(fraction x limit) documents per task; with no limit, the
+        fraction itself (lm-eval then takes the first ceil(fraction x n) of each task's n documents)."""
+        if self.subsample is None:
+            return None
+        if self.limit is None:
+            return self.subsample.fraction
+        return max(1, math.ceil(round(self.subsample.fraction * self.limit, 9)))
 
 
 STRATEGIES = ("cma", "random", "nsga2", "tpe")

@@ -171,8 +171,9 @@ class Evaluator:
         self.model = model
         self.clock = ForwardClock([model, *(sources or {}).values()])
 
-    def __call__(self, policy: dict[str, Any] | None = None) -> Evaluation:
-        """Scores of the merged model alone (policy None) or of a policy {"kind", "members", "params"}."""
+    def __call__(self, policy: dict[str, Any] | None = None, limit: int | float | None = None) -> Evaluation:
+        """Scores of the merged model alone (policy None) or of a policy {"kind", "members", "params"},
+        on the first `limit` documents of each task (lm-eval's `limit`; None: `eval.limit`)."""
         from lm_eval.evaluator import evaluate
 
         from evomerge.flops import CostModel
@@ -189,8 +190,8 @@ class Evaluator:
         lm.stats.reset()
         self.clock.reset()
         start = time.perf_counter()
-        results = evaluate(lm=lm, task_dict=self.tasks, limit=self.config.limit, bootstrap_iters=0,
-                           log_samples=False, verbosity="ERROR")
+        results = evaluate(lm=lm, task_dict=self.tasks, limit=self.config.limit if limit is None else limit,
+                           bootstrap_iters=0, log_samples=False, verbosity="ERROR")
         seconds = self.clock.split(start, time.perf_counter())
         scores = {task.name: read_score(results, task) for task in self.config.tasks}
         stats = lm.stats

@@ -26,6 +26,7 @@ from evomerge.errors import ConfigError
 from evomerge.genome import ALL, EMBED_HEAD, Recipe, group_of, layer_index
 from evomerge.merge import get_method
 from evomerge.merger import load_merge_target
+from evomerge.racing import full_fidelity
 from evomerge.report import best_trial
 from evomerge.run_dir import RunDir
 from evomerge.sources import load_model, load_tokenizer, pick_device
@@ -102,7 +103,7 @@ def move_into(staging: Path, out: Path) -> None:
 def pick_trial(run: RunDir, trial_id: int | None) -> dict[str, Any]:
     records = run.finished()
     if trial_id is None:
-        record = best_trial(list(records.values()))
+        record = best_trial(full_fidelity(list(records.values())))
         if record is None:
             raise ConfigError(f"{run.path}: no completed trial to export yet")
         return record
@@ -209,9 +210,10 @@ def _layer_prefixes(names: list[str], num_layers: int) -> dict[int, str]:
     return prefixes
 
 
-def evaluate_folder(config: RunConfig, folder: str | Path) -> float:
+def evaluate_folder(config: RunConfig, folder: str | Path, limit: int | float | None = None) -> float:
     """Score an exported folder with the run's tasks (the check that export reproduces the journal);
-    a routed trial is scored through its policy over the exported model and the sources."""
+    a routed trial is scored through its policy over the exported model and the sources. `limit`:
+    the trial's journaled `limit` (eval.subsample runs), None for eval.limit."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.evaluate import Evaluator, quality
@@ -227,5 +229,6 @@ def evaluate_folder(config: RunConfig, folder: str | Path) -> float:
     scorers = [(load_model(path, config.models, device), load_tokenizer(path, config.models))
                for path in (config.policy.scorers or []) if policy and policy["kind"] == "router"]
     with torch.inference_mode():
-        evaluation = Evaluator(config.eval, model, tokenizer, sources, seed=config.seed, scorers=scorers)(policy)
+        evaluation = Evaluator(config.eval, model, tokenizer, sources, seed=config.seed,
+                               scorers=scorers)(policy, limit=limit)
     return quality(evaluation.scores, list(config.eval.tasks))

@@ -7,9 +7,13 @@ from typing import Any
 
 from evomerge.config import RunConfig
 from evomerge.pareto import ParetoArchive, pareto_front
+from evomerge.racing import full_fidelity
 
 
 def summarize(records: list[dict[str, Any]], config: RunConfig) -> dict[str, Any]:
+    # With eval.subsample, candidates held back after the subset have no full-limit quality
+    # (evomerge/racing.py): they are counted, but never ranked or put on the front.
+    everything, records = records, full_fidelity(records)
     by_id = {r["trial"]: r for r in records}
     best, best_evolved = best_trial(records), best_trial([r for r in records if r["label"] is None])
     references = [_brief(r) for r in sorted(records, key=lambda r: r["trial"]) if r["label"] is not None]
@@ -18,8 +22,9 @@ def summarize(records: list[dict[str, Any]], config: RunConfig) -> dict[str, Any
     # Reference point of the hypervolume: (worst quality seen, 1.1 x largest FLOPs seen); both
     # only move towards worse values as trials arrive, so the hypervolume never decreases.
     archive = ParetoArchive(worst_quality=None)
-    for generation in sorted({r["generation"] for r in records}):
+    for generation in sorted({r["generation"] for r in everything}):
         members = [r for r in records if r["generation"] == generation]
+        everyone = [r for r in everything if r["generation"] == generation]
         scored = [r["quality"] for r in members if r["state"] == "complete" and r["label"] is None]
         if scored:
             best_so_far = max(scored) if best_so_far is None else max(best_so_far, max(scored))
@@ -28,17 +33,19 @@ def summarize(records: list[dict[str, Any]], config: RunConfig) -> dict[str, Any
                 archive.add(r["trial"], r["quality"], r["flops"])
         generations.append({
             "generation": generation,
-            "trials": len(members),
-            "failed": sum(r["state"] == "failed" for r in members),
+            "trials": len(everyone),
+            "failed": sum(r["state"] == "failed" for r in everyone),
             "best_quality": max(scored) if scored else None,
             "mean_quality": sum(scored) / len(scored) if scored else None,
             "best_so_far": best_so_far,
             "hypervolume": archive.hypervolume() if len(archive) else None,
         })
+        if len(everyone) > len(members):
+            generations[-1]["subset_only"] = len(everyone) - len(members)
     summary = {
         "name": config.name,
-        "trials": len(records),
-        "failed": sum(r["state"] == "failed" for r in records),
+        "trials": len(everything),
+        "failed": sum(r["state"] == "failed" for r in everything),
         "tasks": [task.name for task in config.eval.tasks],
         "best": _brief(best) if best else None,
         "best_evolved": _brief(best_evolved) if best_evolved else None,
@@ -46,8 +53,10 @@ def summarize(records: list[dict[str, Any]], config: RunConfig) -> dict[str, Any
         "generations": generations,
         "pareto": [_front_entry(by_id[e.trial_id]) for e in archive.front()],
         "hypervolume": archive.hypervolume() if len(archive) else None,
-        "failures": [{"trial": r["trial"], "error": r["error"]} for r in records if r["state"] == "failed"],
+        "failures": [{"trial": r["trial"], "error": r["error"]} for r in everything if r["state"] == "failed"],
     }
+    if len(everything) > len(records):
+        summary["subset_only"] = len(everything) - len(records)
     if config.policy.kind == "cascade" and len(config.policy.members) == 2:
         summary["routellm"] = cascade_gap(records, *config.policy.members)
     return summary
@@ -133,7 +142,11 @@ def best_trial(records: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def format_text(summary: dict[str, Any]) -> str:
     tasks = summary["tasks"]
-    lines = [f"run {summary['name']}: {summary['trials']} trials, {summary['failed']} failed", ""]
+    lines = [f"run {summary['name']}: {summary['trials']} trials, {summary['failed']} failed"]
+    if summary.get("subset_only"):
+        lines.append(f"{summary['subset_only']} candidates scored on eval.subsample's subset only "
+                     f"(not promoted): left out of best, means and the Pareto front")
+    lines.append("")
     header = f"{'':<22}{'trial':>6}{'quality':>9}{'FLOPs/ex':>10}" + "".join(f"{t[:12]:>13}" for t in tasks)
     lines.append(header)
     rows = [(r["label"], r) for r in summary["references"]]
@@ -180,7 +193,7 @@ def plot(summary: dict[str, Any], records: list[dict[str, Any]], folder: Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = [r for r in records if r["state"] == "complete" and r.get("flops") is not None]
+    done = [r for r in full_fidelity(records) if r["state"] == "complete" and r.get("flops") is not None]
     figure, axes = plt.subplots(figsize=(6, 4.5))
     axes.scatter([r["flops"] for r in done], [r["quality"] for r in done], s=12, c="0.7", label="trials")
     front = sorted(summary["pareto"], key=lambda e: e["flops"])

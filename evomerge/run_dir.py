@@ -4,6 +4,7 @@
       config.yaml       the resolved config (absolute paths), written once at creation
       genome.json       the genome layout: index -> group, expert, gene, bounds
       journal.jsonl     one line per finished trial, appended, flushed and fsynced
+      subsample.jsonl   with eval.subsample: each candidate's subset score (evomerge/racing.py), appended likewise
       checkpoint.pkl    optimiser + RNG state after the last finished generation (temp file + rename)
       summary.json      best trial, references, per-generation stats (rewritten each generation)
       run.log           the driver's log
@@ -32,6 +33,7 @@ SCHEMA_VERSION = 1
 RESUMABLE_CHANGES = ("search.generations", "workers.", "eval.limit", "eval.batch_size")
 CONFIG, GENOME, JOURNAL, CHECKPOINT, SUMMARY, LOG, LOCK = (
     "config.yaml", "genome.json", "journal.jsonl", "checkpoint.pkl", "summary.json", "run.log", "driver.lock")
+SUBSAMPLE = "subsample.jsonl"
 
 
 @dataclass(frozen=True)
@@ -143,16 +145,16 @@ class RunDir:
             (self.path / LOCK).unlink(missing_ok=True)
 
     # -- journal -------------------------------------------------------------------------
-    def append(self, record: dict[str, Any]) -> None:
+    def append(self, record: dict[str, Any], file: str = JOURNAL) -> None:
         line = json.dumps(record, sort_keys=True, allow_nan=False) + "\n"
-        with open(self.path / JOURNAL, "a", encoding="utf-8") as handle:
+        with open(self.path / file, "a", encoding="utf-8") as handle:
             handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())
 
-    def repair_journal(self) -> None:
+    def repair_journal(self, file: str = JOURNAL) -> None:
         """Cut a torn last line (a crash mid-append) so the next append starts on a fresh line."""
-        path = self.path / JOURNAL
+        path = self.path / file
         data = path.read_bytes() if path.exists() else b""
         if data and not data.endswith(b"\n"):
             keep = data.rfind(b"\n") + 1
@@ -162,9 +164,9 @@ class RunDir:
                 handle.flush()
                 os.fsync(handle.fileno())
 
-    def records(self) -> list[dict[str, Any]]:
+    def records(self, file: str = JOURNAL) -> list[dict[str, Any]]:
         """Every complete journal line, in the order written; a torn last line is skipped."""
-        path = self.path / JOURNAL
+        path = self.path / file
         if not path.exists():
             return []
         records = []
@@ -181,8 +183,8 @@ class RunDir:
                 raise ResumeError(f"{path}: line {number} is not valid JSON") from None
         return records
 
-    def finished(self) -> dict[int, dict[str, Any]]:
-        return {record["trial"]: record for record in self.records()}
+    def finished(self, file: str = JOURNAL) -> dict[int, dict[str, Any]]:
+        return {record["trial"]: record for record in self.records(file)}
 
     # -- checkpoint and summary ------------------------------------------------------------
     def save_checkpoint(self, checkpoint: Checkpoint) -> None:

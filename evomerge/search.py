@@ -5,8 +5,10 @@ the uniform merge as reference points), the pool evaluates them on whichever wor
 every finished trial is journaled at once, the strategy is told the losses (-quality; a
 failed trial gets a loss worse than every finished one) and costs (FLOPs per example; a
 failed trial gets the largest of its generation), and the optimiser state is checkpointed.
-Resuming replays the same loop from the checkpoint: trials already in the journal are read
-back instead of evaluated again.
+With `eval.subsample` a generation is scored in two rungs (evomerge/racing.py): every
+candidate on a subset of the documents, the best share again on the full limit. Resuming
+replays the same loop from the checkpoint: trials already in the journal are read back
+instead of evaluated again.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from evomerge.config import DEFAULT_BOUNDS, RunConfig
 from evomerge.errors import EvalError, ResumeError
 from evomerge.genome import GenomeLayout, reference_recipes
 from evomerge.report import summarize
-from evomerge.run_dir import Checkpoint, RunDir
+from evomerge.racing import race
+from evomerge.run_dir import JOURNAL, Checkpoint, RunDir
 from evomerge.sources import check_sources
 from evomerge.strategies import make_strategy
 from evomerge.trial import Trial, TrialResult, record, result_from_record
@@ -106,10 +109,14 @@ def run_loop(run: RunDir, config: RunConfig, layout: GenomeLayout, pool: Pool | 
                 candidates.append(Trial(next_id, generation, layout.decode(genome), tuple(map(float, genome))))
                 next_id += 1
 
-            results = evaluate(pool, trials + candidates, journal, run, generation)
+            if config.eval.subsample is None:
+                results = evaluate(pool, trials + candidates, journal, run, generation)
+                told = [results[trial.id] for trial in candidates]
+                fitness = losses(told, generation)
+            else:  # successive halving: all candidates on a subset, the best share on the full limit
+                fitness, told = race(config.eval, pool, trials, candidates, journal, run, generation, evaluate)
 
-            told = [results[trial.id] for trial in candidates]
-            strategy.tell(genomes, losses(told, generation), costs(told))
+            strategy.tell(genomes, fitness, costs(told))
             generation += 1
             run.save_checkpoint(Checkpoint(generation, next_id, strategy.get_state()))
             summary = summarize(run.records(), config)
@@ -124,9 +131,10 @@ def run_loop(run: RunDir, config: RunConfig, layout: GenomeLayout, pool: Pool | 
     return summarize(run.records(), config)
 
 
-def evaluate(pool: Pool, trials: list[Trial], journal: dict[int, dict], run: RunDir,
-             generation: int) -> dict[int, TrialResult]:
-    """Results for every trial: read back from the journal, or evaluated now and journaled."""
+def evaluate(pool: Pool, trials: list[Trial], journal: dict[int, dict], run: RunDir, generation: int,
+             line: Callable[[Trial, TrialResult], dict] = record, file: str = JOURNAL) -> dict[int, TrialResult]:
+    """Results for every trial: read back from the journal, or evaluated now and journaled
+    (`line(trial, result)` appended to `file` of the run directory as each one finishes)."""
     results: dict[int, TrialResult] = {}
     todo = []
     for trial in trials:
@@ -143,7 +151,7 @@ def evaluate(pool: Pool, trials: list[Trial], journal: dict[int, dict], run: Run
     with tqdm(total=len(trials), initial=len(results), desc=f"generation {generation}", unit="trial",
               leave=False, dynamic_ncols=True, disable=None) as bar:
         for trial, result in pool.run(todo):
-            run.append(record(trial, result))
+            run.append(line(trial, result), file)
             results[trial.id] = result
             if result.ok:
                 best = result.quality if best is None else max(best, result.quality)

@@ -25,6 +25,7 @@ class Trial:
     generation: int
     recipe: Recipe
     genome: tuple[float, ...] | None = None  # None for reference trials (sources, uniform merge)
+    limit: int | float | None = None  # lm-eval's limit for this evaluation; None: eval.limit (evomerge/racing.py)
 
     @property
     def label(self) -> str | None:

@@ -77,7 +77,7 @@ class CandidateRunner:
                 evaluator = self.moe_evaluator
             merged = time.perf_counter()
             with torch.inference_mode():
-                evaluation = evaluator(trial.recipe.policy)
+                evaluation = evaluator(trial.recipe.policy, limit=trial.limit)
             done = time.perf_counter()
             value = quality(evaluation.scores, list(self.config.eval.tasks))
             if not math.isfinite(value):

@@ -1,10 +1,11 @@
 """A search driver that SIGKILLs itself at a chosen point (run as a child process by test_crash.py).
 
-    python crash_driver.py RUN_DIR start|resume [POINT N]
+    python crash_driver.py RUN_DIR start|resume [POINT N] [--subsample]
 
 POINT is one of mid_generation (after N results), journal_append (half-way through the N-th
 journal line), checkpoint_write (half-way through the checkpoint of generation N),
-between_generations (right after the checkpoint of generation N). The loop, the run directory
+between_generations (right after the checkpoint of generation N). `--subsample` runs with
+eval.subsample (the N-th journal line may then be a subsample.jsonl line). The loop, the run directory
 and the strategies are the real ones; only the pool is the deterministic fake one.
 """
 
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from fakes import FakePool, make_config  # noqa: E402
 
+from evomerge.config import validate  # noqa: E402
 from evomerge.genome import GenomeLayout  # noqa: E402
 from evomerge.run_dir import CHECKPOINT, JOURNAL, Checkpoint, RunDir  # noqa: E402
 from evomerge.search import run_loop  # noqa: E402
@@ -37,16 +39,16 @@ class CrashingRunDir(RunDir):
         super().__init__(path)
         self.point, self.count, self.appends = point, count, 0
 
-    def append(self, record: dict) -> None:
+    def append(self, record: dict, file: str = JOURNAL) -> None:
         self.appends += 1
         if self.point == "journal_append" and self.appends == self.count:
             line = json.dumps(record, sort_keys=True)
-            with open(self.path / JOURNAL, "a") as handle:
+            with open(self.path / file, "a") as handle:
                 handle.write(line[: len(line) // 2])
                 handle.flush()
                 os.fsync(handle.fileno())
             die()
-        super().append(record)
+        super().append(record, file)
 
     def save_checkpoint(self, checkpoint: Checkpoint) -> None:
         if self.point == "checkpoint_write" and checkpoint.generation == self.count:
@@ -75,9 +77,14 @@ class CrashingPool(FakePool):
 
 
 def main() -> None:
-    run_dir, mode = Path(sys.argv[1]), sys.argv[2]
-    point, count = (sys.argv[3], int(sys.argv[4])) if len(sys.argv) > 3 else ("none", -1)
+    args = [arg for arg in sys.argv[1:] if arg != "--subsample"]
+    run_dir, mode = Path(args[0]), args[1]
+    point, count = (args[2], int(args[3])) if len(args) > 2 else ("none", -1)
     config = make_config(generations=4)
+    if "--subsample" in sys.argv:
+        raw = config.to_yaml_dict()
+        raw["eval"].update(limit=100, subsample={"fraction": 0.25, "promote": 0.5})
+        config = validate(raw)
     layout = GenomeLayout.build("task_arithmetic", "layer", 3, 2, BOUNDS)
     if mode == "start":
         RunDir.create(run_dir, config, layout.describe())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from evomerge.run_dir import RunDir, canonical
+from evomerge.run_dir import SUBSAMPLE, RunDir, canonical
 
 DRIVER = Path(__file__).with_name("crash_driver.py")
 
@@ -43,3 +43,28 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, uninterrupted, poin
     evaluated = [int(line) for line in (run_dir / "evaluated.log").read_text().split()]
     twice = {t for t in evaluated if evaluated.count(t) > 1}
     assert not twice & journaled_at_crash  # only trials in flight at the crash ran again
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_subsample(tmp_path_factory) -> tuple[list[dict], list[dict]]:
+    run_dir = tmp_path_factory.mktemp("straight_subsample") / "run"
+    assert drive(run_dir, "start", "--subsample") == 0
+    run = RunDir.open(run_dir)
+    return canonical(run.records()), canonical(run.records(SUBSAMPLE))
+
+
+@pytest.mark.parametrize("point, count", [
+    ("mid_generation", 4),        # generation 0's subset rung half done
+    ("mid_generation", 17),       # generation 1's full rung started
+    ("journal_append", 5),        # a torn subsample.jsonl line
+    ("journal_append", 10),       # a torn journal line (a reference)
+    ("between_generations", 2),
+])
+def test_subsample_resume_after_sigkill_equals_uninterrupted(tmp_path, uninterrupted_subsample, point,
+                                                             count) -> None:
+    run_dir = tmp_path / "run"
+    assert drive(run_dir, "start", point, str(count), "--subsample") == -signal.SIGKILL
+    assert drive(run_dir, "resume", "--subsample") == 0
+    run = RunDir.open(run_dir)
+    assert (canonical(run.records()), canonical(run.records(SUBSAMPLE))) == uninterrupted_subsample
+    assert len({r["trial"] for r in run.records()}) == len(run.records())
