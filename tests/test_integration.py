@@ -135,7 +135,7 @@ def test_failures_come_back_as_data_through_ray(zoo, ray_cluster, tmp_path) -> N
     finally:
         pool.close()
     assert results[0].state is TrialState.FAILED and "sum" in results[0].error
-    assert results[1].state is TrialState.FAILED and "KeyError" in results[1].error and results[1].traceback
+    assert results[1].state is TrialState.FAILED and "no values for group" in results[1].error and results[1].traceback
     assert results[2].state is TrialState.COMPLETE
     assert results[3].state is TrialState.FAILED and "finite" in results[3].error
 
