@@ -84,6 +84,9 @@ class Recipe:
     label: str | None = None  # references: "base", "expert:1", "uniform"
     policy: dict[str, Any] | None = None  # {"kind", "members", "params"}; None: the merged model alone
     moe: dict[str, Any] | None = None  # {"experts_per_token", "temperature"}: upcycle the merge (evomerge/moe.py)
+    # {"models": [member, ...], "path": [[model, layer, scale], ...]}: serve a layer path through
+    # the merge and the sources instead of the merge alone (evomerge/dataflow.py)
+    dataflow: dict[str, Any] | None = None
 
     def for_tensor(self, name: str) -> dict[str, Any]:
         """Keyword arguments for the merge method for one parameter tensor."""
@@ -99,6 +102,8 @@ class Recipe:
             data["policy"] = self.policy
         if self.moe is not None:
             data["moe"] = self.moe
+        if self.dataflow is not None:
+            data["dataflow"] = self.dataflow
         return data
 
     @classmethod
@@ -106,7 +111,8 @@ class Recipe:
         return cls(method=data["method"], granularity=data["granularity"], num_layers=int(data["num_layers"]),
                    params={g: {k: [float(v) for v in vs] for k, vs in genes.items()}
                            for g, genes in data["params"].items()},
-                   label=data.get("label"), policy=data.get("policy"), moe=data.get("moe"))
+                   label=data.get("label"), policy=data.get("policy"), moe=data.get("moe"),
+                   dataflow=data.get("dataflow"))
 
 
 @dataclass(frozen=True)
