@@ -3,6 +3,7 @@
     RUN/
       config.yaml       the resolved config (absolute paths), written once at creation
       genome.json       the genome layout: index -> group, expert, gene, bounds
+      genome.dfs.json   the genome of a dfs stage that follows a ps stage (written when it starts)
       journal.jsonl     one line per finished trial, appended, flushed and fsynced
       checkpoint.pkl    optimiser + RNG state after the last finished generation (temp file + rename)
       summary.json      best trial, references, per-generation stats (rewritten each generation)
@@ -40,6 +41,7 @@ class Checkpoint:
     next_trial_id: int
     strategy_state: bytes
     schema: int = SCHEMA_VERSION
+    stage: int = 0  # index into config.stages of the stage the strategy state belongs to
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -25,6 +25,7 @@ class Trial:
     generation: int
     recipe: Recipe
     genome: tuple[float, ...] | None = None  # None for reference trials (sources, uniform merge)
+    stage: str = "ps"  # the search stage (config.stages) that proposed it
 
     @property
     def label(self) -> str | None:
@@ -60,6 +61,7 @@ def record(trial: Trial, result: TrialResult) -> dict[str, Any]:
     data = {
         "trial": trial.id,
         "generation": trial.generation,
+        "stage": trial.stage,
         "label": trial.label,
         "genome": list(trial.genome) if trial.genome is not None else None,
         "recipe": trial.recipe.to_json(),
