@@ -329,14 +329,16 @@ def passthrough_yaml(flow: LayerPath, folders: Sequence[str | None], dtype: str,
         return None
     if folders[0] is None:
         return None
-    slices: list[dict[str, Any]] = []
+    # mergekit takes the embeddings from the first slice's model and the final norm and head from
+    # the last slice's: empty slices of the first model pin both to it.
+    slices: list[dict[str, Any]] = [{"sources": [{"model": folders[0], "layer_range": [0, 0]}]}]
     for step in flow.path:
         last = slices[-1]["sources"][0] if slices else None
         if last is not None and last["model"] == folders[step.model] and last["layer_range"][1] == step.layer:
             last["layer_range"][1] += 1
         else:
             slices.append({"sources": [{"model": folders[step.model], "layer_range": [step.layer, step.layer + 1]}]})
-    document = {"slices": slices, "merge_method": "passthrough", "base_model": folders[0], "dtype": dtype,
-                "tokenizer_source": "base"}
+    slices.append({"sources": [{"model": folders[0], "layer_range": [0, 0]}]})
+    document = {"slices": slices, "merge_method": "passthrough", "dtype": dtype}
     header = f"# evomerge export of trial {trial} (data-flow path of {len(flow.path)} layers)\n"
     return header + yaml.safe_dump(document, sort_keys=False)
