@@ -215,7 +215,7 @@ def test_mergekit_builds_the_same_model_from_the_passthrough_yaml(zoo, tmp_path:
     folders = [str(zoo["base"]), str(zoo[[n for n in zoo if n != "base"][0]])]
     models = [AutoModelForCausalLM.from_pretrained(f).eval() for f in folders]
     flow = LayerPath(models)
-    flow.set_path([Step(1, 0), Step(0, 1), Step(0, 1), Step(1, 2)])
+    flow.set_path([Step(1, 0), Step(0, 1), Step(0, 1), Step(1, 1)])  # the quick zoo has 2 layers
     (tmp_path / "m.yaml").write_text(passthrough_yaml(flow, folders, "float32", 0))
     tool = Path(sys.executable).with_name("mergekit-yaml")
     done = subprocess.run([str(tool), str(tmp_path / "m.yaml"), str(tmp_path / "out")], capture_output=True, text=True)
@@ -361,21 +361,29 @@ def runner(zoo, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_a_path_of_one_models_layers_scores_like_that_model(runner) -> None:
-    from evomerge.search import genome_layout
+def test_a_path_of_one_models_layers_scores_like_that_model(runner, zoo, tmp_path: Path) -> None:
     from evomerge.genome import reference_recipes
+    from evomerge.search import genome_layout
     from evomerge.trial import Trial
+    from evomerge.workers import CandidateRunner
 
     candidate, config = runner
     space = genome_layout(config)
     assert isinstance(space, DataflowLayout) and space.members == ("base", "expert:0", "expert:1", "expert:2")
     plain = reference_recipes(len(config.models.experts), space.merge.num_layers)  # base, expert:i, uniform
-    for index, (path, source) in enumerate(zip(space.references(), plain)):
-        as_path = candidate.run(Trial(2 * index, 0, path))
-        alone = candidate.run(Trial(2 * index + 1, 0, source))
-        assert as_path.ok and alone.ok, (as_path.error, alone.error)
-        assert as_path.quality == alone.quality and as_path.metrics == alone.metrics, source.label
-        assert as_path.flops == alone.flops
+    as_path, alone = candidate.run(Trial(0, 0, space.references()[0])), candidate.run(Trial(1, 0, plain[0]))
+    assert as_path.ok and alone.ok, (as_path.error, alone.error)
+    assert (as_path.quality, as_path.metrics, as_path.flops) == (alone.quality, alone.metrics, alone.flops)
+    # an expert's layers under the base's embeddings and head run, but are not that expert
+    assert candidate.run(Trial(2, 0, space.references()[2])).ok
+    # with the expert first (its embeddings and head), its own path is the expert exactly
+    path = write_config(tmp_path, zoo, dataflow={"models": ["expert:1", "base"]},
+                        merge={"method": "task_arithmetic", "granularity": "global"})
+    expert_first = CandidateRunner(load_config(path))
+    as_path = expert_first.run(Trial(0, 0, genome_layout(expert_first.config).references()[0]))
+    alone = expert_first.run(Trial(1, 0, plain[2]))
+    assert plain[2].label == "expert:1" and as_path.ok and alone.ok, (as_path.error, alone.error)
+    assert (as_path.quality, as_path.metrics, as_path.flops) == (alone.quality, alone.metrics, alone.flops)
 
 
 @pytest.mark.slow
@@ -383,20 +391,23 @@ def test_a_repeated_layer_runs_through_lm_eval_and_costs_more(runner) -> None:
     from evomerge.trial import Trial
 
     candidate, config = runner
-    space = DataflowLayout(tuple(config.dataflow_models), (4,) * 4, 2, (0.5, 1.5),
-                           replace(candidate_merge(config), label=None))
+    space = layout_of(candidate, config)
     own = candidate.run(Trial(0, 0, space.references()[0]))
-    longer = candidate.run(Trial(1, 0, space.recipe([Step(0, 0), Step(0, 1), Step(0, 1, 0.9), Step(1, 2),
-                                                     Step(0, 3)])))
+    longer = candidate.run(Trial(1, 0, space.recipe([Step(0, 0), Step(0, 1), Step(0, 1, 0.9), Step(1, 0),
+                                                     Step(0, 1)])))
     assert own.ok and longer.ok, longer.error
     assert candidate.flow.model.config.num_hidden_layers == 5
     assert longer.flops > own.flops
 
 
-def candidate_merge(config) -> Recipe:
+def layout_of(candidate, config) -> DataflowLayout:
+    """The dfs genome of the runner's config (base, experts; the quick zoo's models have 2 layers)."""
     from evomerge.genome import reference_recipes
 
-    return reference_recipes(len(config.models.experts), 4)[0]
+    layers = len(candidate.flow.layers[0])
+    merge = replace(reference_recipes(len(config.models.experts), layers)[0], label=None)
+    return DataflowLayout(tuple(config.dataflow_models), (layers,) * len(config.dataflow_models), 2, (0.5, 1.5),
+                          merge)
 
 
 @pytest.mark.slow
@@ -405,11 +416,10 @@ def test_an_exported_path_reloads_with_its_score(runner, tmp_path: Path) -> None
     from evomerge.trial import Trial, record
 
     candidate, config = runner
-    space = DataflowLayout(tuple(config.dataflow_models), (4,) * 4, 2, (0.5, 1.5),
-                           replace(candidate_merge(config), label=None))
+    space = layout_of(candidate, config)
     run = RunDir.create(tmp_path / "run", config, space.describe())
-    paths = {0: [Step(0, 0), Step(2, 1, 1.2), Step(0, 1), Step(0, 1, 0.8), Step(0, 2), Step(3, 3), Step(0, 3)],
-             1: [Step(0, 0), Step(0, 1), Step(1, 2), Step(1, 2), Step(0, 3)]}
+    paths = {0: [Step(0, 0), Step(2, 1, 1.2), Step(0, 1), Step(0, 1, 0.8), Step(0, 0), Step(3, 1), Step(0, 1)],
+             1: [Step(0, 0), Step(0, 1), Step(1, 1), Step(1, 1), Step(0, 1)]}
     for trial_id, path in paths.items():
         trial = Trial(trial_id, 0, space.recipe(path), stage="dfs")
         run.append(record(trial, candidate.run(trial)))
