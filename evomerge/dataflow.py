@@ -147,7 +147,8 @@ class DataflowLayout:
         return x
 
     def references(self) -> list[Recipe]:
-        """Each member's own layers once, unscaled (labelled `path:MEMBER`): the sources as paths."""
+        """Each member's own layers once, unscaled (labelled `path:MEMBER`); only the first member's
+        is that member exactly (the others keep the first member's embeddings and head)."""
         return [self.recipe([Step(m, layer) for layer in range(self.layers[m])], label=f"path:{name}")
                 for m, name in enumerate(self.members)]
 
