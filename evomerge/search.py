@@ -158,7 +158,7 @@ def run_stage(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLay
         if checkpoint.stage == index:
             strategy.set_state(checkpoint.strategy_state)
             generation = checkpoint.generation
-        logger.info("resuming %s after generation %d", run.path, checkpoint.generation - 1)
+            logger.info("resuming %s after generation %d", run.path, generation - 1)
     journal = run.finished()
     if pool is None and generation < stop:  # a finished run needs no workers
         from evomerge.workers import WorkerPool
