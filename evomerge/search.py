@@ -60,8 +60,8 @@ def search(config: RunConfig, run_dir: str | Path, pool: Pool | None = None,
     run = RunDir.create(run_dir, config, layout.describe())
     if on_created is not None:
         on_created(run.path)
-    logger.info("run %s: %d genes (%s, %s), strategy %s", run.path, layout.size, layout.method,
-                layout.granularity, config.search.strategy)
+    logger.info("run %s: stages %s, %d genes in the first, strategy %s", run.path, "+".join(config.stages),
+                layout.size, config.search.strategy)
     return run_loop(run, config, layout, pool)
 
 

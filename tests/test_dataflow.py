@@ -429,3 +429,16 @@ def test_an_exported_path_reloads_with_its_score(runner, tmp_path: Path) -> None
         export(run.path, out, trial_id)
         assert evaluate_folder(config, out) == pytest.approx(journaled["quality"], abs=1e-12)
         assert (out / "mergekit.yaml").is_file() == (trial_id == 1)  # unscaled paths only
+
+
+@pytest.mark.slow
+def test_search_starts_a_dfs_only_run_from_a_config(zoo, tmp_path: Path) -> None:
+    from evomerge.search import search
+
+    config = load_config(write_config(tmp_path, zoo, dataflow={"repeats": 1, "scaling": False},
+                                      search={"population": 4, "generations": 2}))
+    summary = search(config, tmp_path / "run", pool=PathPool())
+    records = RunDir.open(tmp_path / "run").records()
+    assert {r["stage"] for r in records} == {"dfs"} and summary["trials"] == 4 + 2 * 4
+    assert [r["label"] for r in summary["references"]] == ["path:base", "path:expert:0", "path:expert:1",
+                                                           "path:expert:2"]
