@@ -232,6 +232,9 @@ class DataflowConfig(_Frozen):
     models: list[str] | None = None  # None: base + experts; after a ps stage, merged + experts
     repeats: int = Field(default=1, ge=1)
     scaling: bool = True  # False: every scale is 1 (paths then export to a mergekit passthrough config)
+    # first: the centre of the box is the first model's own path (see evomerge/dataflow.py);
+    # none: every slot is kept when its gene is above 0.5 (Sakana's rule)
+    start: Literal["first", "none"] = "first"
     generations: int | None = Field(default=None, ge=1)  # None: search.generations
     population: int | None = Field(default=None, ge=2)  # None: search.population
     bounds: dict[Literal["scale"], tuple[float, float]] = Field(default_factory=dict)

@@ -12,8 +12,14 @@ T genes instead of M^2 (W would tie slots that share a layer pair; ours does not
 
     genome  = include[0..T-1] ++ scale[0..T-1]      (scale genes only with dataflow.scaling)
     slot t  = layer (t mod M) of the concatenated layer lists of dataflow.models
-    kept    = include[t] > 0.5, in slot order
+    kept    = include[t] > 0.5, in slot order       (dataflow.start: none, Sakana's rule)
+              include[t] > 0.25 on the start path, > 0.75 elsewhere   (dataflow.start: first)
     path    = [(model, layer, scale), ...]
+
+With `start: first` (the default) the start path is the first member's layers in the first
+pass, so the centre of the box, where every search starts (search.x0 = 0.5, scales at the
+middle of their bounds, 1.0 for the default [0.5, 1.5]), is the first member itself and the
+search explores paths around it; with `none`, half the slots are on the path at random.
 
 The first model gives the embeddings, the final norm and the head. `LayerPath` builds the
 candidate in memory from the sources' own decoder-layer modules (no weight copies): a shell
@@ -50,6 +56,9 @@ from evomerge.errors import ModelMismatchError
 from evomerge.genome import Recipe
 
 INCLUDE_THRESHOLD = 0.5  # a slot is on the path when its include gene is above this (Sakana: > 0.5)
+# dataflow.start: first: slots of the start path are kept above 0.5 - START_MARGIN, the others
+# above 0.5 + START_MARGIN, so the centre of the box (x0 = 0.5) is the first member itself
+START_MARGIN = 0.25
 # model_type -> the output projections of the residual branches of one decoder layer
 FOLDABLE: dict[str, tuple[str, ...]] = {
     "llama": ("self_attn.o_proj", "mlp.down_proj"),
@@ -89,6 +98,13 @@ class DataflowLayout:
     repeats: int
     scale_bounds: tuple[float, float] | None  # None: no scale genes, every scale is 1
     merge: Recipe
+    start: tuple[int, ...] = ()  # slots of the start path (dataflow.start: first); () for none
+
+    def threshold(self, t: int) -> float:
+        """Slot t is kept when its include gene is above this."""
+        if not self.start:
+            return INCLUDE_THRESHOLD
+        return INCLUDE_THRESHOLD - START_MARGIN if t in self.start else INCLUDE_THRESHOLD + START_MARGIN
 
     @property
     def slots(self) -> list[tuple[int, int]]:
@@ -112,7 +128,7 @@ class DataflowLayout:
         slots = self.slots
         path = []
         for t, (model, layer) in enumerate(slots):
-            if x[t] > INCLUDE_THRESHOLD:
+            if x[t] > self.threshold(t):
                 scale = 1.0
                 if self.scale_bounds is not None:
                     low, high = self.scale_bounds

@@ -85,8 +85,9 @@ def dataflow_layout(config: RunConfig, num_layers: int, merge: Recipe) -> Datafl
     flow = config.dataflow
     assert flow is not None  # the config refuses a dfs stage without a dataflow block
     members = tuple(config.dataflow_models)
+    start = tuple(range(num_layers)) if flow.start == "first" else ()  # the first member's slots, first pass
     return DataflowLayout(members, (num_layers,) * len(members), flow.repeats,
-                          flow.bound("scale") if flow.scaling else None, merge)
+                          flow.bound("scale") if flow.scaling else None, merge, start)
 
 
 def stage_search(config: RunConfig, stage: str) -> SearchConfig:

@@ -167,6 +167,17 @@ def test_bad_genomes_name_the_gene() -> None:
         space.decode(np.ones(3))
 
 
+def test_with_a_start_path_the_centre_of_the_box_is_the_first_model() -> None:
+    space = replace(layout(), start=tuple(range(LAYERS)))
+    centre = space.decode(np.full(space.size, 0.5))
+    assert centre.dataflow["path"] == [[0, layer, 1.0] for layer in range(LAYERS)]
+    x = np.full(space.size, 0.5)
+    x[0], x[LAYERS] = 0.2, 0.8  # drop the first layer, add the second model's first layer
+    assert space.decode(x).dataflow["path"] == [[0, 1, 1.0], [0, 2, 1.0], [1, 0, 1.0]]
+    path = [Step(1, 1), Step(0, 0, 1.2)]
+    assert space.decode(space.encode(path)).dataflow["path"] == [[1, 1, 1.0], [0, 0, 1.2]]
+
+
 def test_references_are_each_models_own_layers() -> None:
     refs = layout().references()
     assert [r.label for r in refs] == ["path:base", "path:expert:0"]
@@ -253,6 +264,7 @@ def test_stages_default_from_the_dataflow_block() -> None:
     ({"dataflow": {"repeats": 0}}, "dataflow.repeats: Input should be greater than or equal to 1"),
     ({"dataflow": {"bounds": {"scale": [1.5, 0.5]}}}, r"dataflow.bounds.scale: expected \[low, high\]"),
     ({"dataflow": {"paths": 3}}, "dataflow.paths: unknown key; expected one of: models, repeats"),
+    ({"dataflow": {"start": "last"}}, "dataflow.start: Input should be 'first' or 'none'"),
     ({"dataflow": {}, "policy": {"kind": "blend", "members": ["merged", "base"]}}, "policy.kind: a dfs stage"),
 ])
 def test_bad_dataflow_configs_are_one_line_errors(sections: dict, message: str) -> None:
