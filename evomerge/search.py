@@ -6,6 +6,10 @@ every finished trial is journaled at once, the strategy is told the losses (-qua
 failed trial gets a loss worse than every finished one), and the optimiser state is
 checkpointed. Resuming replays the same loop from the checkpoint: trials already in the
 journal are read back instead of evaluated again.
+
+A run goes through `config.stages` in order (`ps`: merge coefficients; `dfs`: layer paths,
+evomerge/dataflow.py), each stage the same loop over its own genome and generations; the
+checkpoint records the stage its strategy state belongs to.
 """
 
 from __future__ import annotations
