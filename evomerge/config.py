@@ -216,6 +216,16 @@ class SearchConfig(_Frozen):
     x0: float = Field(default=0.5, ge=0.0, le=1.0)  # cma: every gene starts here (normalised)
     tradeoffs: list[float] | None = Field(default=None, min_length=1)  # cma: one CMA-ES per weight
     references: bool = True  # evaluate the sources and the uniform merge in generation 0
+    # The search spaces in order: ps (parameter space: merge coefficients), dfs (data-flow space:
+    # a layer path, see DataflowConfig); None: [dfs] when a dataflow block is given, else [ps].
+    stages: list[Literal["ps", "dfs"]] | None = None
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and value not in (["ps"], ["dfs"], ["ps", "dfs"]):
+            raise ValueError(f"expected [ps], [dfs] or [ps, dfs] (got {value})")
+        return value
 
     @field_validator("tradeoffs")
     @classmethod
@@ -323,6 +333,51 @@ class MoeConfig(_Frozen):
         return tuple(self.bounds.get(gene, MOE_DEFAULT_BOUNDS[gene]))  # type: ignore[return-value]
 
 
+DATAFLOW_DEFAULT_BOUNDS = {"scale": (0.5, 1.5)}
+
+
+class DataflowConfig(_Frozen):
+    """The data-flow space (evomerge/dataflow.py, Sakana AI arXiv 2403.13187): a path through the
+    decoder layers of `models` (members `merged`, `base`, `expert:I`; the first gives embeddings,
+    final norm and head), `repeats` passes over all their layers, one include gene per slot and,
+    with `scaling`, one scale gene per slot for the hidden state fed to that layer."""
+
+    models: list[str] | None = None  # None: base + experts; after a ps stage, merged + experts
+    repeats: int = Field(default=1, ge=1)
+    scaling: bool = True  # False: every scale is 1 (paths then export to a mergekit passthrough config)
+    # first: the centre of the box is the first model's own path (see evomerge/dataflow.py);
+    # none: every slot is kept when its gene is above 0.5 (Sakana's rule)
+    start: Literal["first", "none"] = "first"
+    generations: int | None = Field(default=None, ge=1)  # None: search.generations
+    population: int | None = Field(default=None, ge=2)  # None: search.population
+    bounds: dict[Literal["scale"], tuple[float, float]] = Field(default_factory=dict)
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("expected one or more of merged, base, expert:I (got [])")
+        for member in value:
+            if not (member in ("merged", "base") or re.fullmatch(r"expert:\d+", member)):
+                raise ValueError(f"expected merged, base or expert:I (got {member!r})")
+        if len(set(value)) != len(value):
+            raise ValueError(f"each model once (got {value})")
+        return value
+
+    @model_validator(mode="after")
+    def _scale_bounds(self) -> DataflowConfig:
+        for gene, (low, high) in self.bounds.items():
+            if not (math.isfinite(low) and math.isfinite(high) and 0.0 <= low < high):
+                raise ValueError(f"bounds.{gene}: expected [low, high] with finite 0 <= low < high "
+                                 f"(got [{low}, {high}])")
+        return self
+
+    def bound(self, gene: str) -> tuple[float, float]:
+        return tuple(self.bounds.get(gene, DATAFLOW_DEFAULT_BOUNDS[gene]))  # type: ignore[return-value]
+
+
 class WorkersConfig(_Frozen):
     count: int = Field(default=1, ge=1)
     cpus_per_worker: float = Field(default=1, gt=0)
@@ -339,6 +394,7 @@ class RunConfig(_Frozen):
     search: SearchConfig = Field(default_factory=SearchConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     moe: MoeConfig | None = None  # set: every candidate is upcycled into a mixture of experts
+    dataflow: DataflowConfig | None = None  # the data-flow space of a dfs stage (search.stages)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
 
     @model_validator(mode="after")
@@ -359,7 +415,39 @@ class RunConfig(_Frozen):
                                  f"(expert:0 to expert:{len(self.models.experts) - 1})")
         if self.moe is not None:
             self._moe_fits_models(self.moe, len(self.models.experts))
+        self._stages_fit(len(self.models.experts))
         return self
+
+    @property
+    def stages(self) -> list[str]:
+        """The search stages in order: search.stages, else [dfs] with a dataflow block, else [ps]."""
+        if self.search.stages is not None:
+            return list(self.search.stages)
+        return ["dfs"] if self.dataflow is not None else ["ps"]
+
+    @property
+    def dataflow_models(self) -> list[str]:
+        """The members whose layers a dfs path runs through (the first gives embeddings and head)."""
+        if self.dataflow is not None and self.dataflow.models is not None:
+            return list(self.dataflow.models)
+        experts = [f"expert:{i}" for i in range(len(self.models.experts))]
+        return ["merged", *experts] if self.stages[0] == "ps" else ["base", *experts]
+
+    def _stages_fit(self, experts: int) -> None:
+        if "dfs" not in self.stages:
+            if self.dataflow is not None:
+                raise ValueError(f"dataflow: search.stages is {self.stages}; add dfs to search it")
+            return
+        if self.dataflow is None:
+            raise ValueError("dataflow: search.stages has dfs but there is no dataflow block (e.g. dataflow: {repeats: 1})")
+        for member in self.dataflow.models or []:
+            if member.startswith("expert:") and int(member.split(":")[1]) >= experts:
+                raise ValueError(f"dataflow.models: {member} but there are {experts} experts "
+                                 f"(expert:0 to expert:{experts - 1})")
+        if self.moe is not None:
+            raise ValueError("moe: a dfs stage searches layer paths of dense models; remove moe or the dfs stage")
+        if self.policy.kind != "none":
+            raise ValueError("policy.kind: a dfs stage serves its layer path alone; set policy.kind: none")
 
     def _moe_fits_models(self, moe: MoeConfig, experts: int) -> None:
         if moe.gate_mode != "random" and (not moe.prompts or any(not p or not all(p) for p in moe.prompts)):

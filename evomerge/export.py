@@ -1,7 +1,8 @@
 """A trial -> a Hugging Face model folder, a mergekit YAML and the recipe JSON.
 
 The folder is the exact artifact: it is merged with the same code the workers ran, so
-reloading it and evaluating it reproduces the journaled quality. The mergekit YAML expresses
+reloading it and evaluating it reproduces the journaled quality (a data-flow path is written
+as an ordinary model of the first member's architecture, evomerge/dataflow.py `materialize`). The mergekit YAML expresses
 per-layer coefficients as tensor-name filters (`model.layers.3.` -> value) with a final
 default for embeddings, norm and head; per-module recipes (merge.modules) as the shortest
 dotted-prefix filters that give every tensor its value. Random-drop methods (dare_*, della*)
@@ -70,7 +71,9 @@ def write_folder(folder: Path, config: RunConfig, record: dict[str, Any]) -> Non
     model, merger = load_merge_target(config.models, config.seed, pick_device(config.models.device))
     merger.merge_into(model, recipe)
     tokenizer = load_tokenizer(config.models.base, config.models)
-    if recipe.moe is not None:  # the mixture the worker built (mergekit-moe cannot express its routers)
+    if recipe.dataflow is not None:  # the layer path the worker built, its layers copied out
+        write_layer_path(folder, config, model, recipe, record["trial"])
+    elif recipe.moe is not None:  # the mixture the worker built (mergekit-moe cannot express its routers)
         from evomerge.moe import Upcycler, upcycle_candidate
 
         upcycled = upcycle_candidate(Upcycler(model, merger.experts), model, tokenizer, config.moe, recipe.moe,
@@ -85,6 +88,22 @@ def write_folder(folder: Path, config: RunConfig, record: dict[str, Any]) -> Non
     (folder / "recipe.json").write_text(json.dumps({"trial": record["trial"], "quality": record["quality"],
                                                      "metrics": record["metrics"], "seed": config.seed,
                                                      "recipe": record["recipe"]}, indent=1), encoding="utf-8")
+
+
+def write_layer_path(folder: Path, config: RunConfig, merged: torch.nn.Module, recipe: Recipe, trial: int) -> None:
+    """A data-flow trial as an ordinary model (scales folded in) and, when the path can be expressed
+    (every scale 1, no merged member), a mergekit passthrough config of `slices:`."""
+    from evomerge.dataflow import materialize, passthrough_yaml, path_of
+    from evomerge.workers import build_layer_path
+
+    flow = build_layer_path(config, merged, {}, pick_device(config.models.device))
+    flow.set_path(path_of(recipe.dataflow))
+    materialize(flow).save_pretrained(folder, safe_serialization=True)
+    paths = config.models.by_member_name
+    yaml_text = passthrough_yaml(flow, [paths.get(name) for name in recipe.dataflow["models"]],
+                                 config.models.dtype, trial)
+    if yaml_text is not None:
+        (folder / "mergekit.yaml").write_text(yaml_text, encoding="utf-8")
 
 
 def move_into(staging: Path, out: Path) -> None:

@@ -122,7 +122,8 @@ class CostModel:
 
         ``matmul_params`` = sum of in x out over every ``nn.Linear`` (in_features x out_features,
         so quantised/packed weights count at their logical size) and every transformers
-        ``Conv1D`` (GPT-2's linear layers); embeddings are lookups and count nothing.  The
+        ``Conv1D`` (GPT-2's linear layers), once per place it occurs in the module tree (a layer
+        that a data-flow path runs twice counts twice); embeddings are lookups and count nothing.  The
         lm_head is ``model.get_output_embeddings()``.  Attention dimensions come from
         ``model.config``.  In a mixture of experts, a module holding the experts' weights
         as stacked 3-D tensors counts ``experts_per_token`` of its ``num_experts`` experts,
@@ -131,7 +132,8 @@ class CostModel:
         config = _text_config(model.config)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         lm_head = _linear_params(head) if head is not None else 0
-        matmul = sum(_linear_params(module) for module in model.modules())
+        # every occurrence counts: a module reached twice (a layer repeated on a data-flow path) runs twice
+        matmul = sum(_linear_params(module) for _, module in model.named_modules(remove_duplicate=False))
         if _num_experts(config) > 1:
             matmul += _active_expert_params(model, _experts_per_token(config))
         layers, attn = _attention_dims(config)

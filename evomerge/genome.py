@@ -138,6 +138,9 @@ class Recipe:
     policy: dict[str, Any] | None = None  # {"kind", "members", "params"}; None: the merged model alone
     moe: dict[str, Any] | None = None  # {"experts_per_token", "temperature"}: upcycle the merge (evomerge/moe.py)
     modules: tuple[str, ...] | None = None  # merge.modules: groups are split as `group/kind`
+    # {"models": [member, ...], "path": [[model, layer, scale], ...]}: serve a layer path through
+    # the merge and the sources instead of the merge alone (evomerge/dataflow.py)
+    dataflow: dict[str, Any] | None = None
 
     def group(self, name: str) -> str:
         """The group whose values a parameter tensor takes."""
@@ -164,6 +167,8 @@ class Recipe:
             data["moe"] = self.moe
         if self.modules is not None:
             data["modules"] = list(self.modules)
+        if self.dataflow is not None:
+            data["dataflow"] = self.dataflow
         return data
 
     @classmethod
@@ -173,7 +178,7 @@ class Recipe:
                    params={g: {k: [float(v) for v in vs] for k, vs in genes.items()}
                            for g, genes in data["params"].items()},
                    label=data.get("label"), policy=data.get("policy"), moe=data.get("moe"),
-                   modules=tuple(modules) if modules is not None else None)
+                   modules=tuple(modules) if modules is not None else None, dataflow=data.get("dataflow"))
 
 
 @dataclass(frozen=True)

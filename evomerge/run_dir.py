@@ -3,6 +3,7 @@
     RUN/
       config.yaml       the resolved config (absolute paths), written once at creation
       genome.json       the genome layout: index -> group, expert, gene, bounds
+      genome.dfs.json   the genome of a dfs stage that follows a ps stage (written when it starts)
       journal.jsonl     one line per finished trial, appended, flushed and fsynced
       subsample.jsonl   with eval.subsample: each candidate's subset score (evomerge/racing.py), appended likewise
       checkpoint.pkl    optimiser + RNG state after the last finished generation (temp file + rename)
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 # Config fields a resumed run may change: the budget, not what a trial means.
-RESUMABLE_CHANGES = ("search.generations", "workers.", "eval.limit", "eval.batch_size")
+RESUMABLE_CHANGES = ("search.generations", "dataflow.generations", "workers.", "eval.limit", "eval.batch_size")
 CONFIG, GENOME, JOURNAL, CHECKPOINT, SUMMARY, LOG, LOCK = (
     "config.yaml", "genome.json", "journal.jsonl", "checkpoint.pkl", "summary.json", "run.log", "driver.lock")
 SUBSAMPLE = "subsample.jsonl"
@@ -42,6 +43,7 @@ class Checkpoint:
     next_trial_id: int
     strategy_state: bytes
     schema: int = SCHEMA_VERSION
+    stage: int = 0  # index into config.stages of the stage the strategy state belongs to
 
 
 def write_atomic(path: Path, data: bytes) -> None:

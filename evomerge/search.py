@@ -9,23 +9,30 @@ With `eval.subsample` a generation is scored in two rungs (evomerge/racing.py): 
 candidate on a subset of the documents, the best share again on the full limit. Resuming
 replays the same loop from the checkpoint: trials already in the journal are read back
 instead of evaluated again.
+
+A run goes through `config.stages` in order (`ps`: merge coefficients; `dfs`: layer paths,
+evomerge/dataflow.py), each stage the same loop over its own genome and generations; the
+checkpoint records the stage its strategy state belongs to.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
 from tqdm import tqdm
 
-from evomerge.config import DEFAULT_BOUNDS, RunConfig
+from evomerge.config import DEFAULT_BOUNDS, RunConfig, SearchConfig
+from evomerge.dataflow import DataflowLayout
 from evomerge.errors import EvalError, ResumeError
-from evomerge.genome import GenomeLayout, reference_recipes
-from evomerge.report import summarize
+from evomerge.genome import GenomeLayout, Recipe, reference_recipes
 from evomerge.racing import race
-from evomerge.run_dir import JOURNAL, Checkpoint, RunDir
+from evomerge.report import summarize
+from evomerge.run_dir import JOURNAL, Checkpoint, RunDir, write_atomic
 from evomerge.sources import check_sources
 from evomerge.strategies import make_strategy
 from evomerge.trial import Trial, TrialResult, record, result_from_record
@@ -39,9 +46,12 @@ class Pool(Protocol):
     def close(self) -> None: ...
 
 
-def genome_layout(config: RunConfig) -> GenomeLayout:
-    """Check the sources can be merged (before any worker starts) and lay out the genome."""
+def genome_layout(config: RunConfig) -> GenomeLayout | DataflowLayout:
+    """Check the sources can be merged (before any worker starts) and lay out the first stage's genome."""
     sources = check_sources(config.models)
+    if config.stages[0] == "dfs":
+        base = replace(reference_recipes(len(config.models.experts), sources.num_layers)[0], label=None)
+        return dataflow_layout(config, sources.num_layers, base)
     if config.moe is not None:
         from evomerge.moe import check_upcyclable
 
@@ -61,8 +71,8 @@ def search(config: RunConfig, run_dir: str | Path, pool: Pool | None = None,
     run = RunDir.create(run_dir, config, layout.describe())
     if on_created is not None:
         on_created(run.path)
-    logger.info("run %s: %d genes (%s, %s), strategy %s", run.path, layout.size, layout.method,
-                layout.granularity, config.search.strategy)
+    logger.info("run %s: stages %s, %d genes in the first, strategy %s", run.path, "+".join(config.stages),
+                layout.size, config.search.strategy)
     return run_loop(run, config, layout, pool)
 
 
@@ -81,54 +91,128 @@ def resume(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), for
     return run_loop(run, config, genome_layout(config), pool)
 
 
-def run_loop(run: RunDir, config: RunConfig, layout: GenomeLayout, pool: Pool | None = None) -> dict:
-    strategy = make_strategy(config.search, layout.size, seed=config.seed)
-    generation, next_id = 0, 0
+def dataflow_layout(config: RunConfig, num_layers: int, merge: Recipe) -> DataflowLayout:
+    """The genome of a dfs stage over `config.dataflow_models` (every source has `num_layers` layers)."""
+    flow = config.dataflow
+    assert flow is not None  # the config refuses a dfs stage without a dataflow block
+    members = tuple(config.dataflow_models)
+    start = tuple(range(num_layers)) if flow.start == "first" else ()  # the first member's slots, first pass
+    return DataflowLayout(members, (num_layers,) * len(members), flow.repeats,
+                          flow.bound("scale") if flow.scaling else None, merge, start)
+
+
+def stage_search(config: RunConfig, stage: str) -> SearchConfig:
+    """The search settings of one stage: a dfs stage may set its own generations and population."""
+    flow = config.dataflow
+    if stage != "dfs" or flow is None:
+        return config.search
+    return config.search.model_copy(update={"generations": flow.generations or config.search.generations,
+                                            "population": flow.population or config.search.population})
+
+
+def best_of_stage(records: list[dict], stage: str) -> dict | None:
+    """The best completed trial of a stage; ties go to the lowest trial id (journal order varies)."""
+    complete = sorted((r for r in records if r.get("stage", "ps") == stage and r["state"] == "complete"),
+                      key=lambda r: r["trial"])
+    return max(complete, key=lambda r: r["quality"]) if complete else None
+
+
+def run_loop(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLayout,
+             pool: Pool | None = None) -> dict:
+    """Every stage of `config.stages` in order (`layout` is the first's), from the checkpoint if any.
+
+    Generations are numbered across stages; a stage after the first starts from a fresh
+    strategy, its genome laid out from the journal (a dfs stage after ps serves layer paths
+    through the best ps trial), so resuming at or across a stage boundary replays it exactly.
+    """
     checkpoint = run.load_checkpoint()
-    if checkpoint is not None:
-        strategy.set_state(checkpoint.strategy_state)
-        generation, next_id = checkpoint.generation, checkpoint.next_trial_id
-        logger.info("resuming %s after generation %d", run.path, generation - 1)
+    stop = 0
     run.lock()
     try:
         run.repair_journal()
-        journal = run.finished()
-        if pool is None and generation < config.search.generations:  # a finished run needs no workers
-            from evomerge.workers import WorkerPool
-
-            pool = WorkerPool(config)
-        while generation < config.search.generations:
-            trials: list[Trial] = []
-            if generation == 0 and config.search.references:
-                for recipe in reference_recipes(layout.num_experts, layout.num_layers):
-                    trials.append(Trial(next_id, generation, recipe))
-                    next_id += 1
-            genomes = strategy.ask()
-            candidates = []
-            for genome in genomes:
-                candidates.append(Trial(next_id, generation, layout.decode(genome), tuple(map(float, genome))))
-                next_id += 1
-
-            if config.eval.subsample is None:
-                results = evaluate(pool, trials + candidates, journal, run, generation)
-                told = [results[trial.id] for trial in candidates]
-                fitness = losses(told, generation)
-            else:  # successive halving: all candidates on a subset, the best share on the full limit
-                fitness, told = race(config.eval, pool, trials, candidates, journal, run, generation, evaluate)
-
-            strategy.tell(genomes, fitness, costs(told))
-            generation += 1
-            run.save_checkpoint(Checkpoint(generation, next_id, strategy.get_state()))
-            summary = summarize(run.records(), config)
-            run.write_summary(summary)
-            latest = summary["generations"][-1]
-            logger.info("generation %d: best %.4f (best so far %.4f), %d failed", latest["generation"],
-                        latest["best_quality"], latest["best_so_far"], latest["failed"])
+        for index, stage in enumerate(config.stages):
+            start, stop = stop, stop + stage_search(config, stage).generations
+            if checkpoint is not None and checkpoint.stage > index:
+                continue
+            if index > 0:
+                layout = next_stage_layout(run, config, stage)
+            pool = run_stage(run, config, layout, index, (start, stop), pool)
+            checkpoint = run.load_checkpoint()
     finally:
         if pool is not None:
             pool.close()
         run.unlock()
     return summarize(run.records(), config)
+
+
+def next_stage_layout(run: RunDir, config: RunConfig, stage: str) -> DataflowLayout:
+    """The genome of a dfs stage that follows a ps stage: layer paths through the best ps trial."""
+    best = best_of_stage(run.records(), "ps")
+    if best is None:
+        raise EvalError(f"{run.path}: no completed ps trial to start the {stage} stage from")
+    merge = Recipe.from_json(best["recipe"])
+    merge = replace(merge, label=None, policy=None)
+    logger.info("stage %s: the merged model is ps trial %d (quality %.4f)", stage, best["trial"], best["quality"])
+    layout = dataflow_layout(config, merge.num_layers, merge)
+    write_atomic(run.path / f"genome.{stage}.json", json.dumps(layout.describe(), indent=1).encode())
+    return layout
+
+
+def run_stage(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLayout, index: int,
+              window: tuple[int, int], pool: Pool | None) -> Pool | None:
+    """Generations window[0] .. window[1] - 1 of stage `index`; returns the pool (started if needed)."""
+    stage = config.stages[index]
+    strategy = make_strategy(stage_search(config, stage), layout.size, seed=config.seed + index)
+    (generation, stop), next_id = window, 0
+    checkpoint = run.load_checkpoint()
+    if checkpoint is not None:
+        next_id = checkpoint.next_trial_id
+        if checkpoint.stage == index:
+            strategy.set_state(checkpoint.strategy_state)
+            generation = checkpoint.generation
+            logger.info("resuming %s after generation %d", run.path, generation - 1)
+    journal = run.finished()
+    if pool is None and generation < stop:  # a finished run needs no workers
+        from evomerge.workers import WorkerPool
+
+        pool = WorkerPool(config)
+    while generation < stop:
+        trials: list[Trial] = []
+        if generation == window[0] and config.search.references:
+            for recipe in stage_references(layout):
+                trials.append(Trial(next_id, generation, recipe, stage=stage))
+                next_id += 1
+        genomes = strategy.ask()
+        candidates = []
+        for genome in genomes:
+            candidates.append(Trial(next_id, generation, layout.decode(genome), tuple(map(float, genome)),
+                                    stage=stage))
+            next_id += 1
+
+        if config.eval.subsample is None:
+            results = evaluate(pool, trials + candidates, journal, run, generation)
+            told = [results[trial.id] for trial in candidates]
+            fitness = losses(told, generation)
+        else:  # successive halving: all candidates on a subset, the best share on the full limit
+            fitness, told = race(config.eval, pool, trials, candidates, journal, run, generation, evaluate)
+
+        strategy.tell(genomes, fitness, costs(told))
+        generation += 1
+        run.save_checkpoint(Checkpoint(generation, next_id, strategy.get_state(), stage=index))
+        summary = summarize(run.records(), config)
+        run.write_summary(summary)
+        latest = summary["generations"][-1]
+        logger.info("generation %d: best %.4f (best so far %.4f), %d failed", latest["generation"],
+                    latest["best_quality"], latest["best_so_far"], latest["failed"])
+    return pool
+
+
+def stage_references(layout: GenomeLayout | DataflowLayout) -> list[Recipe]:
+    """The reference points of a stage's first generation: the sources (and the uniform merge), or
+    in a dfs stage each member's own layers as a path."""
+    if isinstance(layout, DataflowLayout):
+        return layout.references()
+    return reference_recipes(layout.num_experts, layout.num_layers)
 
 
 def evaluate(pool: Pool, trials: list[Trial], journal: dict[int, dict], run: RunDir, generation: int,

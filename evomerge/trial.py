@@ -26,6 +26,7 @@ class Trial:
     recipe: Recipe
     genome: tuple[float, ...] | None = None  # None for reference trials (sources, uniform merge)
     limit: int | float | None = None  # lm-eval's limit for this evaluation; None: eval.limit (evomerge/racing.py)
+    stage: str = "ps"  # the search stage (config.stages) that proposed it
 
     @property
     def label(self) -> str | None:
@@ -62,6 +63,7 @@ def record(trial: Trial, result: TrialResult) -> dict[str, Any]:
     data = {
         "trial": trial.id,
         "generation": trial.generation,
+        "stage": trial.stage,
         "label": trial.label,
         "genome": list(trial.genome) if trial.genome is not None else None,
         "recipe": trial.recipe.to_json(),

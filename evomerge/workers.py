@@ -59,6 +59,11 @@ class CandidateRunner:
 
             self.upcycler = Upcycler(self.model, self.merger.experts)  # the experts' weights, already loaded
             self.moe_evaluator = Evaluator(config.eval, self.upcycler.model, self.tokenizer, seed=config.seed)
+        # A dfs stage serves layer paths through the merged model and the sources (evomerge/dataflow.py).
+        self.flow = self.flow_evaluator = None
+        if "dfs" in config.stages:
+            self.flow = build_layer_path(config, self.model, {**sources, "merged": self.model}, self.device)
+            self.flow_evaluator = Evaluator(config.eval, self.flow.model, self.tokenizer, seed=config.seed)
         self.name = f"{socket.gethostname()}{_ray_node()}:{os.getpid()}"
 
     def identity(self) -> str:
@@ -75,6 +80,13 @@ class CandidateRunner:
                 upcycle_candidate(self.upcycler, self.model, self.tokenizer, self.config.moe, trial.recipe.moe,
                                   self.config.seed)
                 evaluator = self.moe_evaluator
+            if trial.recipe.dataflow is not None:
+                from evomerge.dataflow import path_of
+
+                if self.flow is None:
+                    raise ValueError("a data-flow recipe, but this run has no dfs stage")
+                self.flow.set_path(path_of(trial.recipe.dataflow))
+                evaluator = self.flow_evaluator
             merged = time.perf_counter()
             with torch.inference_mode():
                 evaluation = evaluator(trial.recipe.policy, limit=trial.limit)
@@ -93,6 +105,19 @@ class CandidateRunner:
                            seconds={"merge": merged - start - load, "load": load, **evaluation.seconds,
                                     "eval": done - merged, "total": done - start},
                            worker=self.name)
+
+
+def build_layer_path(config: RunConfig, merged: torch.nn.Module, loaded: dict[str, torch.nn.Module],
+                     device: torch.device):
+    """The LayerPath over `config.dataflow_models`: `merged` is the model merged per candidate, other
+    members come from `loaded` or are loaded now (a member already loaded is shared)."""
+    from evomerge.dataflow import LayerPath
+
+    paths = config.models.by_member_name
+    names = config.dataflow_models
+    models = [merged if name == "merged" else loaded.get(name) or load_model(paths[name], config.models, device)
+              for name in names]
+    return LayerPath(models, names)
 
 
 def _ray_node() -> str:
