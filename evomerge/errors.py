@@ -23,3 +23,7 @@ class ResumeError(EvomergeError):
 
 class EvalError(EvomergeError):
     """An evaluation could not produce the configured metrics."""
+
+
+class ClusterLostError(EvomergeError):
+    """The Ray cluster the workers ran on disappeared; the run is kept and can be resumed."""

@@ -22,6 +22,7 @@ from typing import Iterator
 import torch
 
 from evomerge.config import RunConfig, WorkersConfig
+from evomerge.errors import ClusterLostError
 from evomerge.evaluate import Evaluator, quality
 from evomerge.merger import load_merge_target
 from evomerge.sources import load_model, load_tokenizer, pick_device
@@ -143,6 +144,10 @@ def start_ray(workers: WorkersConfig) -> bool:
     return True
 
 
+HEARTBEAT_S = 10.0  # with no trial finished for this long, check that the cluster is still there
+SETTLE_S = 2.0  # after a worker loss, before telling a dead worker from a dead cluster
+
+
 class WorkerPool:
     """`workers.count` Ray actors, each a CandidateRunner; trials go to whichever is free first."""
 
@@ -156,7 +161,22 @@ class WorkerPool:
             num_cpus=config.workers.cpus_per_worker, num_gpus=config.workers.gpus_per_worker,
             max_restarts=0, max_task_retries=0)  # a dead actor is replaced (and its trial retried) by run()
         self._threads = threads
+        self._gcs = ray.get_runtime_context().gcs_address
+        self.lost = False  # the cluster's head stopped answering: nothing more can be asked of Ray
         self.actors = [self._new_actor() for _ in range(config.workers.count)]
+
+    def _check_cluster(self, timeout: float = 5.0) -> None:
+        """Raise ClusterLostError when the head's GCS port no longer accepts connections (Ray
+        itself would block for a minute on any call, then end the process)."""
+        host, _, port = self._gcs.rpartition(":")
+        try:
+            with socket.create_connection((host, int(port)), timeout=timeout):
+                return
+        except OSError:
+            self.lost = True
+            raise ClusterLostError(f"workers.ray_address: the Ray cluster at {self._gcs} is gone (its head does not "
+                                   f"answer); finished trials are journaled: `evomerge resume` once a cluster "
+                                   f"is up") from None
 
     def _new_actor(self):
         return self._actor_class.remote(self._config, self._threads)
@@ -179,11 +199,17 @@ class WorkerPool:
                 actor, trial = idle.pop(0), pending.popleft()
                 attempts[trial.id] += 1
                 running[actor.run.remote(trial)] = (trial, actor)
-            [ref], _ = ray.wait(list(running), num_returns=1)
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=HEARTBEAT_S)
+            if not ready:  # nothing finished for a while: make sure the cluster is still there
+                self._check_cluster()
+                continue
+            [ref] = ready
             trial, actor = running.pop(ref)
             try:
                 result = ray.get(ref)
             except RayError as exc:
+                time.sleep(SETTLE_S)  # a head going down takes its workers first: let it finish
+                self._check_cluster()
                 reason = (str(exc).strip().splitlines() or [""])[0][:300]
                 logger.warning("trial %d: worker lost (%s); starting a new worker", trial.id, type(exc).__name__)
                 actor = self._replace(actor)
@@ -213,6 +239,9 @@ class WorkerPool:
     def close(self) -> None:
         import ray
 
+        if self.lost:  # every call into Ray would wait on the dead head
+            self.actors = []
+            return
         for actor in self.actors:
             try:
                 ray.kill(actor)

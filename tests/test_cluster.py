@@ -71,3 +71,45 @@ def test_search_on_a_two_node_cluster(zoo, tmp_path) -> None:
             except subprocess.TimeoutExpired:
                 node.kill()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_a_lost_head_stops_the_driver_with_one_line_and_the_run_resumes(zoo, tmp_path) -> None:
+    ray_bin = Path(sys.executable).with_name("ray")
+    evomerge = str(Path(sys.executable).with_name("evomerge"))
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    temp = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    head = subprocess.Popen([str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=1",
+                             "--include-dashboard=false", f"--temp-dir={temp}", "--block"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    generations, population = 60, 4
+    try:
+        wait_for_nodes(address, 1, env)
+        path = write_config(tmp_path, zoo, workers={"count": 1, "cpus_per_worker": 1, "ray_address": address},
+                            search={"generations": generations, "population": population},
+                            eval={"limit": 100})
+        driver = subprocess.Popen([evomerge, "search", str(path), "--run-dir", str(tmp_path / "run")], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        journal = tmp_path / "run" / "journal.jsonl"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (journal.exists() and len(journal.read_text().splitlines()) >= 10):
+            time.sleep(0.5)
+        head.send_signal(signal.SIGTERM)  # the whole cluster goes away mid-run
+        head.wait(timeout=60)
+        _, err = driver.communicate(timeout=240)
+    finally:
+        if head.poll() is None:
+            head.kill()
+        shutil.rmtree(temp, ignore_errors=True)
+    assert driver.returncode == 2, f"exit {driver.returncode}: {err[-1500:]}"
+    assert "is gone" in err.strip().splitlines()[-1] and "evomerge resume" in err.strip().splitlines()[-1]
+    records = RunDir.open(tmp_path / "run").records()
+    assert 0 < len(records) < 5 + generations * population
+    assert all(r["state"] == "complete" for r in records)  # the cluster's loss is not the trials' failure
+
+    resumed = subprocess.run([evomerge, "resume", str(tmp_path / "run"), "--set", "workers.ray_address=null"],
+                             env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    records = RunDir.open(tmp_path / "run").records()
+    assert len(records) == 5 + generations * population and all(r["state"] == "complete" for r in records)
