@@ -167,6 +167,12 @@ class RunDir:
                 os.fsync(handle.fileno())
 
     def records(self, file: str = JOURNAL) -> list[dict[str, Any]]:
+        """One record per trial: the last line written for it (a trial of a generation whose
+        candidates all failed is evaluated again at resume, see `search.stalled`), in the order
+        trials were first written."""
+        return list({record["trial"]: record for record in self.lines(file)}.values())
+
+    def lines(self, file: str = JOURNAL) -> list[dict[str, Any]]:
         """Every complete journal line, in the order written; a torn last line is skipped."""
         path = self.path / file
         if not path.exists():

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
@@ -32,7 +33,7 @@ from evomerge.errors import EvalError, ResumeError
 from evomerge.genome import GenomeLayout, Recipe, reference_recipes
 from evomerge.racing import race
 from evomerge.report import summarize
-from evomerge.run_dir import JOURNAL, Checkpoint, RunDir, write_atomic
+from evomerge.run_dir import JOURNAL, SUBSAMPLE, Checkpoint, RunDir, write_atomic
 from evomerge.sources import check_sources
 from evomerge.strategies import make_strategy
 from evomerge.trial import Trial, TrialResult, record, result_from_record
@@ -176,6 +177,7 @@ def run_stage(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLay
         from evomerge.workers import WorkerPool
 
         pool = WorkerPool(config)
+    first = True
     while generation < stop:
         trials: list[Trial] = []
         if generation == window[0] and config.search.references:
@@ -188,13 +190,18 @@ def run_stage(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLay
             candidates.append(Trial(next_id, generation, layout.decode(genome), tuple(map(float, genome)),
                                     stage=stage))
             next_id += 1
+        retry = stalled(run, config, trials, candidates) if first else set()
+        for trial_id in retry:  # evaluated again: the old lines are superseded
+            journal.pop(trial_id, None)
+        first = False
 
         if config.eval.subsample is None:
-            results = evaluate(pool, trials + candidates, journal, run, generation)
+            results = evaluate(pool, trials + candidates, journal, run, generation, retry=retry)
             told = [results[trial.id] for trial in candidates]
             fitness = losses(told, generation)
         else:  # successive halving: all candidates on a subset, the best share on the full limit
-            fitness, told = race(config.eval, pool, trials, candidates, journal, run, generation, evaluate)
+            fitness, told = race(config.eval, pool, trials, candidates, journal, run, generation,
+                                 partial(evaluate, retry=retry))
 
         strategy.tell(genomes, fitness, costs(told))
         generation += 1
@@ -215,14 +222,32 @@ def stage_references(layout: GenomeLayout | DataflowLayout) -> list[Recipe]:
     return reference_recipes(layout.num_experts, layout.num_layers)
 
 
+def stalled(run: RunDir, config: RunConfig, trials: list[Trial], candidates: list[Trial]) -> set[int]:
+    """Trials to evaluate again although journaled: when every candidate of this generation is
+    journaled failed, the run stopped here (see `losses`), so its failed trials run again once the
+    user fixed the cause. An uninterrupted run never gets past such a generation, so resuming
+    still ends with its journal."""
+    file = JOURNAL if config.eval.subsample is None else SUBSAMPLE  # where a candidate's first result is
+    first = run.finished(file)
+    if not candidates or any(first.get(trial.id, {}).get("state") != "failed" for trial in candidates):
+        return set()
+    failed = {i for name in {JOURNAL, file} for i, r in run.finished(name).items() if r["state"] == "failed"}
+    retry = {trial.id for trial in trials + candidates if trial.id in failed}
+    logger.warning("generation %d: every candidate had failed; evaluating its %d failed trials again",
+                   candidates[0].generation, len(retry))
+    return retry
+
+
 def evaluate(pool: Pool, trials: list[Trial], journal: dict[int, dict], run: RunDir, generation: int,
-             line: Callable[[Trial, TrialResult], dict] = record, file: str = JOURNAL) -> dict[int, TrialResult]:
+             line: Callable[[Trial, TrialResult], dict] = record, file: str = JOURNAL,
+             retry: set[int] = frozenset()) -> dict[int, TrialResult]:
     """Results for every trial: read back from the journal, or evaluated now and journaled
-    (`line(trial, result)` appended to `file` of the run directory as each one finishes)."""
+    (`line(trial, result)` appended to `file` of the run directory as each one finishes).
+    Trials in `retry` are evaluated even when journaled (their new line supersedes the old one)."""
     results: dict[int, TrialResult] = {}
     todo = []
     for trial in trials:
-        previous = journal.get(trial.id)
+        previous = journal.get(trial.id) if trial.id not in retry else None
         if previous is None:
             todo.append(trial)
             continue

@@ -39,7 +39,8 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, uninterrupted, poin
     assert drive(run_dir, "resume") == 0
     records = RunDir.open(run_dir).records()
     assert canonical(records) == uninterrupted
-    assert len({r["trial"] for r in records}) == len(records)  # no trial journaled twice
+    lines = RunDir.open(run_dir).lines()
+    assert len({r["trial"] for r in lines}) == len(lines)  # no trial journaled twice
     evaluated = [int(line) for line in (run_dir / "evaluated.log").read_text().split()]
     twice = {t for t in evaluated if evaluated.count(t) > 1}
     assert not twice & journaled_at_crash  # only trials in flight at the crash ran again
@@ -67,4 +68,4 @@ def test_subsample_resume_after_sigkill_equals_uninterrupted(tmp_path, uninterru
     assert drive(run_dir, "resume", "--subsample") == 0
     run = RunDir.open(run_dir)
     assert (canonical(run.records()), canonical(run.records(SUBSAMPLE))) == uninterrupted_subsample
-    assert len({r["trial"] for r in run.records()}) == len(run.records())
+    assert len({r["trial"] for r in run.lines()}) == len(run.lines())

@@ -141,7 +141,7 @@ def test_subsample_run_journals_limits_and_ranks_full_qualities_only(tmp_path: P
     run, layout = start(tmp_path, config)
     pool = SubsetPool()
     summary = run_loop(run, config, layout, pool)
-    records = run.records()
+    records = run.lines()
     assert len(records) == len({r["trial"] for r in records}) == 4 + 4 * 6  # one line per trial, as always
     references = [r for r in records if r["label"] is not None]
     assert all(r["fidelity"] == "full" and r["limit"] == 100 and "subset" not in r for r in references)

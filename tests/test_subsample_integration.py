@@ -37,7 +37,7 @@ def test_subsample_search_journals_limits(zoo, ray_cluster, tmp_path) -> None:
     config = load_config(write_config(tmp_path, zoo, eval={"subsample": {"fraction": 0.25, "promote": 0.5}}))
     summary = search(config, tmp_path / "run")
     run = RunDir.open(tmp_path / "run")
-    records = run.records()
+    records = run.lines()
     assert all(r["state"] == "complete" for r in records), [r.get("error") for r in records]
     assert len(records) == len({r["trial"] for r in records}) == 5 + 2 * 4
     stage = {r["trial"]: r for r in run.records(SUBSAMPLE)}

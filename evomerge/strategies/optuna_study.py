@@ -1,8 +1,12 @@
 """NSGA-II and TPE through Optuna's ask/tell, over the unit box.
 
-One in-memory Optuna study holds every told trial and the sampler with its seeded generator;
-pickling the study is the whole state, so a resumed run asks for the same genomes. Gene i is
-the study parameter `x{i:05d}`, a float in [0, 1].
+One in-memory Optuna study holds every told trial and the sampler with its seeded generator.
+The state is the history of told generations (genomes, losses, costs): a resumed run builds a
+fresh study with the same seed and replays the asks and tells, which leaves the sampler exactly
+where it was (its draws depend only on the seed and the history), so it asks for the same
+genomes. This uses Optuna's public API only (a pickled study depends on Optuna's internals: in
+Optuna 5.1 NSGA-II's sampler holds a lock and cannot be pickled). Gene i is the study parameter
+`x{i:05d}`, a float in [0, 1].
 
     nsga2   NSGAIISampler (Deb et al. 2002), two objectives minimised: (loss, cost), that is
             (-quality, FLOPs per example); its population is `search.population`, so one
@@ -18,7 +22,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, ResumeError
 from evomerge.strategies import unpickle_state
 
 
@@ -33,15 +37,20 @@ def _optuna() -> Any:
 
 class StudyStrategy:
     def __init__(self, kind: Literal["nsga2", "tpe"], dim: int, population: int, seed: int):
-        optuna = _optuna()
         self.kind = kind
         self.population = population
-        self.distributions = {f"x{i:05d}": optuna.distributions.FloatDistribution(0.0, 1.0) for i in range(dim)}
-        if kind == "nsga2":
-            sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
+        self.dim, self.seed = dim, seed
+        self.history: list[tuple[list[list[float]], list[float], list[float]]] = []  # told generations
+        self._new_study()
+
+    def _new_study(self) -> None:
+        optuna = _optuna()
+        self.distributions = {f"x{i:05d}": optuna.distributions.FloatDistribution(0.0, 1.0) for i in range(self.dim)}
+        if self.kind == "nsga2":
+            sampler = optuna.samplers.NSGAIISampler(population_size=self.population, seed=self.seed)
             self.study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
         else:
-            sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=population, multivariate=True,
+            sampler = optuna.samplers.TPESampler(seed=self.seed, n_startup_trials=self.population, multivariate=True,
                                                  constant_liar=True)  # optuna 5 defaults, explicit for 4.x
             self.study = optuna.create_study(direction="minimize", sampler=sampler)
         self.asked: list[Any] = []  # the optuna trials of the last ask, in order
@@ -56,11 +65,21 @@ class StudyStrategy:
         for trial, loss, cost in zip(self.asked, losses, costs):
             self.study.tell(trial, [float(loss), float(cost)] if self.kind == "nsga2" else float(loss))
         self.asked = []
+        self.history.append(([list(map(float, g)) for g in genomes], list(map(float, losses)),
+                             list(map(float, costs))))
 
     def get_state(self) -> bytes:
-        return pickle.dumps(self.study)
+        return pickle.dumps({"strategy": self.kind, "dim": self.dim, "history": self.history})
 
     def set_state(self, state: bytes) -> None:
-        sampler = type(self.study.sampler)
-        self.study = unpickle_state(state, lambda study: isinstance(getattr(study, "sampler", None), sampler), self.kind)
-        self.asked = []
+        value = unpickle_state(state, lambda v: isinstance(v, dict) and v.get("strategy") == self.kind
+                               and v.get("dim") == self.dim, self.kind)
+        self.history = []
+        self._new_study()
+        for number, (genomes, losses, costs) in enumerate(value["history"]):
+            asked = self.ask()
+            if [list(map(float, g)) for g in asked] != genomes:
+                raise ResumeError(f"checkpoint: replaying {self.kind}'s generation {number} asked for other "
+                                  f"genomes than the run did (another Optuna version?); resume with the "
+                                  f"Optuna version that started the run")
+            self.tell(asked, losses, costs)
