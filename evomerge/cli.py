@@ -1,6 +1,7 @@
 """Command line: search | resume | report | export | merge | zoo | demo, each a thin call into the package.
 
-Exit codes: 0 success, 2 user error (one line on stderr naming what is wrong), 1 internal failure.
+Exit codes: 0 success, 2 user or usage error (one line on stderr naming what is wrong), 1 internal failure
+(one line; -v adds the traceback), 130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Callable, NoReturn
 
 from evomerge.errors import EvomergeError
 
@@ -19,28 +21,42 @@ DEMO_CONFIG = Path("search_spaces/demo.yaml")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)  # a usage error exits here: one line, code 2
     setup_logging(args.verbose)
+    return run(args.func, args)
+
+
+def run(handler: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
+    """Call a command's handler and map what it raises to an exit code and one line on stderr."""
     try:
-        return args.func(args) or 0
+        return handler(args) or 0
     except EvomergeError as exc:
-        message = " ".join(str(exc).split("\n"))  # one line, whatever the message carries
-        print(f"evomerge: error: {message}", file=sys.stderr)
+        print(f"evomerge: error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("evomerge: interrupted; the run directory is intact: `evomerge resume RUN` continues it",
               file=sys.stderr)
         return 130
-    except Exception:  # noqa: BLE001 - the last resort: an internal failure, with its traceback
-        logger.exception("internal error")
+    except Exception as exc:  # noqa: BLE001 - the last resort: an internal failure
+        # The traceback goes to run.log (when a run directory is open); to stderr only with -v.
+        logger.error("internal error", exc_info=True, extra={TRACEBACK_ONLY: True})
+        text = _one_line(str(exc))
+        print(f"evomerge: internal error: {type(exc).__name__}{': ' + text if text else ''} "
+              f"(rerun with -v for the traceback)", file=sys.stderr)
         return 1
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (`evomerge: export: the following arguments are required: --out`)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog.replace(' ', ': ')}: {_one_line(message)}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="evomerge", description=__doc__.splitlines()[0])
+    parser = Parser(prog="evomerge", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     cmd = commands.add_parser("search", help="start a search from a config file")
     cmd.add_argument("config", type=Path, help="YAML config (see search_spaces/)")
@@ -93,9 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRACEBACK_ONLY = "evomerge_traceback_only"  # a log record for run.log, shown on stderr only with -v
+
+
 def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(lambda record: not getattr(record, TRACEBACK_ONLY, False))
     for noisy in ("transformers", "lm_eval", "lm-eval", "ray", "datasets", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -132,20 +154,21 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from evomerge.report import plot, summarize
-    from evomerge.run_dir import RunDir
+    from evomerge.report import format_markdown, plot, summarize
+    from evomerge.run_dir import RunDir, write_atomic
 
     run = RunDir.open(args.run_dir)
     records = run.records()
     summary = summarize(records, run.config())
     print(json.dumps(summary, indent=1) if args.json else _text(summary))
+    written: list = []
     if not args.no_plots:
         try:
             written = plot(summary, records, run.path)
         except ImportError:
             logger.warning("matplotlib is not installed (pip install 'evomerge[report]'): no plots written")
-        else:
-            logger.info("wrote %s", ", ".join(str(p) for p in written))
+    write_atomic(run.path / "report.md", format_markdown(summary, [str(p) for p in written]).encode())
+    logger.info("wrote %s", ", ".join(str(p) for p in [*written, run.path / "report.md"]))
     return 0
 
 
@@ -201,6 +224,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(_text(summary))
     print(f"\nexport the best trial: evomerge export {args.run_dir} --out {args.run_dir}/export --verify")
     return 0
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.splitlines())  # one line, whatever the message carries
 
 
 def _text(summary: dict) -> str:

@@ -52,17 +52,44 @@ def export(run_dir: str | Path, out: str | Path, trial_id: int | None = None, fo
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     write_folder(staging, config, record)
-    move_into(staging, out)
     recipe = Recipe.from_json(record["recipe"])
+    members: dict[str, Path] = {}
+    if recipe.policy is not None:  # the other members (and router models) travel with the export
+        scorers = config.policy.scorers if recipe.policy["kind"] == "router" else []
+        wanted = [(name, config.models.by_member_name[name]) for name in recipe.policy["members"] if name != "merged"]
+        wanted += [(f"scorer-{i}", path) for i, path in enumerate(scorers or [])]
+        members = {name: copy_member(path, staging / "members", name) for name, path in wanted}
+    move_into(staging, out)
     if recipe.policy is not None:  # written after the move: the merged member is the final folder
         from evomerge.policies import save_policy
 
-        paths = {"merged": out, **config.models.by_member_name}
+        def place(name: str) -> Path:
+            return out if name == "merged" else out / members[name]
+
         save_policy(out / "policy.json", recipe.policy["kind"], recipe.policy["params"],
-                    [paths[name] for name in recipe.policy["members"]], seed=config.seed,
-                    scorer_folders=config.policy.scorers if recipe.policy["kind"] == "router" else None)
+                    [place(name) for name in recipe.policy["members"]], seed=config.seed,
+                    scorer_folders=[place(f"scorer-{i}") for i in range(len(scorers or []))]
+                    if recipe.policy["kind"] == "router" else None)
     logger.info("exported trial %d (quality %.4f) to %s", record["trial"], record["quality"], out)
     return record
+
+
+def copy_member(source: str, folder: Path, name: str) -> Path:
+    """A routed export's member model copied to `folder`/NAME (files hard-linked where the file
+    system allows); returns its path relative to the export folder (`folder`'s parent)."""
+    path = Path(source)
+    if not path.is_dir():
+        raise ConfigError(f"export: policy member {name} is {source}, not a local folder; a routed trial "
+                          f"exports copies of its members (download the model first)")
+    target = folder / name.replace(":", "-")
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        destination = target / file.relative_to(path)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(file, destination)
+        except OSError:  # another file system, or links not allowed
+            shutil.copy2(file, destination)
+    return target.relative_to(folder.parent)
 
 
 def write_folder(folder: Path, config: RunConfig, record: dict[str, Any]) -> None:

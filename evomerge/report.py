@@ -181,6 +181,51 @@ def format_text(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(summary: dict[str, Any], plots: list[str] = ()) -> str:
+    """The summary as a Markdown page (`report.md` in the run directory): sources and best trial per
+    task, progress per generation, the Pareto front, RouteLLM's metrics for a cascade, failures."""
+    tasks = summary["tasks"]
+    lines = [f"# Run `{summary['name']}`", "",
+             f"{summary['trials']} trials, {summary['failed']} failed"
+             + (f", {summary['subset_only']} scored on the subset only" if summary.get("subset_only") else "") + ".",
+             "", "| | trial | quality | FLOPs / example | " + " | ".join(tasks) + " |",
+             "|---|---|---|---|" + "---|" * len(tasks)]
+    rows = [(r["label"], r) for r in summary["references"]]
+    if summary["best_evolved"]:
+        rows.append(("**best evolved**", summary["best_evolved"]))
+    for name, row in rows:
+        if row["state"] != "complete":
+            lines.append(f"| {name} | {row['trial']} | failed: {row['error']} | | " + " | ".join("" for _ in tasks) + " |")
+            continue
+        flops = "-" if row.get("flops") is None else f"{row['flops']:.4g}"
+        lines.append(f"| {name} | {row['trial']} | {row['quality']:.4f} | {flops} | "
+                     + " | ".join(f"{row['metrics'].get(t, float('nan')):.4f}" for t in tasks) + " |")
+    lines += ["", "## Generations", "", "| generation | trials | failed | best | mean | best so far | hypervolume |",
+              "|---|---|---|---|---|---|---|"]
+    for g in summary["generations"]:
+        volume = "-" if g["hypervolume"] is None else f"{g['hypervolume']:.4g}"
+        lines.append(f"| {g['generation']} | {g['trials']} | {g['failed']} | {_num(g['best_quality'])} | "
+                     f"{_num(g['mean_quality'])} | {_num(g['best_so_far'])} | {volume} |")
+    if summary["pareto"]:
+        lines += ["", "## Pareto front (quality vs forward FLOPs per example)", "",
+                  "| trial | label | quality | FLOPs / example | policy | served |", "|---|---|---|---|---|---|"]
+        for e in summary["pareto"]:
+            policy = (e.get("policy") or {}).get("kind", "none")
+            served = ", ".join(f"{member} {share:.0%}" for member, share in (e.get("served") or {}).items())
+            lines.append(f"| {e['trial']} | {e['label'] or ''} | {e['quality']:.4f} | {e['flops']:.5g} | {policy} | {served} |")
+    gap = summary.get("routellm")
+    if gap is not None:
+        lines += ["", "## Cascade (RouteLLM metrics)", "",
+                  f"{gap['weak']} -> {gap['strong']}: " + (
+                      f"APGR {gap['apgr']:.3f}, CPT(50%) {gap['cpt50']:.3f} of requests to {gap['strong']}."
+                      if gap["apgr"] is not None else f"no APGR ({gap['reason']}).")]
+    if summary["failures"]:
+        lines += ["", "## Failed trials", ""] + [f"- trial {f['trial']}: {f['error']}" for f in summary["failures"]]
+    if plots:
+        lines += [""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
 def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 

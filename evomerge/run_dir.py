@@ -49,7 +49,8 @@ class Checkpoint:
 def write_atomic(path: Path, data: bytes) -> None:
     """Write to a temp file, fsync, rename over `path`: readers see the old or the new file, never half."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
+    tmp.unlink(missing_ok=True)  # a leftover of a crash, or a planted link: removed, never followed
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
@@ -74,8 +75,7 @@ class RunDir:
         """Refuse a run directory whose files are links leading outside it: evomerge appends to
         and rewrites them, and must never write into the run directory's parents or elsewhere."""
         root = self.path.resolve()
-        for name in (CONFIG, GENOME, JOURNAL, CHECKPOINT, SUMMARY, LOG, LOCK, "pareto.png", "progress.png"):
-            path = self.path / name
+        for path in sorted(self.path.iterdir()) if self.path.is_dir() else []:  # every file, temp files too
             if path.is_symlink() and not path.resolve().is_relative_to(root):
                 raise ConfigError(f"{path}: a link to {path.resolve()}, outside the run directory; "
                                   f"evomerge writes only inside {root}")

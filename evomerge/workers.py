@@ -3,8 +3,8 @@
 `CandidateRunner` is the whole job of a worker and runs in any process (a Ray actor, the
 export command, a test). `WorkerPool` keeps `workers.count` Ray actors, sends each trial to
 the first free actor and yields results as they finish. Nothing raises across Ray: a failed
-merge or evaluation comes back as a FAILED TrialResult, and a dead actor is reported as a
-FAILED result for its trial and replaced.
+merge or evaluation comes back as a FAILED TrialResult; a dead actor is replaced and its trial
+runs once more (FAILED only if that worker dies too).
 """
 
 from __future__ import annotations

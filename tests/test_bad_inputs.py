@@ -39,10 +39,15 @@ def test_missing_model_path(zoo, tmp_path, capsys) -> None:
 
 
 def _variant(zoo, tmp_path: Path, name: str, **changes) -> Path:
-    """A copy of the quick base with a changed config (a different architecture, built with fresh weights)."""
+    """A copy of the quick base with a changed config (a different architecture, built with fresh weights);
+    a changed `model_type` takes that architecture's config with the base's sizes."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(zoo["base"])
+    if "model_type" in changes:
+        sizes = {key: value for key, value in config.to_dict().items()
+                 if key not in ("model_type", "architectures", "transformers_version")}
+        config = AutoConfig.for_model(changes.pop("model_type"), **sizes)
     for key, value in changes.items():
         setattr(config, key, value)
     folder = tmp_path / name
@@ -52,14 +57,22 @@ def _variant(zoo, tmp_path: Path, name: str, **changes) -> Path:
 
 
 @pytest.mark.parametrize("changes, expected", [
-    ({"hidden_size": 48, "head_dim": 12}, "config.hidden_size"),
-    ({"intermediate_size": 40}, "config.intermediate_size"),
-])
+    ({"hidden_size": 48, "head_dim": 12}, "config.hidden_size is 48 but models.base has {hidden_size}"),
+    ({"intermediate_size": 40}, "config.intermediate_size is 40 but models.base has {intermediate_size}"),
+    # a Mistral of the base's sizes has the base's tensor names and shapes: only the architecture differs
+    ({"model_type": "mistral"}, "config.model_type is 'mistral' but models.base has '{model_type}'"),
+    # the same tokenizer, a larger embedding: the config is refused before the tensors are compared
+    ({"vocab_size": 64}, "config.vocab_size is 64 but models.base has {vocab_size}"),
+], ids=["hidden_size", "intermediate_size", "model_type", "vocab_size"])
 def test_incompatible_expert_is_refused_before_evaluation(zoo, tmp_path, capsys, changes, expected) -> None:
+    from transformers import AutoConfig
+
+    base = AutoConfig.from_pretrained(zoo["base"]).to_dict()
+    assert all(base[key] != value for key, value in changes.items())
     other = _variant(zoo, tmp_path, "other", **changes)
     path = write_config(tmp_path, zoo, models={"experts": [str(other)]})
     code, err = run_cli(["search", str(path), "--run-dir", str(tmp_path / "r")], capsys)
-    assert code == 2 and "models.experts.0" in err and expected in err and len(err.splitlines()) == 1
+    assert code == 2 and err == f"evomerge: error: models.experts.0: {expected.format(**base)}"
     assert not (tmp_path / "r").exists()
 
 
@@ -90,6 +103,23 @@ def test_missing_tensor_is_named(zoo, tmp_path, capsys) -> None:
     assert code == 2 and f"tensor {dropped!r} is missing" in err
 
 
+def test_extra_tensor_is_named(zoo, tmp_path, capsys) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "extra"
+    shutil.copytree(zoo["base"], other)
+    tensors = load_file(other / "model.safetensors")
+    extra = "model.layers.0.mlp.extra_proj.weight"
+    assert extra not in tensors
+    tensors[extra] = torch.zeros(4, 4)
+    save_file(tensors, other / "model.safetensors", metadata={"format": "pt"})
+    path = write_config(tmp_path, zoo, models={"experts": [str(other)]})
+    code, err = run_cli(["search", str(path), "--run-dir", str(tmp_path / "r")], capsys)
+    assert code == 2 and err == f"evomerge: error: models.experts.0: extra tensor {extra!r} (models.base has none)"
+    assert not (tmp_path / "r").exists()
+
+
 def test_non_finite_weights_are_named(zoo, tmp_path, capsys) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -104,7 +134,9 @@ def test_non_finite_weights_are_named(zoo, tmp_path, capsys) -> None:
     assert code == 2 and f"models.experts.0: tensor {poisoned!r} in model.safetensors has non-finite values" in err
 
 
-def test_run_files_linking_outside_the_run_directory_are_refused(tmp_path, capsys) -> None:
+@pytest.mark.parametrize("name", ["journal.jsonl", "subsample.jsonl", "genome.dfs.json", "report.md",
+                                  ".checkpoint.pkl.tmp"])
+def test_run_files_linking_outside_the_run_directory_are_refused(tmp_path, capsys, name) -> None:
     from evomerge.cli import main
 
     outside = tmp_path / "precious.txt"
@@ -112,8 +144,8 @@ def test_run_files_linking_outside_the_run_directory_are_refused(tmp_path, capsy
     run_dir = tmp_path / "runs" / "r"
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text("name: r\n")
-    (run_dir / "journal.jsonl").symlink_to(outside)
+    (run_dir / name).symlink_to(outside)
     assert main(["resume", str(run_dir)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "journal.jsonl" in err and "outside the run directory" in err and len(err.splitlines()) == 1
+    assert name in err and "outside the run directory" in err and len(err.splitlines()) == 1
     assert outside.read_text() == "keep me\n" and not (run_dir / "run.log").exists()

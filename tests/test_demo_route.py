@@ -1,6 +1,6 @@
 """Issue 3's acceptance on the full demo zoo: one joint merge + route search gives a front whose
-cheapest point costs about one model, whose best point matches the best expert on every task,
-and that dominates every source model."""
+cheapest point costs about one model, whose best point matches or beats the best source model (base
+or expert) on every task, and that dominates every source model."""
 
 from __future__ import annotations
 
@@ -34,8 +34,10 @@ def test_demo_route_front(tmp_path, ray_cluster) -> None:
     cheapest = min(front, key=lambda r: r["flops"])
     assert cheapest["flops"] <= 1.02 * one_model
     best = max(front, key=lambda r: r["quality"])
-    for i, skill in enumerate(SKILLS):  # the best point matches or beats each expert on its own task
-        expert = next(r for r in sources if r.get("label") == f"expert:{i}")
-        assert best["metrics"][f"demo_{skill}"] >= expert["metrics"][f"demo_{skill}"]
+    assert len(sources) == 1 + len(SKILLS)
+    for skill in SKILLS:  # the best point matches or beats the best source model (base or expert) on every task
+        task = f"demo_{skill}"
+        top = max(sources, key=lambda r: r["metrics"][task])
+        assert best["metrics"][task] >= top["metrics"][task], (task, top["label"], top["metrics"][task])
     for source in sources:
         assert any(dominates((r["quality"], r["flops"]), (source["quality"], source["flops"])) for r in front)

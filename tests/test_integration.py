@@ -59,6 +59,11 @@ def test_report_json(finished_run, capsys) -> None:
     assert len(report["generations"]) == 2
     assert report["pareto"] and report["hypervolume"] > 0
     assert (run_dir / "pareto.png").stat().st_size > 0 and (run_dir / "progress.png").stat().st_size > 0
+    page = (run_dir / "report.md").read_text()
+    best = report["best_evolved"] or report["best"]
+    assert f"| **best evolved** | {best['trial']} | {best['quality']:.4f} |" in page
+    assert "## Pareto front" in page and "![pareto](pareto.png)" in page
+    assert all(f"| {r['label']} | {r['trial']} |" in page for r in report["references"])
 
 
 def test_export_reproduces_the_recorded_quality(finished_run, tmp_path) -> None:
@@ -178,6 +183,7 @@ def test_a_killed_export_leaves_no_half_model(finished_run, tmp_path) -> None:
     import sys
 
     run_dir, _ = finished_run
+    before = RunDir.open(run_dir).lines()
     out = tmp_path / "model"
     child = ("import os, signal, sys\n"
              "import evomerge.export as export\n"
@@ -186,6 +192,9 @@ def test_a_killed_export_leaves_no_half_model(finished_run, tmp_path) -> None:
     code = subprocess.run([sys.executable, "-c", child, str(run_dir), str(out)], capture_output=True,
                           timeout=300).returncode
     assert code == -signal.SIGKILL and not out.exists()
+    # The run is untouched: resuming it evaluates nothing and its journal is the same, line for line.
+    assert main(["resume", str(run_dir)]) == 0
+    assert RunDir.open(run_dir).lines() == before
     assert main(["report", str(run_dir)]) == 0
     assert export(run_dir, out)["trial"] >= 0 and (out / "model.safetensors").is_file()
 
@@ -213,6 +222,8 @@ def test_routed_search_records_costs_and_exports_its_policy(zoo, ray_cluster, tm
     best = export(tmp_path / "run", tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "policy.json").read_text())
     assert len(saved.get("scorers") or policy["members"]) == len(policy["members"])
+    for folder in saved["members"] + (saved.get("scorers") or []):  # the export is self-contained
+        assert not Path(folder).is_absolute() and (tmp_path / "out" / folder / "config.json").is_file()
     assert evaluate_folder(load_config(tmp_path / "run" / "config.yaml"), tmp_path / "out") == best["quality"]
 
 

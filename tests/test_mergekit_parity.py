@@ -15,15 +15,14 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+import mergekit  # noqa: F401 - a test dependency (pip install -e '.[test]'): missing fails, never skips
 import pytest
 import torch
 import yaml
 
-pytest.importorskip("mergekit", reason="mergekit is a test dependency (pip install -e '.[test]')")
-
-from evomerge.cli import main  # noqa: E402
-from evomerge.merge import METHODS, get_method  # noqa: E402
-from evomerge.mergekit_config import MergekitConfig, ModelEntry, plan_merge  # noqa: E402
+from evomerge.cli import main
+from evomerge.merge import METHODS, get_method
+from evomerge.mergekit_config import MergekitConfig, ModelEntry, plan_merge
 
 TOLERANCE = 1e-5
 FAMILIES = ("llama", "qwen2")
@@ -167,8 +166,7 @@ CASES: dict[str, Callable[[dict[str, str]], dict[str, Any]]] = {
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", sorted(set(METHODS) | set(CASES)))
 def test_evomerge_merge_equals_mergekit(method, family, families, tmp_path):
-    if method not in METHODS:
-        pytest.skip(f"{method} is not registered in evomerge.merge yet")
+    assert method in METHODS, f"{method!r} has a mergekit config in CASES but is not registered in evomerge.merge"
     assert method in CASES, f"registered method {method!r} has no mergekit config in CASES; add one"
     config = CASES[method](families[family])
     theirs = run_mergekit(config, tmp_path / "mergekit")
@@ -249,8 +247,7 @@ RANDOM_CASES = {"dare_linear": {}, "dare_ties": {}, "della": {"epsilon": 0.1}, "
 
 @pytest.mark.parametrize("method", sorted(RANDOM_CASES))
 def test_drop_statistics_match_mergekit(method):
-    if method not in METHODS:
-        pytest.skip(f"{method} is not registered in evomerge.merge yet")
+    assert method in METHODS, f"{method!r} is not registered in evomerge.merge"
     n, density = 200_000, 0.3
     delta = torch.rand(n, generator=torch.Generator().manual_seed(5)) + 0.5  # U[0.5, 1.5): all positive
     ours = _evomerge_sparsify(method, delta, density, seed=7, **RANDOM_CASES[method])
@@ -283,7 +280,13 @@ DEMO_TASKS = Path(__file__).resolve().parents[1] / "evals" / "demo"
 EXPORTED = {  # method -> (granularity, experts); dare at density 1 so both tools draw no masks
     "linear": ("layer", 3), "task_arithmetic": ("block:3", 3), "ties": ("layer", 2),
     "dare_ties": ("global", 2), "slerp": ("layer", 1),
-}
+}  # the other methods' exports go through both tools in test_merge_methods_new.py (EXPORT_CASES)
+
+
+def test_every_method_is_exported_through_mergekit_and_evomerge_merge():
+    from test_merge_methods_new import EXPORT_CASES
+
+    assert set(EXPORTED) | {case[0] for case in EXPORT_CASES} == set(METHODS)
 
 
 def _recipe(method: str, granularity: str, num_layers: int, experts: int):
