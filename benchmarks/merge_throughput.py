@@ -9,8 +9,8 @@ times, alternating, whole processes from start to written output:
 - evomerge: `run_evomerge` (one function; switch it to `evomerge merge CONFIG --out DIR` once
   that command exists).
 
-It also times the in-memory merge alone (sources memory-mapped, pages already read, output
-preallocated: what a worker does per candidate) and a torch copy of the same source bytes in the
+It also times the in-memory merge alone (sources memory-mapped, pages already read, written
+into a preallocated output: what a worker does per candidate) and a torch copy of the same source bytes in the
 same process, and reports the merge's effective bandwidth as a share of the copy's: bytes of
 the source tensors the method reads / seconds, for both (so the share is copy s / merge s). Goals: end to end >= 5x faster than mergekit,
 in-memory merge >= 40% of copy bandwidth.
@@ -146,9 +146,9 @@ def in_memory(config: dict, repeats: int) -> tuple[float, float, int, int]:
     size = sum(t.numel() * t.element_size() for t in out.values())
     scratch = [{name: torch.empty_like(t) for name, t in source.items()} for source in sources]
 
-    def merge() -> None:
-        for name, tensor in merger.merged(recipe):
-            out[name].copy_(tensor)
+    def merge() -> None:  # what a worker does: every merge written into the preallocated model
+        for _ in merger.merged(recipe, into=out):
+            pass
 
     def copy() -> None:
         for source, target in zip(sources, scratch):

@@ -45,7 +45,6 @@ from `--seed`, so they match mergekit's merges in distribution only.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import re
@@ -60,7 +59,6 @@ from evomerge.config import ModelsConfig, _resolve_model, read_yaml
 from evomerge.errors import ConfigError, ModelMismatchError
 from evomerge.genome import layer_index
 from evomerge.merge import METHODS, MergeMethod, get_method
-from evomerge.merge.registry import GENE_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -343,9 +341,7 @@ def _tokenizer_source(value: Any, base: str | None, folder: Path, source: str) -
 
 def method_settings(method: MergeMethod) -> tuple[list[str], list[str]]:
     """(per-model genes, shared settings) of a method, in mergekit's spelling."""
-    impl = inspect.unwrap(method.fn)
-    options = [name for name, spec in inspect.signature(impl).parameters.items()
-               if spec.kind is inspect.Parameter.KEYWORD_ONLY and name not in (*GENE_NAMES, "seed")]
+    options = method.options
     per_model = [gene for gene in method.genes if gene not in SHARED_GENES]
     shared = [gene for gene in method.genes if gene in SHARED_GENES]
     return per_model, shared + [MERGEKIT_NAME.get(option, option) for option in options] + list(NO_OP_SETTINGS)

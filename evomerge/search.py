@@ -128,6 +128,7 @@ def run_loop(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLayo
     """
     checkpoint = run.load_checkpoint()
     stop = 0
+    workers = Workers(config, pool)
     run.lock()
     try:
         run.repair_journal()
@@ -137,13 +138,31 @@ def run_loop(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLayo
                 continue
             if index > 0:
                 layout = next_stage_layout(run, config, stage)
-            pool = run_stage(run, config, layout, index, (start, stop), pool)
+            run_stage(run, config, layout, index, (start, stop), workers)
             checkpoint = run.load_checkpoint()
     finally:
-        if pool is not None:
-            pool.close()
+        workers.close()  # whatever stopped the run: no worker outlives it
         run.unlock()
     return summarize(run.records(), config)
+
+
+class Workers:
+    """The pool every stage of a run shares: given, or started when a stage first has a
+    generation to run (a finished run needs no workers); closed once when the run ends."""
+
+    def __init__(self, config: RunConfig, pool: Pool | None = None):
+        self.config, self.pool = config, pool
+
+    def get(self) -> Pool:
+        if self.pool is None:
+            from evomerge.workers import WorkerPool
+
+            self.pool = WorkerPool(self.config)
+        return self.pool
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
 
 
 def next_stage_layout(run: RunDir, config: RunConfig, stage: str) -> DataflowLayout:
@@ -160,8 +179,8 @@ def next_stage_layout(run: RunDir, config: RunConfig, stage: str) -> DataflowLay
 
 
 def run_stage(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLayout, index: int,
-              window: tuple[int, int], pool: Pool | None) -> Pool | None:
-    """Generations window[0] .. window[1] - 1 of stage `index`; returns the pool (started if needed)."""
+              window: tuple[int, int], workers: Workers) -> None:
+    """Generations window[0] .. window[1] - 1 of stage `index`."""
     stage = config.stages[index]
     strategy = make_strategy(stage_search(config, stage), layout.size, seed=config.seed + index)
     (generation, stop), next_id = window, 0
@@ -173,10 +192,6 @@ def run_stage(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLay
             generation = checkpoint.generation
             logger.info("resuming %s after generation %d", run.path, generation - 1)
     journal = run.finished()
-    if pool is None and generation < stop:  # a finished run needs no workers
-        from evomerge.workers import WorkerPool
-
-        pool = WorkerPool(config)
     first = True
     while generation < stop:
         trials: list[Trial] = []
@@ -196,11 +211,11 @@ def run_stage(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLay
         first = False
 
         if config.eval.subsample is None:
-            results = evaluate(pool, trials + candidates, journal, run, generation, retry=retry)
+            results = evaluate(workers.get(), trials + candidates, journal, run, generation, retry=retry)
             told = [results[trial.id] for trial in candidates]
             fitness = losses(told, generation)
         else:  # successive halving: all candidates on a subset, the best share on the full limit
-            fitness, told = race(config.eval, pool, trials, candidates, journal, run, generation,
+            fitness, told = race(config.eval, workers.get(), trials, candidates, journal, run, generation,
                                  partial(evaluate, retry=retry))
 
         strategy.tell(genomes, fitness, costs(told))
@@ -211,7 +226,6 @@ def run_stage(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLay
         latest = summary["generations"][-1]
         logger.info("generation %d: best %.4f (best so far %.4f), %d failed", latest["generation"],
                     latest["best_quality"], latest["best_so_far"], latest["failed"])
-    return pool
 
 
 def stage_references(layout: GenomeLayout | DataflowLayout) -> list[Recipe]:

@@ -247,3 +247,24 @@ def test_routed_runs_repeat_and_resume_exactly(zoo, ray_cluster, tmp_path) -> No
     search(load_config(path, ["search.generations=1"]), tmp_path / "stopped")
     resume(tmp_path / "stopped", ["search.generations=2"])
     assert canonical(RunDir.open(tmp_path / "stopped").records()) == journal
+
+
+def test_a_run_stopped_by_an_error_leaves_no_worker_behind(zoo, ray_cluster, tmp_path) -> None:
+    """Every candidate fails (linear weights that sum to ~0), so the search stops with an error; the
+    workers it started are gone and their CPUs free (a leak would starve every later search)."""
+    import ray
+
+    from evomerge.errors import EvalError
+
+    path = write_config(tmp_path, zoo, merge={"method": "linear", "granularity": "global",
+                                              "bounds": {"weight": [-1e-12, 0.0]}},
+                        search={"generations": 2, "population": 2, "references": False})
+    with pytest.raises(EvalError, match="every candidate of generation 0 failed .*expected a non-zero sum"):
+        search(load_config(path), tmp_path / "run")
+    for _ in range(50):  # killed actors hand their CPUs back asynchronously
+        if ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]:
+            break
+        import time
+
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]

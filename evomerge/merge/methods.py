@@ -14,13 +14,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from evomerge.errors import MergeError
+from evomerge.merge.chunked import (
+    combine_into,
+    copy_into,
+    dot_and_norms,
+    magnitude_mask,
+    mix_task_vectors_into,
+    random_mask,
+    rescale_factor,
+)
 from evomerge.merge.registry import register
 from evomerge.merge.tensor_ops import (
     WEIGHT_SUM_EPS,
+    RescaleMode,
     exact_combination,
     expert_generator,
     merge_task_vectors,
@@ -39,32 +50,43 @@ SLERP_DOT_THRESHOLD = 0.9995  # |cos| above this: nearly colinear, interpolate l
 SLERP_NORM_EPS = 1e-8  # a vector with a norm at or below this is not normalized (mergekit)
 
 
-@register("linear", genes=("weight",), needs_base=False,
+def _exact(base: torch.Tensor, experts: Sequence[torch.Tensor], coefficients: Sequence[float]) -> torch.Tensor | None:
+    """The tensor the merge equals exactly: base when every coefficient is 0, expert i when c_i is
+    1 and the others 0 (`tensor_ops.exact_combination`); None otherwise."""
+    if all(c == 0 for c in coefficients):
+        return base
+    ones = [i for i, c in enumerate(coefficients) if c == 1]
+    if len(ones) == 1 and all(c == 0 for i, c in enumerate(coefficients) if i != ones[0]):
+        return experts[ones[0]]
+    return None
+
+
+@register("linear", genes=("weight",), needs_base=False, streams=True,
           reference="https://arxiv.org/abs/2203.05482")
 def linear(
-    base: torch.Tensor, experts: Sequence[torch.Tensor], *, weight: list[float], normalize: bool = True
+    base: torch.Tensor, experts: Sequence[torch.Tensor], *, out: torch.Tensor, work: torch.dtype,
+    weight: list[float], normalize: bool = True,
 ) -> torch.Tensor:
     """Model soup: sum_i w_i theta_i / sum_i w_i (without the division when normalize=False).
 
     `base` is not used. Weights one-hot (1, 0, ...) give that expert bit-exactly. With normalize
     on, weights summing to ~0 (|sum| < 1e-8) are a MergeError.
     """
-    merged = weighted_sum(experts, weight)
-    if not normalize:
-        return merged
-    if abs(sum(weight)) < WEIGHT_SUM_EPS:
+    if normalize and abs(sum(weight)) < WEIGHT_SUM_EPS:
         raise MergeError(
             f"linear: weights {weight} sum to {sum(weight):g}; expected a non-zero sum with normalize on"
         )
-    return merged.div_(stack_weights(weight, merged).sum())
+    return combine_into(out, experts, weight, work, divisor=sum(weight) if normalize else None)
 
 
-@register("task_arithmetic", genes=("weight",), needs_base=True,
+@register("task_arithmetic", genes=("weight",), needs_base=True, streams=True,
           reference="https://arxiv.org/abs/2212.04089")
 def task_arithmetic(
     base: torch.Tensor,
     experts: Sequence[torch.Tensor],
     *,
+    out: torch.Tensor,
+    work: torch.dtype,
     weight: list[float],
     normalize: bool = False,
     lambda_: float = 1.0,
@@ -78,19 +100,21 @@ def task_arithmetic(
     """
     total = sum(weight)
     divisor = total if normalize and abs(total) >= WEIGHT_SUM_EPS else 1.0
-    exact = exact_combination(base, experts, [lambda_ * w / divisor for w in weight])
+    exact = _exact(base, experts, [lambda_ * w / divisor for w in weight])
     if exact is not None:
-        return exact
-    return merge_task_vectors(base, task_vectors(base, experts), weight,
-                              consensus=False, normalize=normalize, lambda_=lambda_)
+        return copy_into(out, exact)
+    return mix_task_vectors_into(out, base, experts, weight, work, consensus=False, normalize=normalize,
+                                 lambda_=lambda_)
 
 
-@register("ties", genes=("weight", "density"), needs_base=True,
+@register("ties", genes=("weight", "density"), needs_base=True, streams=True,
           reference="https://arxiv.org/abs/2306.01708")
 def ties(
     base: torch.Tensor,
     experts: Sequence[torch.Tensor],
     *,
+    out: torch.Tensor,
+    work: torch.dtype,
     weight: list[float],
     density: list[float],
     normalize: bool = True,
@@ -102,13 +126,25 @@ def ties(
     `rescale=True` rescales each trimmed task vector to its original L1 norm (mergekit's option).
     """
     mode = resolve_rescale(rescale, natural="l1")
-    deltas = stacked_task_vectors(base, experts, lambda i, d: sparsify_magnitude(d, density[i], mode))
-    return merge_task_vectors(base, deltas, weight, consensus=True, normalize=normalize, lambda_=lambda_)
+    masks = [magnitude_mask(base, expert, d, work) if d < 1 else None for expert, d in zip(experts, density)]
+    return _mix_sparse(out, base, experts, weight, density, masks, mode, work, consensus=True,
+                       normalize=normalize, lambda_=lambda_)
+
+
+def _mix_sparse(out: torch.Tensor, base: torch.Tensor, experts: Sequence[torch.Tensor], weight: list[float],
+                density: list[float], masks: list[torch.Tensor | None], mode: RescaleMode | None,
+                work: torch.dtype, **mix: Any) -> torch.Tensor:
+    """Each task vector kept where its mask says (None: whole) and rescaled by `mode`, then mixed."""
+    factors = [1.0 if mask is None else rescale_factor(base, expert, mask, d, mode, work)
+               for expert, mask, d in zip(experts, masks, density)]
+    return mix_task_vectors_into(out, base, experts, weight, work, masks=masks, factors=factors, **mix)
 
 
 def _dare(
     base: torch.Tensor,
     experts: Sequence[torch.Tensor],
+    out: torch.Tensor,
+    work: torch.dtype,
     weight: list[float],
     density: list[float],
     seed: int,
@@ -129,17 +165,20 @@ def _dare(
     (e.g. derived from the run seed and the tensor name), or same-shaped tensors share masks.
     """
     mode = resolve_rescale(rescale, natural="l1")
-    deltas = stacked_task_vectors(
-        base, experts, lambda i, d: sparsify_random(d, density[i], expert_generator(seed, i), mode))
-    return merge_task_vectors(base, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
+    masks = [random_mask(base.numel(), d, expert_generator(seed, i)) if d < 1 else None
+             for i, d in enumerate(density)]
+    return _mix_sparse(out, base, experts, weight, density, masks, mode, work, consensus=consensus,
+                       normalize=normalize, lambda_=lambda_)
 
 
-@register("dare_ties", genes=("weight", "density"), needs_base=True, random=True,
+@register("dare_ties", genes=("weight", "density"), needs_base=True, random=True, streams=True,
           reference="https://arxiv.org/abs/2311.03099")
 def dare_ties(
     base: torch.Tensor,
     experts: Sequence[torch.Tensor],
     *,
+    out: torch.Tensor,
+    work: torch.dtype,
     weight: list[float],
     density: list[float],
     seed: int,
@@ -152,16 +191,18 @@ def dare_ties(
     `rescale`: True / 'l1' matches each task vector's L1 norm after the drop (mergekit's default),
     'density' divides kept entries by density (the paper), False keeps them as they are.
     """
-    return _dare(base, experts, weight, density, seed, consensus=True,
+    return _dare(base, experts, out, work, weight, density, seed, consensus=True,
                  normalize=normalize, rescale=rescale, lambda_=lambda_)
 
 
-@register("dare_linear", genes=("weight", "density"), needs_base=True, random=True,
+@register("dare_linear", genes=("weight", "density"), needs_base=True, random=True, streams=True,
           reference="https://arxiv.org/abs/2311.03099")
 def dare_linear(
     base: torch.Tensor,
     experts: Sequence[torch.Tensor],
     *,
+    out: torch.Tensor,
+    work: torch.dtype,
     weight: list[float],
     density: list[float],
     seed: int,
@@ -173,13 +214,14 @@ def dare_linear(
 
     `rescale` as for dare_ties.
     """
-    return _dare(base, experts, weight, density, seed, consensus=False,
+    return _dare(base, experts, out, work, weight, density, seed, consensus=False,
                  normalize=normalize, rescale=rescale, lambda_=lambda_)
 
 
-@register("slerp", genes=("t",), needs_base=True, max_experts=1,
+@register("slerp", genes=("t",), needs_base=True, max_experts=1, streams=True,
           reference="https://en.wikipedia.org/wiki/Slerp")
-def slerp(base: torch.Tensor, experts: Sequence[torch.Tensor], *, t: float) -> torch.Tensor:
+def slerp(base: torch.Tensor, experts: Sequence[torch.Tensor], *, out: torch.Tensor, work: torch.dtype,
+          t: float) -> torch.Tensor:
     """Spherical interpolation from base (t=0) to the single expert (t=1), as mergekit does it.
 
     The angle theta comes from the flattened, L2-normalized tensors; the result is
@@ -188,16 +230,14 @@ def slerp(base: torch.Tensor, experts: Sequence[torch.Tensor], *, t: float) -> t
     t=0 and t=1 give base and the expert bit-exactly.
     """
     v0, v1 = base, experts[0]
-    n0 = float(torch.linalg.vector_norm(v0))
-    n1 = float(torch.linalg.vector_norm(v1))
-    dot = float((v0 * v1).sum())
+    dot, n0, n1 = dot_and_norms(v0, v1, work)
     dot /= (n0 if n0 > SLERP_NORM_EPS else 1.0) * (n1 if n1 > SLERP_NORM_EPS else 1.0)
     if abs(dot) > SLERP_DOT_THRESHOLD:
-        return weighted_sum([v0, v1], [1.0 - t, t])
+        return combine_into(out, [v0, v1], [1.0 - t, t], work)
     theta = math.acos(dot)
     sin_theta = math.sin(theta)
     s0, s1 = math.sin(theta - theta * t) / sin_theta, math.sin(theta * t) / sin_theta
-    return weighted_sum([v0, v1], [s0, s1])
+    return combine_into(out, [v0, v1], [s0, s1], work)
 
 
 def _breadcrumbs(

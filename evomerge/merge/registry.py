@@ -15,6 +15,11 @@ unknown option is a `MergeError`.
 The wrapper validates shapes and genes, casts every input to the working dtype (float32 for
 half / bfloat16 / 8-bit floats, the input's own dtype for float32 / float64) on base's device,
 calls the method, and casts the result back to base's dtype. Inputs are never modified.
+
+`out=` (a tensor of base's shape, e.g. a model's parameter) receives the result in place and is
+returned. Methods registered with `streams=True` (evomerge/merge/chunked.py) are then called
+with the inputs as they are, `out` and the working dtype `work`, and widen and write one slice
+at a time: no full-size copy of any input and no new result tensor.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ class MergeMethod:
     min_experts: int  # fewest experts the method needs
     random: bool  # uses `seed`
     reference: str  # URL of the paper / reference
+    streams: bool = False  # writes into `out` slice by slice (evomerge/merge/chunked.py)
+    options: tuple[str, ...] = ()  # its own keyword settings (normalize, lambda_, rescale, ...), in order
 
 
 METHODS: dict[str, MergeMethod] = {}
@@ -69,6 +76,7 @@ def register(
     max_experts: int | None = None,
     min_experts: int = 1,
     random: bool = False,
+    streams: bool = False,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Decorator: register a method implementation under `name` and return its public wrapper.
 
@@ -87,7 +95,7 @@ def register(
         params = inspect.signature(impl).parameters
         allowed_options = tuple(
             p for p, spec in params.items()
-            if spec.kind is inspect.Parameter.KEYWORD_ONLY and p not in (*GENE_NAMES, "seed")
+            if spec.kind is inspect.Parameter.KEYWORD_ONLY and p not in (*GENE_NAMES, "seed", "out", "work")
         )
 
         def fn(
@@ -101,6 +109,7 @@ def register(
             scale: Sequence[float] | None = None,
             t: float | None = None,
             seed: int = 0,
+            out: torch.Tensor | None = None,
             **options: Any,
         ) -> torch.Tensor:
             extra = sorted(set(options) - set(allowed_options))
@@ -122,10 +131,16 @@ def register(
             if random:
                 kwargs["seed"] = int(seed)
             work = working_dtype(base.dtype)
+            if out is not None and out.shape != base.shape:
+                raise MergeError(f"{name}: out has shape {tuple(out.shape)}; expected base's shape {tuple(base.shape)}")
+            if streams:
+                target = out if out is not None and out.is_contiguous() else torch.empty_like(base)
+                impl(base, experts, out=target, work=work, **kwargs, **options)
+                return target if out is None or target is out else out.copy_(target)
             base_w = base.to(dtype=work)
             experts_w = [e.to(device=base.device, dtype=work) for e in experts]
-            out = impl(base_w, experts_w, **kwargs, **options)
-            return out.to(base.dtype)
+            result = impl(base_w, experts_w, **kwargs, **options)
+            return result.to(base.dtype) if out is None else out.copy_(result)
 
         fn.__name__, fn.__qualname__, fn.__doc__ = impl.__name__, impl.__qualname__, impl.__doc__
         fn.__module__ = impl.__module__
@@ -134,6 +149,7 @@ def register(
         METHODS[name] = MergeMethod(
             name=name, fn=fn, genes=genes, needs_base=needs_base,
             max_experts=max_experts, min_experts=min_experts, random=random, reference=reference,
+            streams=streams, options=allowed_options,
         )
         return fn
 

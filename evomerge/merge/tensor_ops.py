@@ -119,7 +119,7 @@ def sparsify_magnitude(
     k = max(1, int(density * numel))
     threshold = _kth_largest_magnitude(delta, k)
     keep = (delta > threshold) | (delta < -threshold)  # |delta| > threshold, without a float temporary
-    missing = k - int(keep.sum())
+    missing = k - int(torch.count_nonzero(keep))
     if missing > 0:
         keep = keep.flatten()
         tied = torch.nonzero(delta.abs().flatten() == threshold).flatten()[:missing]

@@ -1,0 +1,249 @@
+"""Merge kernels that stream a tensor in slices and write the merge straight into its target.
+
+The whole-tensor formulas of `tensor_ops` make several full-size temporaries per expert (task
+vectors, masks, weighted stacks, sign votes) and a new result tensor, so a merge moves many
+times the bytes it reads. Here every element-wise step runs on one slice of `CHUNK` elements at
+a time: its temporaries (a few MiB) stay in cache, the sources are read once, the target (a
+model's parameter, preallocated) is written once, and narrow dtypes (bfloat16, float16) are
+widened one slice at a time. What needs the whole tensor first (a magnitude threshold, an L1
+norm, a random mask) is computed in a pass before. Random masks are drawn slice by slice from
+the expert's own generator, which gives the same numbers as one whole-tensor draw.
+
+Results equal the whole-tensor formulas up to floating-point rounding order (the tests hold
+them to each other and to mergekit); the exact cases (weights (1, 0, ...) give that expert,
+t = 0 / 1 give an endpoint) stay exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from evomerge.merge.tensor_ops import L1_EPS, WEIGHT_SUM_EPS, RescaleMode
+
+CHUNK = 1 << 18  # elements per slice on the CPU: 1 MiB of float32, a slice's temporaries fit in L2
+CHUNK_CUDA = 1 << 24  # on a GPU, fewer and larger kernels
+
+
+def slices(numel: int, device: torch.device) -> Iterator[slice]:
+    size = CHUNK_CUDA if device.type == "cuda" else CHUNK
+    for start in range(0, numel, size):
+        yield slice(start, min(start + size, numel))
+
+
+class Stream:
+    """Flat views of a merge's inputs (and target), read and written slice by slice in `work` dtype
+    on `device` (the target's)."""
+
+    def __init__(self, inputs: Sequence[torch.Tensor], work: torch.dtype, out: torch.Tensor | None = None,
+                 device: torch.device | None = None):
+        self.inputs = [t.reshape(-1) for t in inputs]  # sources are contiguous: views, no copies
+        self.work = work
+        self.out = out.view(-1) if out is not None else None
+        self.device = out.device if out is not None else (device or inputs[0].device)
+        self.numel = self.inputs[0].numel()
+        # Compute straight into the target when it has the working dtype.
+        self.direct = out is not None and out.dtype == work
+        self._size = min(self.numel, CHUNK_CUDA if self.device.type == "cuda" else CHUNK)
+        self._scratch: dict[str, torch.Tensor] = {}
+
+    def slices(self) -> Iterator[slice]:
+        return slices(self.numel, self.device)
+
+    def read(self, index: int, part: slice) -> torch.Tensor:
+        """Input `index`'s slice in the working dtype on the device (the view itself when it has both)."""
+        return self.inputs[index][part].to(device=self.device, dtype=self.work)
+
+    def scratch(self, name: str, part: slice, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A temporary of the slice's length, one per name, reused slice after slice."""
+        buffer = self._scratch.get(name)
+        if buffer is None:
+            buffer = self._scratch[name] = torch.empty(self._size, dtype=dtype or self.work, device=self.device)
+        return buffer[: part.stop - part.start]
+
+    def target(self, part: slice) -> torch.Tensor:
+        """Where the slice's result is computed: the target itself, or a working-dtype temporary."""
+        assert self.out is not None
+        return self.out[part] if self.direct else self.scratch("result", part)
+
+    def write(self, part: slice, result: torch.Tensor) -> None:
+        assert self.out is not None
+        if not self.direct:
+            self.out[part].copy_(result)
+
+
+def combine_into(out: torch.Tensor, tensors: Sequence[torch.Tensor], coefficients: Sequence[float],
+                 work: torch.dtype, divisor: float | None = None) -> torch.Tensor:
+    """out = sum_i c_i x_i [/ divisor]. With one coefficient 1 and the others 0 it is that tensor exactly."""
+    stream = Stream(tensors, work, out)
+    for part in stream.slices():
+        result = stream.target(part)
+        torch.mul(stream.read(0, part), coefficients[0], out=result)
+        for i in range(1, len(tensors)):
+            result.add_(stream.read(i, part), alpha=coefficients[i])
+        if divisor is not None:
+            result.div_(divisor)
+        stream.write(part, result)
+    return out
+
+
+def copy_into(out: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    out.copy_(tensor.to(device=out.device))
+    return out
+
+
+def mix_task_vectors_into(
+    out: torch.Tensor,
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    weight: Sequence[float],
+    work: torch.dtype,
+    *,
+    consensus: bool,
+    normalize: bool,
+    lambda_: float,
+    masks: Sequence[torch.Tensor | None] | None = None,
+    factors: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """out = base + lambda * mix(w_i * f_i * m_i * (x_i - base)), `tensor_ops.merge_task_vectors`
+    slice by slice: m_i a keep mask (None: keep all), f_i a rescale factor (default 1).
+
+    With `consensus` (TIES's elect + disjoint merge) only deltas agreeing with the sign of their
+    sum count and `normalize` divides by the sum of the agreeing experts' weights (0 -> 1);
+    without it all count and `normalize` divides by sum(w) (|sum| < 1e-8 -> 1).
+    """
+    count = len(experts)
+    masks = masks or [None] * count
+    scale = [w * (factors[i] if factors is not None else 1.0) for i, w in enumerate(weight)]
+    total = sum(weight)
+    plain_divisor = total if abs(total) >= WEIGHT_SUM_EPS else 1.0
+    stream = Stream([base, *experts], work, out)
+    for part in stream.slices():
+        b = stream.read(0, part)
+        deltas = []
+        for i in range(count):
+            delta = stream.scratch(f"delta{i}", part)
+            torch.sub(stream.read(i + 1, part), b, out=delta)
+            if masks[i] is not None:
+                delta.mul_(masks[i][part].to(delta.device))
+            delta.mul_(scale[i])
+            deltas.append(delta)
+        mixed = stream.scratch("mixed", part)
+        torch.add(deltas[0], deltas[1], out=mixed) if count > 1 else mixed.copy_(deltas[0])
+        for delta in deltas[2:]:
+            mixed.add_(delta)
+        if consensus:
+            # Elect the sign of the sum (>= 0 -> +1; a -0 sum has only zero deltas, which never
+            # agree, so copysign's -1 there changes nothing); keep each delta that has it. With
+            # float operations only: delta * elected > 0 exactly where the delta agrees.
+            elected = stream.scratch("elected", part)
+            torch.copysign(ONE, mixed, out=elected)
+            divisor = stream.scratch("divisor", part)
+            indicator = stream.scratch("indicator", part)
+            for i, delta in enumerate(deltas):
+                delta.mul_(elected).clamp_min_(0.0)  # |delta| where it agrees, else 0
+                torch.sign(delta, out=indicator)  # 1 where it agrees, else 0
+                delta.mul_(elected)
+                if i == 0:
+                    torch.mul(indicator, float(weight[0]), out=divisor)
+                else:
+                    divisor.add_(indicator, alpha=float(weight[i]))
+            torch.add(deltas[0], deltas[1], out=mixed) if count > 1 else mixed.copy_(deltas[0])
+            for delta in deltas[2:]:
+                mixed.add_(delta)
+            if normalize:
+                mixed.div_(_nonzero(divisor, weight))
+        elif normalize:
+            mixed.div_(plain_divisor)
+        if lambda_ != 1:
+            mixed.mul_(lambda_)
+        result = stream.target(part)
+        torch.add(mixed, b, out=result)
+        stream.write(part, result)
+    return out
+
+
+ONE = torch.ones(())
+TINY = torch.finfo(torch.float32).tiny
+
+
+def _nonzero(divisor: torch.Tensor, weight: Sequence[float]) -> torch.Tensor:
+    """The divisor with its zeros (no expert agrees, so the mixed delta is 0 there) set to 1. With
+    weights >= 0 (no nonzero one below float32's smallest normal) every sum of them is 0 or at
+    least TINY, and a clamp does it."""
+    if all(w == 0 or w >= TINY for w in weight):
+        return divisor.clamp_min_(TINY)
+    return divisor.masked_fill_(divisor == 0, 1.0)
+
+
+# --------------------------------------------------------------------------- what a slice needs first
+
+
+def magnitude_mask(base: torch.Tensor, expert: torch.Tensor, density: float, work: torch.dtype) -> torch.Tensor:
+    """TIES's trim as a keep mask: the k = max(1, int(density * numel)) largest |expert - base|,
+    ties at the k-th magnitude broken towards the lowest flat index (`sparsify_magnitude`)."""
+    numel = base.numel()
+    k = max(1, int(density * numel))
+    magnitude = torch.empty(numel, dtype=work, device=base.device)  # |task vector|, full size
+    stream = Stream([base, expert], work, device=base.device)
+    for part in stream.slices():
+        torch.sub(stream.read(1, part), stream.read(0, part), out=magnitude[part]).abs_()
+    threshold = _kth_largest(magnitude, k)
+    keep = magnitude > threshold
+    missing = k - int(torch.count_nonzero(keep))
+    if missing > 0:  # the first `missing` entries equal to the threshold, in flat order
+        keep[torch.nonzero(magnitude == threshold).flatten()[:missing]] = True
+    return keep
+
+
+def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry of a flat tensor. On the CPU numpy's partition (of a copy) is about
+    10x faster than torch.kthvalue."""
+    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
+        array = values.numpy()
+        return torch.tensor(np.partition(array, array.size - k)[array.size - k], dtype=values.dtype)
+    return torch.kthvalue(values, values.numel() - k + 1).values
+
+
+def random_mask(numel: int, density: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE's keep mask u < density, u ~ U[0, 1) drawn on the CPU from `generator` slice by slice
+    (the same numbers as one draw of `numel`: `sparsify_random`'s mask)."""
+    keep = torch.empty(numel, dtype=torch.bool)
+    draw = torch.empty(min(numel, CHUNK))
+    for part in slices(numel, torch.device("cpu")):
+        torch.lt(torch.rand(part.stop - part.start, generator=generator, out=draw[: part.stop - part.start]),
+                 density, out=keep[part])
+    return keep
+
+
+def rescale_factor(base: torch.Tensor, expert: torch.Tensor, keep: torch.Tensor, density: float,
+                   mode: RescaleMode | None, work: torch.dtype) -> float:
+    """The factor `tensor_ops._rescaled` gives the kept entries: 1 / density, or (`l1`) the task
+    vector's L1 norm over the kept part's (1 where either is below 1e-7)."""
+    if mode == "density":
+        return 1.0 / density
+    if mode != "l1":
+        return 1.0
+    before = after = 0.0
+    stream = Stream([base, expert], work, device=base.device)
+    for part in stream.slices():
+        magnitude = torch.sub(stream.read(1, part), stream.read(0, part)).abs_()
+        before += float(magnitude.sum())
+        after += float(magnitude.mul_(keep[part].to(magnitude.device)).sum())
+    if before < L1_EPS or after < L1_EPS:
+        return 1.0
+    return before / after
+
+
+def dot_and_norms(a: torch.Tensor, b: torch.Tensor, work: torch.dtype) -> tuple[float, float, float]:
+    """(a . b, |a|, |b|) over the flattened tensors, in the working dtype, slice by slice."""
+    dot = squares_a = squares_b = 0.0
+    stream = Stream([a, b], work, device=a.device)
+    for part in stream.slices():
+        x, y = stream.read(0, part), stream.read(1, part)
+        dot += float(torch.dot(x, y))
+        squares_a += float(torch.dot(x, x))
+        squares_b += float(torch.dot(y, y))
+    return dot, squares_a ** 0.5, squares_b ** 0.5
