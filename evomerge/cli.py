@@ -112,12 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
 TRACEBACK_ONLY = "evomerge_traceback_only"  # a log record for run.log, shown on stderr only with -v
 
 
+def _not_traceback_only(record: logging.LogRecord) -> bool:
+    return not getattr(record, TRACEBACK_ONLY, False)
+
+
 def setup_logging(verbose: bool) -> None:
+    root = logging.getLogger()
+    before = list(root.handlers)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if not verbose:
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(lambda record: not getattr(record, TRACEBACK_ONLY, False))
+    if not verbose:  # the stderr handler made here (none when the host application has its own)
+        for handler in root.handlers:
+            if handler not in before:
+                handler.addFilter(_not_traceback_only)
     for noisy in ("transformers", "lm_eval", "lm-eval", "ray", "datasets", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

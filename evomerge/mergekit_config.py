@@ -488,7 +488,7 @@ def run_merge(config_path: str | Path, out: str | Path, *, force: bool = False, 
               device: str = "cpu") -> Path:
     """Merge (or stack) what a mergekit config describes and write a Hugging Face folder to `out`."""
     from evomerge.export import move_into
-    from evomerge.sources import check_sources, load_tokenizer, pick_device
+    from evomerge.sources import check_sources, has_tokenizer, load_tokenizer, pick_device
 
     config = read_config(config_path)
     out = Path(out)
@@ -502,14 +502,21 @@ def run_merge(config_path: str | Path, out: str | Path, *, force: bool = False, 
               else list(dict.fromkeys(s.model for s in config.slices)))
     models = ModelsConfig(base=config.skeleton, experts=inputs, dtype=_canonical(dtype), device=device,
                           check_finite=False)
+    # Like mergekit, a merge of folders without a tokenizer writes none (with a warning).
+    tokenizer_path = config.tokenizer_source or config.skeleton
+    tokenizers = config.tokenizer_source is not None or has_tokenizer(config.skeleton)
     try:
-        info = check_sources(models)
+        info = check_sources(models, tokenizers=tokenizers)
     except ModelMismatchError as exc:
         raise ModelMismatchError(_mergekit_names(str(exc), models)) from None
-    tokenizer_path = config.tokenizer_source or config.skeleton
-    tokenizer = load_tokenizer(tokenizer_path, models)
-    if tokenizer_path not in models.sources:
-        _check_vocabulary(tokenizer, load_tokenizer(config.skeleton, models), tokenizer_path, config.source)
+    tokenizer = None
+    if tokenizers:
+        tokenizer = load_tokenizer(tokenizer_path, models)
+        if tokenizer_path not in models.sources:
+            _check_vocabulary(tokenizer, load_tokenizer(config.skeleton, models), tokenizer_path, config.source)
+    else:
+        logger.warning("%s has no tokenizer: the merged folder gets none (set tokenizer_source to give it one)",
+                       config.skeleton)
 
     if isinstance(config, MergekitConfig):
         model = _merge(config, models, info, seed, pick_device(device))
@@ -523,7 +530,8 @@ def run_merge(config_path: str | Path, out: str | Path, *, force: bool = False, 
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
     shutil.copyfile(config_path, staging / "mergekit.yaml")
     move_into(staging, out)
     return out

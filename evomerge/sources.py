@@ -46,8 +46,18 @@ def field_names(models: ModelsConfig) -> list[str]:
     return ["models.base", *[f"models.experts.{i}" for i in range(len(models.experts))]]
 
 
-def check_sources(models: ModelsConfig) -> SourceInfo:
-    """Refuse sources that cannot be merged, naming the field or tensor; return what the genome needs."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def has_tokenizer(path: str) -> bool:
+    """False for a local folder without any tokenizer file (a hub id is assumed to have one)."""
+    folder = Path(path)
+    return not folder.is_dir() or any((folder / name).exists() for name in TOKENIZER_FILES)
+
+
+def check_sources(models: ModelsConfig, tokenizers: bool = True) -> SourceInfo:
+    """Refuse sources that cannot be merged, naming the field or tensor; return what the genome needs.
+    `tokenizers=False` (a plain merge of tokenizer-less folders) skips the vocabulary check."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if models.trust_remote_code:
@@ -60,8 +70,9 @@ def check_sources(models: ModelsConfig) -> SourceInfo:
         except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad folder
             raise ModelMismatchError(f"{field}: cannot read the model config of {path!r} ({_first_line(exc)})") from None
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=models.trust_remote_code)
-            vocabs.append(tokenizer.get_vocab())
+            tokenizer = (AutoTokenizer.from_pretrained(path, trust_remote_code=models.trust_remote_code)
+                         if tokenizers else None)
+            vocabs.append(tokenizer.get_vocab() if tokenizer is not None else None)
         except Exception as exc:  # noqa: BLE001
             raise ModelMismatchError(f"{field}: cannot load the tokenizer of {path!r} ({_first_line(exc)})") from None
         with torch.device("meta"):
