@@ -57,6 +57,7 @@ import torch
 
 from evomerge.config import ModelsConfig, _resolve_model, read_yaml
 from evomerge.errors import ConfigError, ModelMismatchError
+from evomerge.folders import Folder, check_folders, read_folder, same_tokenizer_files, write_folder
 from evomerge.genome import layer_index
 from evomerge.merge import METHODS, MergeMethod, get_method
 
@@ -497,11 +498,15 @@ def run_merge(config_path: str | Path, out: str | Path, *, force: bool = False, 
     if out.exists() and any(out.iterdir()) and not force:
         raise ConfigError(f"--out: {out} exists and is not empty; choose another folder or pass --force")
 
-    dtype = config.dtype or _stored_dtype(config.skeleton)
     inputs = ([entry.model for entry in config.models] if isinstance(config, MergekitConfig)
               else list(dict.fromkeys(s.model for s in config.slices)))
+    folders = [read_folder(path) for path in [config.skeleton, *inputs]]
+    plain = isinstance(config, MergekitConfig) and all(folders)  # local safetensors folders: no model object
+    dtype = config.dtype or (_declared_dtype(folders[0].config) if plain else _stored_dtype(config.skeleton))
     models = ModelsConfig(base=config.skeleton, experts=inputs, dtype=_canonical(dtype), device=device,
                           check_finite=False)
+    if plain:
+        return _merge_folders(config, models, folders, out, seed, pick_device(device), config_path)
     # Like mergekit, a merge of folders without a tokenizer writes none (with a warning).
     tokenizer_path = config.tokenizer_source or config.skeleton
     tokenizers = config.tokenizer_source is not None or has_tokenizer(config.skeleton)
@@ -535,6 +540,68 @@ def run_merge(config_path: str | Path, out: str | Path, *, force: bool = False, 
     shutil.copyfile(config_path, staging / "mergekit.yaml")
     move_into(staging, out)
     return out
+
+
+def _merge_folders(config: MergekitConfig, models: ModelsConfig, folders: list[Folder], out: Path, seed: int,
+                   device: torch.device, config_path: str | Path) -> Path:
+    """The merge of local safetensors folders, file to file (`evomerge.folders`): every stored
+    floating tensor merged into a new tensor, the others taken from the skeleton."""
+    from evomerge.export import move_into
+    from evomerge.merger import Merger
+    from evomerge.sources import field_names, has_tokenizer, source_parameters
+
+    try:
+        check_folders(folders, field_names(models))
+    except ModelMismatchError as exc:
+        raise ModelMismatchError(_mergekit_names(str(exc), models)) from None
+    tokenizer_path = config.tokenizer_source or config.skeleton
+    tokenizer: Path | None = Path(tokenizer_path)
+    if config.tokenizer_source is None and not has_tokenizer(config.skeleton):
+        logger.warning("%s has no tokenizer: the merged folder gets none (set tokenizer_source to give it one)",
+                       config.skeleton)
+        tokenizer = None
+    elif any(not same_tokenizer_files(folders[0].path, f.path) for f in folders[1:]) or \
+            not same_tokenizer_files(folders[0].path, Path(tokenizer_path)):
+        _check_vocabularies(config, models, tokenizer_path)  # files differ: compare what they encode
+
+    skeleton = folders[0]
+    sources = [source_parameters(str(f.path), skeleton.shapes, models, device) for f in folders]
+    floating = [name for name, tensor in sources[0].items() if tensor.is_floating_point()]
+    plan = plan_merge(config, floating, skeleton.num_layers)
+    logger.info("merging %d model(s) with %s", len(config.models), config.method.name)
+    merged = {name: torch.empty_like(tensor) if name in floating else tensor for name, tensor in sources[0].items()}
+    for _ in Merger(sources[0], sources[1:], seed=seed).merged(plan, floating, into=merged):
+        pass
+    out_dtype = DTYPES[config.out_dtype] if config.out_dtype is not None else None
+    written = {name: (t.to(out_dtype) if out_dtype is not None and name in floating else t).cpu()
+               for name, t in merged.items()}
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    write_folder(staging, written, skeleton, _canonical(config.out_dtype or models.dtype),
+                 tokenizer if tokenizer is not None and has_tokenizer(str(tokenizer)) else None)
+    shutil.copyfile(config_path, staging / "mergekit.yaml")
+    move_into(staging, out)
+    return out
+
+
+def _check_vocabularies(config: MergekitConfig, models: ModelsConfig, tokenizer_path: str) -> None:
+    """Every source and the tokenizer source encode with one vocabulary (through transformers:
+    their tokenizer files differ)."""
+    from evomerge.sources import field_names, load_tokenizer
+
+    reference = load_tokenizer(config.skeleton, models)
+    for field, path in zip(field_names(models)[1:], models.sources[1:]):
+        if load_tokenizer(path, models).get_vocab() != reference.get_vocab():
+            raise ModelMismatchError(f"{config.source}: model {path}: tokenizer vocabulary differs from "
+                                     f"model {config.skeleton}; merged models need one vocabulary")
+    if tokenizer_path not in models.sources:
+        _check_vocabulary(load_tokenizer(tokenizer_path, models), reference, tokenizer_path, config.source)
+
+
+def _declared_dtype(declared: dict) -> str:
+    """The dtype a config.json declares (`dtype`, or 4.x's `torch_dtype`); float32 when none."""
+    name = str(declared.get("dtype") or declared.get("torch_dtype") or "float32").removeprefix("torch.")
+    return name if name in DTYPES else "float32"
 
 
 def _merge(config: MergekitConfig, models: ModelsConfig, info: Any, seed: int, device: torch.device) -> torch.nn.Module:

@@ -68,3 +68,12 @@ def test_worker_scaling_quick(tmp_path, zoo) -> None:
     section = check_section(text, "Worker scaling", "worker_scaling.py")
     assert re.search(r"2 workers / 1 worker: [\d.]+x", out)
     assert re.search(r"\| 1 \| [\d.]+ \| [\d.]+ \| \d+% \| 7 \|", section)  # 5 references + population 2
+
+
+@pytest.mark.slow
+def test_search_efficiency_quick(tmp_path, zoo) -> None:
+    out, text = run_quick("search_efficiency.py", tmp_path, "--zoo", str(zoo["base"].parent))
+    section = check_section(text, "Search efficiency", "search_efficiency.py")
+    for strategy in ("cma", "random", "tpe"):  # one seed: evaluations to the target, then the mean
+        assert re.search(rf"\| {strategy} \| (> )?\d+ \| \*\*(> )?[\d.]+\*\* \| [\d.]+ \|", section), section
+    assert re.search(r"cma / random: (at most )?[\d.]+", out)

@@ -337,3 +337,53 @@ def test_incompatible_models_are_named_by_path(families, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"model {families['qwen2']['e0']}: config.model_type is 'qwen2' but model {families['llama']['base']}" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_merged_folder_is_complete_in_its_out_dtype(families, tmp_path):
+    """Written file to file (no model object): config with the out dtype, generation config,
+    tokenizer files, tied embeddings as the sources store them; transformers loads it."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    m = families["qwen2"]
+    config = {"merge_method": "ties", "base_model": m["base"], "dtype": "float32", "out_dtype": "bfloat16",
+              "models": [{"model": m["e0"], "parameters": {"weight": 0.7, "density": 0.6}},
+                         {"model": m["e1"], "parameters": {"weight": 0.5, "density": 0.8}}]}
+    out = tmp_path / "out"
+    assert main(["merge", str(write_yaml(tmp_path, config)), "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert {"generation_config.json", "tokenizer.json", "tokenizer_config.json", "mergekit.yaml"} <= {
+        p.name for p in out.iterdir()}
+    with safe_open(str(out / "model.safetensors"), framework="pt") as handle, \
+            safe_open(str(Path(m["base"]) / "model.safetensors"), framework="pt") as base:
+        assert set(handle.keys()) == set(base.keys())  # tied: the head is not stored twice
+        assert all(handle.get_slice(k).get_dtype() == "BF16" for k in handle.keys())
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16
+    tokens = AutoTokenizer.from_pretrained(out)("12+34=", return_tensors="pt")
+    assert torch.isfinite(model(**tokens).logits).all()
+    theirs = run_mergekit(config, tmp_path / "mergekit")
+    assert max_difference(load_tensors(out), theirs)[0] <= 1e-2  # both rounded to bfloat16 once
+
+
+@pytest.mark.slow
+def test_sources_with_other_tokenizer_files_are_compared_by_vocabulary(families, tmp_path, capsys):
+    import shutil
+
+    m = families["llama"]
+    other = tmp_path / "other"
+    shutil.copytree(m["e0"], other)
+    document = json.loads((other / "tokenizer.json").read_text())
+    document["model"]["vocab"] = {f"x{token}": index for token, index in document["model"]["vocab"].items()}
+    (other / "tokenizer.json").write_text(json.dumps(document))
+    config = {"merge_method": "linear", "models": [{"model": m["e1"], "parameters": {"weight": 1.0}},
+                                                   {"model": str(other), "parameters": {"weight": 1.0}}]}
+    assert main(["merge", str(write_yaml(tmp_path, config)), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"model {other}: tokenizer vocabulary differs from model {m['e1']}" in err
+
+    # the same vocabulary written differently (reformatted JSON) merges
+    (other / "tokenizer.json").write_text(json.dumps(json.loads((Path(m["e0"]) / "tokenizer.json").read_text()),
+                                                     indent=4))
+    assert main(["merge", str(write_yaml(tmp_path, config)), "--out", str(tmp_path / "out")]) == 0
