@@ -64,6 +64,19 @@ class Member:
     name: str
     lm: Any  # lm_eval.models.huggingface.HFLM (any TemplateLM over a causal HF model)
     cost: CostModel
+    # (context, max new tokens) -> the prompt's token ids as HFLM encodes and truncates them:
+    # the same for every candidate, so encoded once per worker (the tokenizer never changes)
+    prompts: dict[tuple[str, int], tuple[int, ...]] = field(default_factory=dict, repr=False)
+
+    def prompt_ids(self, context: str, max_gen: int) -> tuple[int, ...]:
+        key = (context, max_gen)
+        ids = self.prompts.get(key)
+        if ids is None:
+            lm = self.lm
+            encoded, _ = lm.tok_batch_encode([context], left_truncate_len=lm.max_length - max_gen,
+                                             truncation=getattr(lm, "truncation", False))
+            ids = self.prompts[key] = tuple(encoded[0].tolist())
+        return ids
 
     @classmethod
     def from_model(cls, name: str, model: Any, tokenizer: Any, batch_size: int | str = 16) -> Member:
@@ -340,9 +353,7 @@ def _serve_generate(member: Member, instances: list[Any]) -> Served:
     for inst, text in zip(instances, texts):
         context, gen_kwargs = inst.args
         max_gen = normalize_gen_kwargs(gen_kwargs, lm.max_gen_toks)["max_gen_toks"]
-        ids, _ = lm.tok_batch_encode([context], left_truncate_len=lm.max_length - max_gen,
-                                     truncation=getattr(lm, "truncation", False))
-        prompt = tuple(ids[0].tolist())
+        prompt = member.prompt_ids(context, max_gen)
         row = watch.take(prompt, text, lm)
         if row is None:  # not seen in generation (should not happen): count from the text
             logger.warning("policy: no generation record for a prompt of %d tokens; FLOPs counted "
@@ -423,6 +434,8 @@ class GenerationWatch:
         rows = self.rows.get(prompt)
         if not rows:
             return None
+        if len(rows) == 1:
+            return rows.pop()
         for i, row in enumerate(rows):  # identical prompts: the row whose text it is (sampling)
             if lm.tok_decode(row.tokens[:row.new_tokens]).startswith(text):
                 return rows.pop(i)
