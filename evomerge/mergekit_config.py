@@ -587,10 +587,10 @@ def _merge_folders(config: MergekitConfig, models: ModelsConfig, folders: list[F
 def _check_vocabularies(config: MergekitConfig, models: ModelsConfig, tokenizer_path: str) -> None:
     """Every source and the tokenizer source encode with one vocabulary (through transformers:
     their tokenizer files differ)."""
-    from evomerge.sources import field_names, load_tokenizer
+    from evomerge.sources import load_tokenizer
 
     reference = load_tokenizer(config.skeleton, models)
-    for field, path in zip(field_names(models)[1:], models.sources[1:]):
+    for path in models.sources[1:]:
         if load_tokenizer(path, models).get_vocab() != reference.get_vocab():
             raise ModelMismatchError(f"{config.source}: model {path}: tokenizer vocabulary differs from "
                                      f"model {config.skeleton}; merged models need one vocabulary")

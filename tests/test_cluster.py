@@ -83,7 +83,7 @@ def test_a_lost_head_stops_the_driver_with_one_line_and_the_run_resumes(zoo, tmp
     head = subprocess.Popen([str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=1",
                              "--include-dashboard=false", f"--temp-dir={temp}", "--block"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    generations, population = 60, 4
+    generations, population = 1000, 4  # far more than runs before the head goes: the run is cut short
     try:
         wait_for_nodes(address, 1, env)
         path = write_config(tmp_path, zoo, workers={"count": 1, "cpus_per_worker": 1, "ray_address": address},
@@ -108,8 +108,11 @@ def test_a_lost_head_stops_the_driver_with_one_line_and_the_run_resumes(zoo, tmp
     assert 0 < len(records) < 5 + generations * population
     assert all(r["state"] == "complete" for r in records)  # the cluster's loss is not the trials' failure
 
-    resumed = subprocess.run([evomerge, "resume", str(tmp_path / "run"), "--set", "workers.ray_address=null"],
+    # Resume on a local Ray, with a budget of two generations past the last one journaled.
+    budget = max(r["generation"] for r in records) + 2
+    resumed = subprocess.run([evomerge, "resume", str(tmp_path / "run"), "--set", "workers.ray_address=null",
+                              "--set", f"search.generations={budget}"],
                              env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     records = RunDir.open(tmp_path / "run").records()
-    assert len(records) == 5 + generations * population and all(r["state"] == "complete" for r in records)
+    assert len(records) == 5 + budget * population and all(r["state"] == "complete" for r in records)

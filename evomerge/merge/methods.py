@@ -36,29 +36,13 @@ from evomerge.merge.tensor_ops import (
     expert_generator,
     merge_task_vectors,
     resolve_rescale,
-    sparsify_magnitude,
     sparsify_magprune,
     sparsify_outliers,
-    sparsify_random,
-    stack_weights,
-    stacked_task_vectors,
     task_vectors,
-    weighted_sum,
 )
 
 SLERP_DOT_THRESHOLD = 0.9995  # |cos| above this: nearly colinear, interpolate linearly (mergekit)
 SLERP_NORM_EPS = 1e-8  # a vector with a norm at or below this is not normalized (mergekit)
-
-
-def _exact(base: torch.Tensor, experts: Sequence[torch.Tensor], coefficients: Sequence[float]) -> torch.Tensor | None:
-    """The tensor the merge equals exactly: base when every coefficient is 0, expert i when c_i is
-    1 and the others 0 (`tensor_ops.exact_combination`); None otherwise."""
-    if all(c == 0 for c in coefficients):
-        return base
-    ones = [i for i, c in enumerate(coefficients) if c == 1]
-    if len(ones) == 1 and all(c == 0 for i, c in enumerate(coefficients) if i != ones[0]):
-        return experts[ones[0]]
-    return None
 
 
 @register("linear", genes=("weight",), needs_base=False, streams=True,
@@ -100,7 +84,7 @@ def task_arithmetic(
     """
     total = sum(weight)
     divisor = total if normalize and abs(total) >= WEIGHT_SUM_EPS else 1.0
-    exact = _exact(base, experts, [lambda_ * w / divisor for w in weight])
+    exact = exact_combination(base, experts, [lambda_ * w / divisor for w in weight])
     if exact is not None:
         return copy_into(out, exact)
     return mix_task_vectors_into(out, base, experts, weight, work, consensus=False, normalize=normalize,

@@ -1,12 +1,14 @@
 """Building blocks shared by the merge methods: task vectors, sparsification, sign consensus, mixing.
 
 All functions are pure: they never modify their inputs (sparsify_* at density 1 return the input
-itself, every other result is a new tensor).
+itself, every other result is a new tensor). They compute on whole tensors: the methods that
+stream (evomerge/merge/chunked.py) are held to these formulas by tests/test_merge_streaming.py;
+the others (breadcrumbs, della, model_stock, nuslerp, multislerp, passthrough) use them directly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -27,27 +29,6 @@ def task_vectors(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> list[to
     return [expert - base for expert in experts]
 
 
-def stacked_task_vectors(
-    base: torch.Tensor,
-    experts: Sequence[torch.Tensor],
-    transform: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """torch.stack([transform(i, tau_i) ...]) built one expert at a time, in place where it can.
-
-    Equal to stacking `task_vectors` (transformed), with about one tensor of temporaries per
-    expert instead of all of them at once: a merge of K experts then peaks near K + a few
-    tensors rather than 3K.
-    """
-    out = torch.empty((len(experts), *base.shape), dtype=base.dtype, device=base.device)
-    for i, expert in enumerate(experts):
-        torch.sub(expert, base, out=out[i])
-        if transform is not None:
-            changed = transform(i, out[i])
-            if changed is not out[i]:
-                out[i].copy_(changed)
-    return out
-
-
 def stack_weights(weight: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     """The weights as a tensor of like's dtype and device, shaped to broadcast over a stack."""
     return torch.tensor(list(weight), dtype=like.dtype, device=like.device).view(-1, *[1] * like.dim())
@@ -65,16 +46,14 @@ def weighted_sum(tensors: Sequence[torch.Tensor], coefficients: Sequence[float])
 def exact_combination(
     base: torch.Tensor, experts: Sequence[torch.Tensor], coefficients: Sequence[float]
 ) -> torch.Tensor | None:
-    """A copy of base when every coefficient is 0, of expert i when c_i is 1 and the others 0.
-
-    `coefficients` are the effective per-expert factors on the task vectors. Returns None for
-    any other coefficients.
-    """
+    """The tensor a combination equals exactly: base when every coefficient is 0, expert i when
+    c_i is 1 and the others 0 (`coefficients`: the effective per-expert factors on the task
+    vectors); None for any other coefficients. The tensor itself, not a copy."""
     if all(c == 0 for c in coefficients):
-        return base.clone()
+        return base
     ones = [i for i, c in enumerate(coefficients) if c == 1]
     if len(ones) == 1 and all(c == 0 for i, c in enumerate(coefficients) if i != ones[0]):
-        return experts[ones[0]].clone()
+        return experts[ones[0]]
     return None
 
 
