@@ -268,3 +268,49 @@ def test_a_run_stopped_by_an_error_leaves_no_worker_behind(zoo, ray_cluster, tmp
 
         time.sleep(0.2)
     assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+
+
+class InjectingPool:
+    """The real Ray pool, with two candidates' recipes swapped for ones that fail on the worker:
+    a linear merge whose weights sum to 0 (the merge raises) and weights of 1e300 (in float32 the
+    task vectors become inf, and inf x 0 NaN: the merged model is NaN)."""
+
+    def __init__(self, pool: WorkerPool, raising: int, nan: int):
+        self.pool, self.raising, self.nan = pool, raising, nan
+
+    def run(self, trials):
+        from dataclasses import replace
+
+        swapped = []
+        for trial in trials:
+            experts = len(trial.recipe.params[next(iter(trial.recipe.params))]["weight"])
+            if trial.id == self.raising:
+                trial = replace(trial, recipe=Recipe("linear", "global", trial.recipe.num_layers,
+                                                     {"all": {"weight": [0.0] * experts}}))
+            elif trial.id == self.nan:
+                trial = replace(trial, recipe=Recipe("task_arithmetic", "global", trial.recipe.num_layers,
+                                                     {"all": {"weight": [1e300] * experts}}))
+            swapped.append(trial)
+        yield from self.pool.run(swapped)
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def test_a_search_with_a_raising_and_a_nan_candidate_completes_and_reports_them(zoo, ray_cluster, tmp_path,
+                                                                                 capsys) -> None:
+    config = load_config(write_config(tmp_path, zoo, search={"generations": 2, "population": 3}))
+    summary = search(config, tmp_path / "run", pool=InjectingPool(WorkerPool(config), raising=6, nan=9))
+    records = {r["trial"]: r for r in RunDir.open(tmp_path / "run").records()}
+    assert len(records) == 5 + 2 * 3 and summary["failed"] == 2
+    assert records[6]["state"] == "failed" and "sum to 0" in records[6]["error"] and records[6]["traceback"]
+    assert records[9]["state"] == "failed" and "non-finite" in records[9]["error"]
+    assert all(r["state"] == "complete" for i, r in records.items() if i not in (6, 9))
+    assert RunDir.open(tmp_path / "run").load_checkpoint().generation == 2  # the run went on to its end
+
+    assert main(["report", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "11 trials, 2 failed" in out
+    assert f"trial 6 FAILED: {records[6]['error']}" in out and f"trial 9 FAILED: {records[9]['error']}" in out
+    page = (tmp_path / "run" / "report.md").read_text()
+    assert "## Failed trials" in page and f"- trial 9: {records[9]['error']}" in page
