@@ -85,13 +85,18 @@ class Merger:
         return 0.0
 
 
-def load_merge_target(models: ModelsConfig, seed: int, device: torch.device) -> tuple[torch.nn.Module, Merger]:
+def load_merge_target(models: ModelsConfig, seed: int, device: torch.device,
+                      spread: bool = False) -> tuple[torch.nn.Module, Merger]:
     """The base loaded as the model to merge into, and a merger over every source's parameters.
 
     The model is the only full copy; the sources are memory-mapped where their files allow
-    (see `sources.source_parameters`).
+    (see `sources.source_parameters`). With `spread` the model is split over the process's GPUs
+    and each source tensor sits on its parameter's GPU, so every merge stays on one device
+    (GPU-only branch).
     """
-    model = load_model(models.base, models, device)
-    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    base, *experts = [source_parameters(path, shapes, models, device) for path in models.sources]
+    model = load_model(models.base, models, device, spread=spread)
+    params = dict(model.named_parameters())
+    shapes = {name: tuple(p.shape) for name, p in params.items()}
+    placement = {name: p.device for name, p in params.items()} if spread else None
+    base, *experts = [source_parameters(path, shapes, models, device, placement) for path in models.sources]
     return model, Merger(base, experts, seed=seed)

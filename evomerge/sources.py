@@ -165,12 +165,19 @@ def mapped_parameters(path: str, shapes: Mapping[str, tuple[int, ...]], dtype: t
     return {name: t if t.dtype == dtype else t.to(dtype) for name, t in tensors.items()}
 
 
+def spread_over_gpus(device: torch.device, gpus_per_worker: float) -> bool:
+    """True when a worker holds more than one GPU: its model is then spread over them."""
+    return device.type == "cuda" and gpus_per_worker > 1 and torch.cuda.device_count() > 1
+
+
 def source_parameters(path: str, shapes: Mapping[str, tuple[int, ...]], models: ModelsConfig,
-                      device: torch.device) -> dict[str, torch.Tensor]:
+                      device: torch.device, placement: Mapping[str, torch.device] | None = None,
+                      ) -> dict[str, torch.Tensor]:
     """One source's parameters by the model's names: memory-mapped where possible, else loaded.
 
-    On a GPU the tensors are copied to the device once, here (GPU-only branch); on the CPU the
-    mapped tensors are used as they are.
+    On a GPU the tensors are copied to the device once, here (GPU-only branch); with a
+    `placement` (a model spread over several GPUs) each goes to its parameter's device. On the
+    CPU the mapped tensors are used as they are.
     """
     tensors = mapped_parameters(path, shapes, torch_dtype(models.dtype))
     if tensors is None:
@@ -178,17 +185,24 @@ def source_parameters(path: str, shapes: Mapping[str, tuple[int, ...]], models: 
         model = load_model(path, models, torch.device("cpu"))
         tensors = {name: p.detach() for name, p in model.named_parameters()}
         del model
-    if device.type != "cpu":  # GPU-only branch: one copy per worker, reused for every merge
+    if placement is not None:  # GPU-only branch: each tensor where its parameter is
+        tensors = {name: t.to(placement[name]) for name, t in tensors.items()}
+    elif device.type != "cpu":  # GPU-only branch: one copy per worker, reused for every merge
         tensors = {name: t.to(device) for name, t in tensors.items()}
     return tensors
 
 
-def load_model(path: str, models: ModelsConfig, device: torch.device):
-    """Load one source as a causal LM on `device` in the configured dtype, in eval mode."""
+def load_model(path: str, models: ModelsConfig, device: torch.device, spread: bool = False):
+    """Load one source as a causal LM on `device` in the configured dtype, in eval mode; with
+    `spread`, over every GPU the process sees (accelerate's device map "auto", layers split
+    between them: a model too large for one GPU; GPU-only branch)."""
     from transformers import AutoModelForCausalLM
 
     if models.trust_remote_code:
         logger.warning("trust_remote_code is on: running the model code shipped with %s", path)
+    if spread:  # GPU-only branch
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(models.dtype), device_map="auto",
+                                                    trust_remote_code=models.trust_remote_code).eval()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(models.dtype),
                                                  trust_remote_code=models.trust_remote_code)
     return model.to(device).eval()

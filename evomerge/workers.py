@@ -25,7 +25,7 @@ from evomerge.config import RunConfig, WorkersConfig
 from evomerge.errors import ClusterLostError
 from evomerge.evaluate import Evaluator, quality
 from evomerge.merger import load_merge_target
-from evomerge.sources import load_model, load_tokenizer, pick_device
+from evomerge.sources import load_model, load_tokenizer, pick_device, spread_over_gpus
 from evomerge.trial import Trial, TrialResult, TrialState
 
 logger = logging.getLogger(__name__)
@@ -42,12 +42,14 @@ class CandidateRunner:
         models = config.models
         self.device = pick_device(models.device)
         self.config = config
+        # With several GPUs per worker, a candidate is spread over them (GPU-only branch).
+        spread = spread_over_gpus(self.device, config.workers.gpus_per_worker)
         # The base model is the preallocated target every candidate is merged into, in place.
-        self.model, self.merger = load_merge_target(models, config.seed, self.device)
+        self.model, self.merger = load_merge_target(models, config.seed, self.device, spread=spread)
         self.tokenizer = load_tokenizer(models.base, models)
         # Source models a routing policy may send requests to, loaded once (one full model each).
         paths = models.by_member_name
-        sources = {name: load_model(paths[name], models, self.device)
+        sources = {name: load_model(paths[name], models, self.device, spread=spread)
                    for name in config.policy.members if name != "merged"}
         scorers = [(load_model(path, models, self.device), load_tokenizer(path, models))
                    for path in config.policy.scorers or []]
