@@ -284,12 +284,12 @@ class InjectingPool:
         swapped = []
         for trial in trials:
             experts = len(trial.recipe.params[next(iter(trial.recipe.params))]["weight"])
-            if trial.id == self.raising:
-                trial = replace(trial, recipe=Recipe("linear", "global", trial.recipe.num_layers,
-                                                     {"all": {"weight": [0.0] * experts}}))
+            if trial.id == self.raising:  # a routed candidate keeps its policy: only its merge fails
+                trial = replace(trial, recipe=replace(trial.recipe, method="linear", granularity="global",
+                                                      params={"all": {"weight": [0.0] * experts}}))
             elif trial.id == self.nan:
-                trial = replace(trial, recipe=Recipe("task_arithmetic", "global", trial.recipe.num_layers,
-                                                     {"all": {"weight": [1e300] * experts}}))
+                trial = replace(trial, recipe=replace(trial.recipe, method="task_arithmetic", granularity="global",
+                                                      params={"all": {"weight": [1e300] * experts}}))
             swapped.append(trial)
         yield from self.pool.run(swapped)
 
@@ -297,9 +297,11 @@ class InjectingPool:
         self.pool.close()
 
 
+@pytest.mark.parametrize("policy", [None, {"kind": "blend", "members": ["merged", "expert:0"]}])
 def test_a_search_with_a_raising_and_a_nan_candidate_completes_and_reports_them(zoo, ray_cluster, tmp_path,
-                                                                                 capsys) -> None:
-    config = load_config(write_config(tmp_path, zoo, search={"generations": 2, "population": 3}))
+                                                                                 capsys, policy) -> None:
+    sections = {"policy": policy} if policy else {}
+    config = load_config(write_config(tmp_path, zoo, search={"generations": 2, "population": 3}, **sections))
     summary = search(config, tmp_path / "run", pool=InjectingPool(WorkerPool(config), raising=6, nan=9))
     records = {r["trial"]: r for r in RunDir.open(tmp_path / "run").records()}
     assert len(records) == 5 + 2 * 3 and summary["failed"] == 2
