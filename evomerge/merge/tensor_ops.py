@@ -96,7 +96,7 @@ def sparsify_magnitude(
         return delta
     numel = delta.numel()
     k = max(1, int(density * numel))
-    threshold = _kth_largest_magnitude(delta, k)
+    threshold = kth_largest(delta.abs().flatten(), k)
     keep = (delta > threshold) | (delta < -threshold)  # |delta| > threshold, without a float temporary
     missing = k - int(torch.count_nonzero(keep))
     if missing > 0:
@@ -106,17 +106,14 @@ def sparsify_magnitude(
     return _rescaled(delta, keep.view_as(delta), density, rescale)
 
 
-def _kth_largest_magnitude(delta: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest |delta| as a 0-d tensor (an order statistic: the same value however found).
-
-    On the CPU numpy's in-place partition finds it about 10x faster than torch.kthvalue.
-    """
-    flat = delta.abs().flatten()
-    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
-        values = flat.numpy()
-        values.partition(values.size - k)
-        return torch.tensor(values[values.size - k], dtype=delta.dtype)
-    return torch.kthvalue(flat, flat.numel() - k + 1).values
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry of a flat tensor, as a 0-d tensor (an order statistic: the same value
+    however found); `values` is left as it is. On the CPU numpy's partition (of a copy) finds it
+    about 10x faster than torch.kthvalue."""
+    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
+        array = values.numpy()
+        return torch.tensor(np.partition(array, array.size - k)[array.size - k], dtype=values.dtype)
+    return torch.kthvalue(values, values.numel() - k + 1).values
 
 
 def expert_generator(seed: int, expert_index: int) -> torch.Generator:
