@@ -22,13 +22,13 @@ from typing import Mapping
 import torch
 
 from evomerge.errors import ModelMismatchError
+from evomerge.sources import ARCH_FIELDS, TOKENIZER_FILES, _compare_shapes
 
 logger = logging.getLogger(__name__)
 
-ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-               "num_key_value_heads", "intermediate_size", "tie_word_embeddings")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
-                   "spiece.model", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+# What a copied tokenizer consists of: the files that make one, and those that go with them.
+COPIED_TOKENIZER_FILES = (*TOKENIZER_FILES, "merges.txt", "special_tokens_map.json", "added_tokens.json",
+                          "chat_template.jinja")
 SHARD_BYTES = 5 * 2**30  # as save_pretrained: files of at most 5 GiB, with an index beyond one
 
 
@@ -68,8 +68,6 @@ def read_folder(path: str) -> Folder | None:
 def check_folders(folders: list[Folder], fields: list[str]) -> None:
     """Refuse folders that cannot be merged with the first, naming the field or tensor (the
     messages of `sources.check_sources`)."""
-    from evomerge.sources import _compare_shapes
-
     base = folders[0]
     for field, folder in zip(fields[1:], folders[1:]):
         for key in ARCH_FIELDS:
@@ -80,7 +78,7 @@ def check_folders(folders: list[Folder], fields: list[str]) -> None:
 
 
 def tokenizer_files(folder: Path) -> list[Path]:
-    return [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    return [folder / name for name in COPIED_TOKENIZER_FILES if (folder / name).is_file()]
 
 
 def same_tokenizer_files(a: Path, b: Path) -> bool:

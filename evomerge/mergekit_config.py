@@ -489,7 +489,7 @@ def run_merge(config_path: str | Path, out: str | Path, *, force: bool = False, 
               device: str = "cpu") -> Path:
     """Merge (or stack) what a mergekit config describes and write a Hugging Face folder to `out`."""
     from evomerge.export import move_into
-    from evomerge.sources import check_sources, has_tokenizer, load_tokenizer, pick_device
+    from evomerge.sources import pick_device
 
     config = read_config(config_path)
     out = Path(out)
@@ -507,21 +507,9 @@ def run_merge(config_path: str | Path, out: str | Path, *, force: bool = False, 
                           check_finite=False)
     if plain:
         return _merge_folders(config, models, folders, out, seed, pick_device(device), config_path)
-    # Like mergekit, a merge of folders without a tokenizer writes none (with a warning).
-    tokenizer_path = config.tokenizer_source or config.skeleton
-    tokenizers = config.tokenizer_source is not None or has_tokenizer(config.skeleton)
-    try:
-        info = check_sources(models, tokenizers=tokenizers)
-    except ModelMismatchError as exc:
-        raise ModelMismatchError(_mergekit_names(str(exc), models)) from None
-    tokenizer = None
-    if tokenizers:
-        tokenizer = load_tokenizer(tokenizer_path, models)
-        if tokenizer_path not in models.sources:
-            _check_vocabulary(tokenizer, load_tokenizer(config.skeleton, models), tokenizer_path, config.source)
-    else:
-        logger.warning("%s has no tokenizer: the merged folder gets none (set tokenizer_source to give it one)",
-                       config.skeleton)
+    tokenizer_path = _output_tokenizer(config)
+    info = _checked_sources(models, tokenizers=tokenizer_path is not None)
+    tokenizer = _checked_tokenizer(config, models, tokenizer_path) if tokenizer_path is not None else None
 
     if isinstance(config, MergekitConfig):
         model = _merge(config, models, info, seed, pick_device(device))
@@ -548,21 +536,18 @@ def _merge_folders(config: MergekitConfig, models: ModelsConfig, folders: list[F
     floating tensor merged into a new tensor, the others taken from the skeleton."""
     from evomerge.export import move_into
     from evomerge.merger import Merger
-    from evomerge.sources import field_names, has_tokenizer, source_parameters
+    from evomerge.sources import field_names, source_parameters
 
     try:
         check_folders(folders, field_names(models))
     except ModelMismatchError as exc:
         raise ModelMismatchError(_mergekit_names(str(exc), models)) from None
-    tokenizer_path = config.tokenizer_source or config.skeleton
-    tokenizer: Path | None = Path(tokenizer_path)
-    if config.tokenizer_source is None and not has_tokenizer(config.skeleton):
-        logger.warning("%s has no tokenizer: the merged folder gets none (set tokenizer_source to give it one)",
-                       config.skeleton)
-        tokenizer = None
-    elif any(not same_tokenizer_files(folders[0].path, f.path) for f in folders[1:]) or \
-            not same_tokenizer_files(folders[0].path, Path(tokenizer_path)):
-        _check_vocabularies(config, models, tokenizer_path)  # files differ: compare what they encode
+    tokenizer_path = _output_tokenizer(config)
+    tokenizer = Path(tokenizer_path) if tokenizer_path is not None else None
+    if tokenizer is not None and not all(same_tokenizer_files(folders[0].path, other)
+                                         for other in [*(f.path for f in folders[1:]), tokenizer]):
+        _checked_sources(models, tokenizers=True)  # the files differ: compare what they encode
+        _checked_tokenizer(config, models, tokenizer_path)
 
     skeleton = folders[0]
     sources = [source_parameters(str(f.path), skeleton.shapes, models, device) for f in folders]
@@ -577,25 +562,43 @@ def _merge_folders(config: MergekitConfig, models: ModelsConfig, folders: list[F
                for name, t in merged.items()}
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    write_folder(staging, written, skeleton, _canonical(config.out_dtype or models.dtype),
-                 tokenizer if tokenizer is not None and has_tokenizer(str(tokenizer)) else None)
+    write_folder(staging, written, skeleton, _canonical(config.out_dtype or models.dtype), tokenizer)
     shutil.copyfile(config_path, staging / "mergekit.yaml")
     move_into(staging, out)
     return out
 
 
-def _check_vocabularies(config: MergekitConfig, models: ModelsConfig, tokenizer_path: str) -> None:
-    """Every source and the tokenizer source encode with one vocabulary (through transformers:
-    their tokenizer files differ)."""
+def _output_tokenizer(config: MergekitConfig | LayerStack) -> str | None:
+    """The folder whose tokenizer the output gets; None (with a warning, as mergekit) when no
+    tokenizer_source is set and the skeleton has none."""
+    from evomerge.sources import has_tokenizer
+
+    if config.tokenizer_source is None and not has_tokenizer(config.skeleton):
+        logger.warning("%s has no tokenizer: the merged folder gets none (set tokenizer_source to give it one)",
+                       config.skeleton)
+        return None
+    return config.tokenizer_source or config.skeleton
+
+
+def _checked_sources(models: ModelsConfig, tokenizers: bool) -> Any:
+    """`sources.check_sources`, its messages naming models by path."""
+    from evomerge.sources import check_sources
+
+    try:
+        return check_sources(models, tokenizers=tokenizers)
+    except ModelMismatchError as exc:
+        raise ModelMismatchError(_mergekit_names(str(exc), models)) from None
+
+
+def _checked_tokenizer(config: MergekitConfig | LayerStack, models: ModelsConfig, path: str) -> Any:
+    """The tokenizer of `path`, refused when it is not one of the merged models and encodes with
+    another vocabulary than the skeleton's."""
     from evomerge.sources import load_tokenizer
 
-    reference = load_tokenizer(config.skeleton, models)
-    for path in models.sources[1:]:
-        if load_tokenizer(path, models).get_vocab() != reference.get_vocab():
-            raise ModelMismatchError(f"{config.source}: model {path}: tokenizer vocabulary differs from "
-                                     f"model {config.skeleton}; merged models need one vocabulary")
-    if tokenizer_path not in models.sources:
-        _check_vocabulary(load_tokenizer(tokenizer_path, models), reference, tokenizer_path, config.source)
+    tokenizer = load_tokenizer(path, models)
+    if path not in models.sources:
+        _check_vocabulary(tokenizer, load_tokenizer(config.skeleton, models), path, config.source)
+    return tokenizer
 
 
 def _declared_dtype(declared: dict) -> str:

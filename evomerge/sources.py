@@ -19,7 +19,7 @@ from evomerge.errors import ConfigError, ModelMismatchError
 
 logger = logging.getLogger(__name__)
 
-_ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "intermediate_size", "tie_word_embeddings")
 
 
@@ -46,7 +46,7 @@ def field_names(models: ModelsConfig) -> list[str]:
     return ["models.base", *[f"models.experts.{i}" for i in range(len(models.experts))]]
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")  # any: a tokenizer
 
 
 def has_tokenizer(path: str) -> bool:
@@ -83,7 +83,7 @@ def check_sources(models: ModelsConfig, tokenizers: bool = True) -> SourceInfo:
 
     base_field, base_config = "models.base", configs[0]
     for field, config, vocab, shape in zip(field_names(models)[1:], configs[1:], vocabs[1:], shapes[1:]):
-        for key in _ARCH_FIELDS:
+        for key in ARCH_FIELDS:
             ours, theirs = getattr(base_config, key, None), getattr(config, key, None)
             if ours != theirs:
                 raise ModelMismatchError(f"{field}: config.{key} is {theirs!r} but {base_field} has {ours!r}")
