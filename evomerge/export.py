@@ -53,23 +53,20 @@ def export(run_dir: str | Path, out: str | Path, trial_id: int | None = None, fo
     staging.mkdir(parents=True)
     write_folder(staging, config, record)
     recipe = Recipe.from_json(record["recipe"])
-    members: dict[str, Path] = {}
-    if recipe.policy is not None:  # the other members (and router models) travel with the export
-        scorers = config.policy.scorers if recipe.policy["kind"] == "router" else []
-        wanted = [(name, config.models.by_member_name[name]) for name in recipe.policy["members"] if name != "merged"]
-        wanted += [(f"scorer-{i}", path) for i, path in enumerate(scorers or [])]
-        members = {name: copy_member(path, staging / "members", name) for name, path in wanted}
+    policy = recipe.policy
+    if policy is not None:  # the other members (and router models) travel with the export
+        router = policy["kind"] == "router"
+        paths = config.models.by_member_name
+        members = [Path(".") if name == "merged" else copy_member(paths[name], staging / "members", name)
+                   for name in policy["members"]]
+        scorers = [copy_member(path, staging / "members", f"scorer-{i}")
+                   for i, path in enumerate(config.policy.scorers or [])] if router else None
     move_into(staging, out)
-    if recipe.policy is not None:  # written after the move: the merged member is the final folder
+    if policy is not None:  # written after the move: the folders are final
         from evomerge.policies import save_policy
 
-        def place(name: str) -> Path:
-            return out if name == "merged" else out / members[name]
-
-        save_policy(out / "policy.json", recipe.policy["kind"], recipe.policy["params"],
-                    [place(name) for name in recipe.policy["members"]], seed=config.seed,
-                    scorer_folders=[place(f"scorer-{i}") for i in range(len(scorers or []))]
-                    if recipe.policy["kind"] == "router" else None)
+        save_policy(out / "policy.json", policy["kind"], policy["params"], [out / m for m in members],
+                    seed=config.seed, scorer_folders=[out / s for s in scorers] if scorers is not None else None)
     logger.info("exported trial %d (quality %.4f) to %s", record["trial"], record["quality"], out)
     return record
 
