@@ -10,9 +10,7 @@ hooks). Goal: everything but forward passes under 15% of the total.
 
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -35,8 +33,7 @@ def candidates(config, count: int, seed: int = 0):
 
 def main() -> None:
     parse = harness.parser(__doc__.splitlines()[0])
-    parse.add_argument("--zoo", type=Path, default=None, help="a built demo zoo (default: built once under --work)")
-    parse.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "evomerge-bench")
+    harness.add_zoo_options(parse)
     parse.add_argument("--candidates", type=int, default=None)
     args = parse.parse_args()
     host = harness.machine()
@@ -46,9 +43,7 @@ def main() -> None:
     from evomerge.trial import record
     from evomerge.workers import CandidateRunner
 
-    work = args.work / ("quick" if args.quick else "full")
-    work.mkdir(parents=True, exist_ok=True)
-    zoo = harness.ensure_zoo(args.zoo or work / "zoo", args.quick)
+    work, zoo = harness.work_and_zoo(args)
     config = harness.demo_config(zoo, work / "overhead.yaml", limit=8 if args.quick else None)
     count = args.candidates or (2 if args.quick else 8)
     layout, trials = candidates(config, count + 1)

@@ -13,6 +13,7 @@ import platform
 import re
 import shlex
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,19 @@ def parser(description: str) -> argparse.ArgumentParser:
     parse.add_argument("--results", type=Path, default=None,
                        help=f"RESULTS.md to update (default: {RESULTS.relative_to(REPO)} for a full run, none with --quick)")
     return parse
+
+
+def add_zoo_options(parse: argparse.ArgumentParser) -> None:
+    """--zoo and --work, for the benchmarks that run the demo zoo."""
+    parse.add_argument("--zoo", type=Path, default=None, help="a built demo zoo (default: built once under --work)")
+    parse.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "evomerge-bench")
+
+
+def work_and_zoo(args: argparse.Namespace) -> tuple[Path, dict[str, Path]]:
+    """The benchmark's work folder (quick or full, created) and the demo zoo (--zoo, or built there once)."""
+    work = args.work / ("quick" if args.quick else "full")
+    work.mkdir(parents=True, exist_ok=True)
+    return work, ensure_zoo(args.zoo or work / "zoo", args.quick)
 
 
 def results_path(args: argparse.Namespace) -> Path | None:

@@ -13,7 +13,6 @@ half of random's.
 from __future__ import annotations
 
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -47,8 +46,7 @@ def best_quality(records: list[dict]) -> float:
 
 def main() -> None:
     parse = harness.parser(__doc__.splitlines()[0])
-    parse.add_argument("--zoo", type=Path, default=None, help="a built demo zoo (default: built once under --work)")
-    parse.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "evomerge-bench")
+    harness.add_zoo_options(parse)
     parse.add_argument("--seeds", type=int, default=None, help="seeds 0 .. N-1 (default 3)")
     parse.add_argument("--generations", type=int, default=None, help="default: the demo's 12")
     parse.add_argument("--strategies", default=",".join(STRATEGIES))
@@ -61,9 +59,7 @@ def main() -> None:
     from evomerge.config import WorkersConfig
     from evomerge.workers import start_ray
 
-    work = args.work / ("quick" if args.quick else "full")
-    work.mkdir(parents=True, exist_ok=True)
-    zoo = harness.ensure_zoo(args.zoo or work / "zoo", args.quick)
+    work, zoo = harness.work_and_zoo(args)
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     search = {"generations": args.generations or (2 if args.quick else 12),

@@ -10,7 +10,6 @@ at least 1.7x the trials per minute of 1.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,8 +44,7 @@ def timed_search(config, run_dir: Path) -> tuple[float, int, float]:
 
 def main() -> None:
     parse = harness.parser(__doc__.splitlines()[0])
-    parse.add_argument("--zoo", type=Path, default=None, help="a built demo zoo (default: built once under --work)")
-    parse.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "evomerge-bench")
+    harness.add_zoo_options(parse)
     parse.add_argument("--generations", type=int, default=None)
     args = parse.parse_args()
     host = harness.machine()
@@ -57,9 +55,7 @@ def main() -> None:
     from evomerge.config import WorkersConfig
     from evomerge.workers import start_ray
 
-    work = args.work / ("quick" if args.quick else "full")
-    work.mkdir(parents=True, exist_ok=True)
-    zoo = harness.ensure_zoo(args.zoo or work / "zoo", args.quick)
+    work, zoo = harness.work_and_zoo(args)
     generations = args.generations or (1 if args.quick else 4)
     search = {"generations": generations, **({"population": 2} if args.quick else {})}
     start_ray(WorkersConfig(count=2, cpus_per_worker=1))
