@@ -143,12 +143,13 @@ class Cost:
 
 
 class LocalPool:
-    """The search's Pool, in this process and in order (no Ray), counting what it evaluates."""
+    """The search's Pool, in this process and in order (no Ray), counting what it evaluates; it
+    starts nothing of the next generation early (`then`), as a pool may."""
 
     def __init__(self, runner, sizes: list[int], full_limit: int):
         self.runner, self.sizes, self.full_limit, self.cost = runner, sizes, full_limit, Cost()
 
-    def run(self, trials):
+    def run(self, trials, then=()):
         for trial in trials:
             result = self.runner.run(trial)
             self.cost.add(result, documents(self.sizes, trial.limit or self.full_limit))

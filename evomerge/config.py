@@ -216,6 +216,11 @@ class SearchConfig(_Frozen):
     x0: float = Field(default=0.5, ge=0.0, le=1.0)  # cma: every gene starts here (normalised)
     tradeoffs: list[float] | None = Field(default=None, min_length=1)  # cma: one CMA-ES per weight
     references: bool = True  # evaluate the sources and the uniform merge in generation 0
+    # steady: a strategy that allows it (random, nsga2, tpe) is asked for generation g + 1 before g
+    # is told, and a worker g leaves idle starts on g + 1 at once; generation: each generation waits
+    # for the last. cma always waits (it samples from what the last generation taught it), and so
+    # does a run with eval.subsample (its rungs are per generation).
+    dispatch: Literal["steady", "generation"] = "steady"
     # The search spaces in order: ps (parameter space: merge coefficients), dfs (data-flow space:
     # a layer path, see DataflowConfig); None: [dfs] when a dataflow block is given, else [ps].
     stages: list[Literal["ps", "dfs"]] | None = None

@@ -44,6 +44,9 @@ class Checkpoint:
     strategy_state: bytes
     schema: int = SCHEMA_VERSION
     stage: int = 0  # index into config.stages of the stage the strategy state belongs to
+    # Steady dispatch: the next generation's genomes, asked before this one was told (the strategy
+    # state already holds that ask); None when the next generation is still to be asked.
+    ahead: list[list[float]] | None = None
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -5,6 +5,8 @@ the uniform merge as reference points), the pool evaluates them on whichever wor
 every finished trial is journaled at once, the strategy is told the losses (-quality; a
 failed trial gets a loss worse than every finished one) and costs (FLOPs per example; a
 failed trial gets the largest of its generation), and the optimiser state is checkpointed.
+With steady dispatch (random, nsga2, tpe) the next generation is asked before this one is
+told, and a worker this one leaves idle starts on it; the checkpoint keeps those genomes.
 With `eval.subsample` a generation is scored in two rungs (evomerge/racing.py): every
 candidate on a subset of the documents, the best share again on the full limit. Resuming
 replays the same loop from the checkpoint: trials already in the journal are read back
@@ -25,6 +27,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
+import numpy as np
 from tqdm import tqdm
 
 from evomerge.config import DEFAULT_BOUNDS, RunConfig, SearchConfig
@@ -42,7 +45,12 @@ logger = logging.getLogger(__name__)
 
 
 class Pool(Protocol):
-    def run(self, trials: list[Trial]) -> Iterator[tuple[Trial, TrialResult]]: ...
+    def run(self, trials: list[Trial], then: list[Trial] = ()) -> Iterator[tuple[Trial, TrialResult]]:
+        """(trial, result) for every trial of `trials` as each finishes. A worker with none of them
+        left to start may start one of `then` (the next generation); such a result is yielded
+        when it comes, during this call or a later one, and a later call's `trials` may include a
+        trial still in flight: it is waited for, never started twice."""
+
 
     def close(self) -> None: ...
 
@@ -191,6 +199,8 @@ def run_stage(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLay
             strategy.set_state(checkpoint.strategy_state)
             generation = checkpoint.generation
             logger.info("resuming %s after generation %d", run.path, generation - 1)
+    steady = strategy.lookahead and config.search.dispatch == "steady" and config.eval.subsample is None
+    ahead = checkpoint.ahead if checkpoint is not None and checkpoint.stage == index else None
     journal = run.finished()
     first = True
     while generation < stop:
@@ -199,19 +209,25 @@ def run_stage(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLay
             for recipe in stage_references(layout):
                 trials.append(Trial(next_id, generation, recipe, stage=stage))
                 next_id += 1
-        genomes = strategy.ask()
+        genomes = strategy.ask() if ahead is None else [np.array(genome) for genome in ahead]
         candidates = []
         for genome in genomes:
             candidates.append(Trial(next_id, generation, layout.decode(genome), tuple(map(float, genome)),
                                     stage=stage))
             next_id += 1
+        # Steady dispatch: generation + 1 is asked now, before this one is told; its trials (ids
+        # from next_id on, as they will have then) start as soon as a worker has nothing else to do.
+        ahead = [list(map(float, genome)) for genome in strategy.ask()] if steady else None
+        upcoming = [Trial(next_id + k, generation + 1, layout.decode(np.array(genome)), tuple(genome), stage=stage)
+                    for k, genome in enumerate(ahead)] if ahead is not None and generation + 1 < stop else []
         retry = stalled(run, config, trials, candidates) if first else set()
         for trial_id in retry:  # evaluated again: the old lines are superseded
             journal.pop(trial_id, None)
         first = False
 
         if config.eval.subsample is None:
-            results = evaluate(workers.get(), trials + candidates, journal, run, generation, retry=retry)
+            results = evaluate(workers.get(), trials + candidates, journal, run, generation, retry=retry,
+                               then=upcoming)
             told = [results[trial.id] for trial in candidates]
             fitness = losses(told, generation)
         else:  # successive halving: all candidates on a subset, the best share on the full limit
@@ -220,7 +236,7 @@ def run_stage(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLay
 
         strategy.tell(genomes, fitness, costs(told))
         generation += 1
-        run.save_checkpoint(Checkpoint(generation, next_id, strategy.get_state(), stage=index))
+        run.save_checkpoint(Checkpoint(generation, next_id, strategy.get_state(), stage=index, ahead=ahead))
         summary = summarize(run.records(), config)
         run.write_summary(summary)
         latest = summary["generations"][-1]
@@ -254,10 +270,12 @@ def stalled(run: RunDir, config: RunConfig, trials: list[Trial], candidates: lis
 
 def evaluate(pool: Pool, trials: list[Trial], journal: dict[int, dict], run: RunDir, generation: int,
              line: Callable[[Trial, TrialResult], dict] = record, file: str = JOURNAL,
-             retry: set[int] = frozenset()) -> dict[int, TrialResult]:
+             retry: set[int] = frozenset(), then: list[Trial] = ()) -> dict[int, TrialResult]:
     """Results for every trial: read back from the journal, or evaluated now and journaled
     (`line(trial, result)` appended to `file` of the run directory as each one finishes).
-    Trials in `retry` are evaluated even when journaled (their new line supersedes the old one)."""
+    Trials in `retry` are evaluated even when journaled (their new line supersedes the old one).
+    Trials of `then` not journaled yet go to the pool to start when a worker is idle; each that
+    finishes is journaled at once and added to `journal`, where the next call reads it back."""
     results: dict[int, TrialResult] = {}
     todo = []
     for trial in trials:
@@ -270,11 +288,17 @@ def evaluate(pool: Pool, trials: list[Trial], journal: dict[int, dict], run: Run
                               f"asks for now; the config or evomerge version changed since it was written")
         results[trial.id] = result_from_record(previous)
 
+    later = [trial for trial in then if trial.id not in journal]
+    wanted = {trial.id for trial in todo}
     best = max((r.quality for r in results.values() if r.ok), default=None)
     with tqdm(total=len(trials), initial=len(results), desc=f"generation {generation}", unit="trial",
               leave=False, dynamic_ncols=True, disable=None) as bar:
-        for trial, result in pool.run(todo):
-            run.append(line(trial, result), file)
+        for trial, result in pool.run(todo, later):
+            entry = line(trial, result)
+            run.append(entry, file)
+            if trial.id not in wanted:  # of the next generation: read back when that one is evaluated
+                journal[trial.id] = entry
+                continue
             results[trial.id] = result
             if result.ok:
                 best = result.quality if best is None else max(best, result.quality)

@@ -2,9 +2,11 @@
 
 `CandidateRunner` is the whole job of a worker and runs in any process (a Ray actor, the
 export command, a test). `WorkerPool` keeps `workers.count` Ray actors, sends each trial to
-the first free actor and yields results as they finish. Nothing raises across Ray: a failed
-merge or evaluation comes back as a FAILED TrialResult; a dead actor is replaced and its trial
-runs once more (FAILED only if that worker dies too).
+the first free actor and yields results as they finish; an actor with nothing of the current
+generation left starts on the next one (steady dispatch), whose trials stay in flight across
+calls. Nothing raises across Ray: a failed merge or evaluation comes back as a FAILED
+TrialResult; a dead actor is replaced and its trial runs once more (FAILED only if that
+worker dies too).
 """
 
 from __future__ import annotations
@@ -166,6 +168,9 @@ class WorkerPool:
         self._gcs = ray.get_runtime_context().gcs_address
         self.lost = False  # the cluster's head stopped answering: nothing more can be asked of Ray
         self.actors = [self._new_actor() for _ in range(config.workers.count)]
+        self._idle = list(self.actors)
+        self._running: dict = {}  # object ref -> (trial, actor), kept across calls of run()
+        self._attempts: collections.Counter[int] = collections.Counter()
 
     def _check_cluster(self, timeout: float = 5.0) -> None:
         """Raise ClusterLostError when the head's GCS port no longer accepts connections (Ray
@@ -183,30 +188,35 @@ class WorkerPool:
     def _new_actor(self):
         return self._actor_class.remote(self._config, self._threads)
 
-    def run(self, trials: list[Trial]) -> Iterator[tuple[Trial, TrialResult]]:
+    def run(self, trials: list[Trial], then: list[Trial] = ()) -> Iterator[tuple[Trial, TrialResult]]:
         """Yield (trial, result) as each finishes; a new trial starts as soon as an actor is free.
 
-        A trial whose worker process dies (killed, segfault, out of memory) is retried once on a
-        fresh actor; if that dies too, the trial comes back FAILED with the reason.
+        An actor with none of `trials` left to start takes the next of `then`; such a trial may
+        still be running when every one of `trials` is done: it stays in flight, and a later call
+        yields its result (waiting for it if that call's `trials` include it). A trial whose
+        worker process dies (killed, segfault, out of memory) is retried once on a fresh actor;
+        if that dies too, the trial comes back FAILED with the reason.
         """
         import ray
         from ray.exceptions import RayError
 
-        pending = collections.deque(trials)
-        attempts: collections.Counter[int] = collections.Counter()
-        running: dict = {}
-        idle = list(self.actors)
-        while pending or running:
-            while pending and idle:
-                actor, trial = idle.pop(0), pending.popleft()
-                attempts[trial.id] += 1
-                running[actor.run.remote(trial)] = (trial, actor)
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=HEARTBEAT_S)
+        flying = {trial.id for trial, _ in self._running.values()}
+        pending = collections.deque(trial for trial in trials if trial.id not in flying)
+        wanted = {trial.id for trial in trials}
+        later = collections.deque(trial for trial in then if trial.id not in flying | wanted)
+        while True:
+            while self._idle and (pending or later):
+                actor, trial = self._idle.pop(0), (pending or later).popleft()
+                self._attempts[trial.id] += 1
+                self._running[actor.run.remote(trial)] = (trial, actor)
+            if not wanted:  # what is still in flight is of `then`: a later call yields it
+                return
+            ready, _ = ray.wait(list(self._running), num_returns=1, timeout=HEARTBEAT_S)
             if not ready:  # nothing finished for a while: make sure the cluster is still there
                 self._check_cluster()
                 continue
             [ref] = ready
-            trial, actor = running.pop(ref)
+            trial, actor = self._running.pop(ref)
             try:
                 result = ray.get(ref)
             except RayError as exc:
@@ -215,13 +225,14 @@ class WorkerPool:
                 reason = (str(exc).strip().splitlines() or [""])[0][:300]
                 logger.warning("trial %d: worker lost (%s); starting a new worker", trial.id, type(exc).__name__)
                 actor = self._replace(actor)
-                if attempts[trial.id] < 2:
-                    pending.appendleft(trial)
-                    idle.append(actor)
+                if self._attempts[trial.id] < 2:
+                    (pending if trial.id in wanted else later).appendleft(trial)
+                    self._idle.append(actor)
                     continue
                 result = TrialResult(trial.id, TrialState.FAILED, traceback=str(exc)[-4000:],
                                      error=f"worker lost twice: {type(exc).__name__}: {reason}")
-            idle.append(actor)
+            self._idle.append(actor)
+            wanted.discard(trial.id)
             yield trial, result
 
     def _replace(self, actor):

@@ -1,12 +1,13 @@
 """A search driver that SIGKILLs itself at a chosen point (run as a child process by test_crash.py).
 
-    python crash_driver.py RUN_DIR start|resume [POINT N] [--subsample]
+    python crash_driver.py RUN_DIR start|resume [POINT N] [--subsample | --steady]
 
 POINT is one of mid_generation (after N results), journal_append (half-way through the N-th
 journal line), checkpoint_write (half-way through the checkpoint of generation N),
 between_generations (right after the checkpoint of generation N). `--subsample` runs with
-eval.subsample (the N-th journal line may then be a subsample.jsonl line). The loop, the run directory
-and the strategies are the real ones; only the pool is the deterministic fake one.
+eval.subsample (the N-th journal line may then be a subsample.jsonl line); `--steady` runs TPE with
+steady dispatch, the pool finishing trials of the next generation while one runs. The loop, the
+run directory and the strategies are the real ones; only the pool is the deterministic fake one.
 """
 
 from __future__ import annotations
@@ -63,12 +64,12 @@ class CrashingRunDir(RunDir):
 
 
 class CrashingPool(FakePool):
-    def __init__(self, count: int, log: Path):
-        super().__init__()
+    def __init__(self, count: int, log: Path, backfill: bool):
+        super().__init__(backfill=backfill)
         self.count, self.log = count, log
 
-    def run(self, trials):
-        for trial, result in super().run(trials):
+    def run(self, trials, then=()):
+        for trial, result in super().run(trials, then):
             with open(self.log, "a") as handle:
                 handle.write(f"{trial.id}\n")
             yield trial, result
@@ -77,10 +78,11 @@ class CrashingPool(FakePool):
 
 
 def main() -> None:
-    args = [arg for arg in sys.argv[1:] if arg != "--subsample"]
+    args = [arg for arg in sys.argv[1:] if not arg.startswith("--")]
     run_dir, mode = Path(args[0]), args[1]
     point, count = (args[2], int(args[3])) if len(args) > 2 else ("none", -1)
-    config = make_config(generations=4)
+    steady = "--steady" in sys.argv  # the next generation backfilled while one runs
+    config = make_config("tpe" if steady else "cma", generations=4)
     if "--subsample" in sys.argv:
         raw = config.to_yaml_dict()
         raw["eval"].update(limit=100, subsample={"fraction": 0.25, "promote": 0.5})
@@ -89,7 +91,7 @@ def main() -> None:
     if mode == "start":
         RunDir.create(run_dir, config, layout.describe())
     run = CrashingRunDir(run_dir, point, count)
-    pool = CrashingPool(count if point == "mid_generation" else -1, run_dir / "evaluated.log")
+    pool = CrashingPool(count if point == "mid_generation" else -1, run_dir / "evaluated.log", backfill=steady)
     run_loop(run, config, layout, pool)
 
 

@@ -69,3 +69,31 @@ def test_subsample_resume_after_sigkill_equals_uninterrupted(tmp_path, uninterru
     run = RunDir.open(run_dir)
     assert (canonical(run.records()), canonical(run.records(SUBSAMPLE))) == uninterrupted_subsample
     assert len({r["trial"] for r in run.lines()}) == len(run.lines())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_steady(tmp_path_factory) -> list[dict]:
+    run_dir = tmp_path_factory.mktemp("straight_steady") / "run"
+    assert drive(run_dir, "start", "--steady") == 0
+    return canonical(RunDir.open(run_dir).records())
+
+
+@pytest.mark.parametrize("point, count", [
+    ("mid_generation", 3),        # generation 1's first trials journaled while generation 0 runs
+    ("mid_generation", 12),       # generation 0 nearly done, half of generation 1 journaled
+    ("journal_append", 4),        # a torn line of a generation-1 trial
+    ("checkpoint_write", 1),      # the checkpoint holding generation 1's genomes, half written
+    ("between_generations", 2),
+])
+def test_steady_resume_after_sigkill_equals_uninterrupted(tmp_path, uninterrupted_steady, point, count) -> None:
+    """Steady dispatch (TPE): trials of the next generation journaled before the crash are read
+    back, and the asks the checkpoint holds are replayed, so the run ends as if never stopped."""
+    run_dir = tmp_path / "run"
+    assert drive(run_dir, "start", point, str(count), "--steady") == -signal.SIGKILL
+    journaled_at_crash = {r["trial"] for r in RunDir.open(run_dir).records()}
+    assert drive(run_dir, "resume", "--steady") == 0
+    assert canonical(RunDir.open(run_dir).records()) == uninterrupted_steady
+    lines = RunDir.open(run_dir).lines()
+    assert len({r["trial"] for r in lines}) == len(lines)
+    evaluated = [int(line) for line in (run_dir / "evaluated.log").read_text().split()]
+    assert not {t for t in evaluated if evaluated.count(t) > 1} & journaled_at_crash

@@ -177,6 +177,29 @@ def test_a_killed_worker_is_replaced_and_its_trial_retried(zoo, ray_cluster, tmp
     assert len({r.worker for r in results.values()}) >= 2
 
 
+def test_next_generation_trials_start_on_idle_workers_and_finish_in_a_later_call(zoo, ray_cluster,
+                                                                                  tmp_path) -> None:
+    """Steady dispatch through real actors: a call with one trial and four of `then` keeps the second
+    worker busy with `then`; whatever of it is still running when the call returns is waited for by
+    the next call, never run twice."""
+    config = load_config(write_config(tmp_path, zoo))
+    experts = len(config.models.experts)
+    trials = [Trial(i, i // 5, Recipe("linear", "global", 2, {"all": {"weight": [1.0 + i] + [0.5] * (experts - 1)}}))
+              for i in range(5)]
+    pool = WorkerPool(config)
+    try:
+        first = [(t.id, r) for t, r in pool.run(trials[:1], then=trials[1:])]
+        assert 0 in dict(first) and len(pool._running) >= 1  # `then` trials were started, some still running
+        rest = [t for t in trials[1:] if t.id not in dict(first)]  # as the search asks: what is not journaled
+        second = [(t.id, r) for t, r in pool.run(rest)]
+    finally:
+        pool.close()
+    ids = [i for i, _ in first + second]
+    assert sorted(ids) == list(range(5))  # each exactly once
+    assert all(r.state is TrialState.COMPLETE for _, r in first + second)
+    assert len({r.worker for _, r in first + second}) == 2
+
+
 def test_a_killed_export_leaves_no_half_model(finished_run, tmp_path) -> None:
     import signal
     import subprocess
@@ -278,7 +301,7 @@ class InjectingPool:
     def __init__(self, pool: WorkerPool, raising: int, nan: int):
         self.pool, self.raising, self.nan = pool, raising, nan
 
-    def run(self, trials):
+    def run(self, trials, then=()):
         from dataclasses import replace
 
         swapped = []
@@ -291,7 +314,7 @@ class InjectingPool:
                 trial = replace(trial, recipe=replace(trial.recipe, method="task_arithmetic", granularity="global",
                                                       params={"all": {"weight": [1e300] * experts}}))
             swapped.append(trial)
-        yield from self.pool.run(swapped)
+        yield from self.pool.run(swapped, then)
 
     def close(self) -> None:
         self.pool.close()

@@ -37,8 +37,8 @@ class SubsetPool(FakePool):
         super().__init__(**kwargs)
         self.scored: list[tuple[int, int | float | None]] = []  # (trial, limit) in evaluation order
 
-    def run(self, trials):
-        for trial, result in super().run(trials):
+    def run(self, trials, then=()):
+        for trial, result in super().run(trials, then):
             self.scored.append((trial.id, trial.limit))
             if trial.limit is not None and result.ok:
                 error = SUBSET_ERROR * math.sin(7.0 * trial.id)

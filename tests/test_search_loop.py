@@ -117,6 +117,73 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path: Path, strategy: s
     assert not set(first.evaluated) & set(second.evaluated)  # nothing evaluated twice
 
 
+@pytest.mark.parametrize("strategy", ["random", "nsga2", "tpe"])
+def test_steady_dispatch_journal_does_not_depend_on_timing(tmp_path: Path, strategy: str) -> None:
+    """A pool that finishes half the next generation while one runs journals what a pool that
+    starts nothing early does: the strategy sees the same asks and tells in the same order."""
+    journals = []
+    for name, backfill in (("early", True), ("late", False)):
+        config = make_config(strategy, generations=4)
+        run, layout = start(tmp_path, config, name)
+        pool = FakePool(backfill=backfill)
+        run_loop(run, config, layout, pool)
+        journals.append(canonical(run.records()))
+        generations = [next(r["generation"] for r in journals[-1] if r["trial"] == i) for i in pool.evaluated]
+        assert (generations != sorted(generations)) == backfill  # early: generation g + 1 began before g ended
+    assert journals[0] == journals[1] and len(journals[0]) == 4 + 4 * 6
+    assert len(run.lines()) == len(run.records())  # nothing evaluated twice
+
+
+def test_steady_dispatch_asks_before_telling(tmp_path: Path) -> None:
+    """Random search draws the same genomes either way; TPE, asked for generation g + 1 before g
+    is told, learns one generation later than with `dispatch: generation`."""
+    genomes = {}
+    for strategy in ("random", "tpe"):
+        for dispatch in ("steady", "generation"):
+            config = make_config(strategy, generations=4, dispatch=dispatch)
+            run, layout = start(tmp_path, config, f"{strategy}-{dispatch}")
+            run_loop(run, config, layout, FakePool(backfill=True))
+            genomes[strategy, dispatch] = [r["genome"] for r in canonical(run.records())]
+    assert genomes["random", "steady"] == genomes["random", "generation"]
+    assert genomes["tpe", "steady"] != genomes["tpe", "generation"]
+    assert genomes["tpe", "steady"][:4 + 6] == genomes["tpe", "generation"][:4 + 6]  # the same first generation
+
+
+@pytest.mark.parametrize("strategy", ["nsga2", "tpe"])
+@pytest.mark.parametrize("stop_after", [4 + 5, 4 + 6 + 3 + 1])  # mid generation 0 / after gen 1 began early
+def test_steady_resume_after_interrupt_equals_uninterrupted(tmp_path: Path, strategy: str, stop_after: int) -> None:
+    config = make_config(strategy, generations=5)
+    run, layout = start(tmp_path, config, "straight")
+    run_loop(run, config, layout, FakePool(backfill=True))
+    expected = canonical(run.records())
+
+    run, layout = start(tmp_path, config, "interrupted")
+    first = FakePool(stop_after=stop_after, backfill=True)
+    with pytest.raises(KeyboardInterrupt):
+        run_loop(run, config, layout, first)
+    assert len(run.records()) == stop_after
+    second = FakePool(backfill=True)
+    run_loop(RunDir.open(run.path), config, layout, second)
+    assert canonical(run.records()) == expected
+    assert not set(first.evaluated) & set(second.evaluated)
+
+
+def test_steady_resume_with_more_generations_equals_a_longer_run(tmp_path: Path) -> None:
+    """The last generation's ask-ahead is checkpointed: extending the budget at resume continues
+    with the genomes a longer run would have evaluated."""
+    config = make_config("tpe", generations=5)
+    run, layout = start(tmp_path, config, "long")
+    run_loop(run, config, layout, FakePool(backfill=True))
+    expected = canonical(run.records())
+
+    short = make_config("tpe", generations=3)
+    run, layout = start(tmp_path, short, "short")
+    run_loop(run, short, layout, FakePool(backfill=True))
+    assert RunDir.open(run.path).load_checkpoint().ahead is not None
+    run_loop(RunDir.open(run.path), config, layout, FakePool(backfill=True))
+    assert canonical(run.records()) == expected
+
+
 def test_truncated_journal_line_is_tolerated(tmp_path: Path) -> None:
     config = make_config(generations=1)
     run, layout = start(tmp_path, config)

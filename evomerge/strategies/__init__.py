@@ -23,13 +23,17 @@ from evomerge.errors import ResumeError
 
 class Strategy(Protocol):
     population: int  # genomes per ask
+    # True when `ask` may be called once more before the last ask is told: the search then asks
+    # generation g + 1 before telling g and keeps the workers busy across the boundary
+    # (`search.dispatch: steady`). The order of asks and tells is fixed, never timing-dependent.
+    lookahead: bool
 
     def ask(self) -> list[np.ndarray]:
         """The next generation's genomes, each in [0, 1]^n."""
 
     def tell(self, genomes: list[np.ndarray], losses: list[float], costs: list[float]) -> None:
-        """Losses (-quality) and costs (FLOPs per example) for the genomes of the last ask, in the same
-        order; all finite, lower is better (the search gives a failed candidate the worst of both)."""
+        """Losses (-quality) and costs (FLOPs per example) for the genomes of the oldest untold ask, in
+        the same order; all finite, lower is better (the search gives a failed candidate the worst of both)."""
 
     def get_state(self) -> bytes: ...
 

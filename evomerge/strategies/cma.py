@@ -28,6 +28,8 @@ class _Normal:
 
 
 class CMAStrategy:
+    lookahead = False  # each generation is sampled from the distribution the last one updated
+
     def __init__(self, dim: int, population: int, sigma0: float, x0: float, seed: int | np.random.SeedSequence):
         self.population = population
         options = {
@@ -63,6 +65,8 @@ class TradeoffCMA:
     each is told its own slice, scalarised with its weight. Each has its own generator, spawned
     from the run's seed.
     """
+
+    lookahead = False
 
     def __init__(self, dim: int, population: int, weights: list[float], sigma0: float, x0: float, seed: int):
         self.weights = list(weights)

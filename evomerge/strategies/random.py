@@ -10,6 +10,8 @@ from evomerge.strategies import unpickle_state
 
 
 class RandomStrategy:
+    lookahead = True  # its asks never depend on a tell
+
     def __init__(self, dim: int, population: int, seed: int):
         self.dim = dim
         self.population = population
