@@ -41,8 +41,13 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 def add_zoo_options(parse: argparse.ArgumentParser) -> None:
     """--zoo and --work, for the benchmarks that run the demo zoo."""
-    parse.add_argument("--zoo", type=Path, default=None, help="a built demo zoo (default: built once under --work)")
-    parse.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "evomerge-bench")
+    parse.add_argument("--zoo", type=_absolute, default=None, help="a built demo zoo (default: built once under --work)")
+    parse.add_argument("--work", type=_absolute, default=Path(tempfile.gettempdir()) / "evomerge-bench")
+
+
+def _absolute(path: str) -> Path:
+    """A path option, absolute: the configs written under --work would resolve it against their folder."""
+    return Path(path).resolve()
 
 
 def work_and_zoo(args: argparse.Namespace) -> tuple[Path, dict[str, Path]]:
