@@ -255,8 +255,9 @@ def _layer_prefixes(names: list[str], num_layers: int) -> dict[int, str]:
 
 def evaluate_folder(config: RunConfig, folder: str | Path, limit: int | float | None = None) -> float:
     """Score an exported folder with the run's tasks (the check that export reproduces the journal);
-    a routed trial is scored through its policy over the exported model and the sources. `limit`:
-    the trial's journaled `limit` (eval.subsample runs), None for eval.limit."""
+    a routed trial is scored through its policy over the models its `policy.json` names (the
+    copies under members/), so what is checked is what was exported. `limit`: the trial's
+    journaled `limit` (eval.subsample runs), None for eval.limit."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.evaluate import Evaluator, quality
@@ -266,11 +267,15 @@ def evaluate_folder(config: RunConfig, folder: str | Path, limit: int | float | 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(config.models.dtype)).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     policy = Recipe.from_json(json.loads((Path(folder) / "recipe.json").read_text())["recipe"]).policy
-    paths = config.models.by_member_name
-    sources = {name: load_model(paths[name], config.models, device)
-               for name in (policy["members"] if policy else []) if name != "merged"}
-    scorers = [(load_model(path, config.models, device), load_tokenizer(path, config.models))
-               for path in (config.policy.scorers or []) if policy and policy["kind"] == "router"]
+    sources, scorers = {}, []
+    if policy is not None:
+        from evomerge.policies import read_policy
+
+        _, member_folders, scorer_folders = read_policy(Path(folder) / "policy.json")
+        sources = {name: load_model(str(path), config.models, device)
+                   for name, path in zip(policy["members"], member_folders) if name != "merged"}
+        scorers = [(load_model(str(path), config.models, device), load_tokenizer(str(path), config.models))
+                   for path in scorer_folders or []]
     with torch.inference_mode():
         evaluation = Evaluator(config.eval, model, tokenizer, sources, seed=config.seed,
                                scorers=scorers)(policy, limit=limit)

@@ -247,7 +247,11 @@ def test_routed_search_records_costs_and_exports_its_policy(zoo, ray_cluster, tm
     assert len(saved.get("scorers") or policy["members"]) == len(policy["members"])
     for folder in saved["members"] + (saved.get("scorers") or []):  # the export is self-contained
         assert not Path(folder).is_absolute() and (tmp_path / "out" / folder / "config.json").is_file()
-    assert evaluate_folder(load_config(tmp_path / "run" / "config.yaml"), tmp_path / "out") == best["quality"]
+    # --verify scores the export's own members: with the run's sources unreachable, the same quality
+    config = load_config(tmp_path / "run" / "config.yaml")
+    gone = config.models.model_copy(update={"experts": [str(tmp_path / "gone")] * len(config.models.experts)})
+    assert evaluate_folder(config.model_copy(update={"models": gone, "policy": config.policy.model_copy(
+        update={"scorers": None})}), tmp_path / "out") == best["quality"]
 
 
 def test_routed_runs_repeat_and_resume_exactly(zoo, ray_cluster, tmp_path) -> None:

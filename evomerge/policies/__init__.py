@@ -100,19 +100,28 @@ class PolicyServer:
         return self.policy.generate_until(requests)
 
 
-def load(path: str | os.PathLike, device: str = "cpu", batch_size: int | str = 16) -> PolicyServer:
-    """Load a policy file written by ``save_policy`` with its member (and scorer) models."""
+def read_policy(path: str | os.PathLike) -> tuple[dict[str, Any], list[Path], list[Path] | None]:
+    """A policy file's record, its member folders and its scorer folders (None: no scorers),
+    the folders resolved against the file's folder."""
     path = Path(path)
     record = json.loads(path.read_text(encoding="utf-8"))
     if record.get("format") != FORMAT or record.get("version") != VERSION:
         raise ValueError(f"{path}: not an {FORMAT} file of version {VERSION}")
+    scorers = record.get("scorers")
+    return (record, [path.parent / f for f in record["members"]],
+            [path.parent / f for f in scorers] if scorers is not None else None)
 
-    def members(folders: list[str]) -> list[Member]:
-        return [Member.from_folder(path.parent / f, device=device, batch_size=batch_size) for f in folders]
 
-    scorers = members(record["scorers"]) if record.get("scorers") is not None else None
+def load(path: str | os.PathLike, device: str = "cpu", batch_size: int | str = 16) -> PolicyServer:
+    """Load a policy file written by ``save_policy`` with its member (and scorer) models."""
+    record, member_folders, scorer_folders = read_policy(path)
+
+    def members(folders: list[Path]) -> list[Member]:
+        return [Member.from_folder(folder, device=device, batch_size=batch_size) for folder in folders]
+
+    scorers = members(scorer_folders) if scorer_folders is not None else None
     params = _decode(record["params"])
-    policy = make_policy(record["kind"], members(record["members"]), params, record.get("seed", 0), scorers)
+    policy = make_policy(record["kind"], members(member_folders), params, record.get("seed", 0), scorers)
     return PolicyServer(policy, record["kind"], params)
 
 
