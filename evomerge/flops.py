@@ -166,14 +166,14 @@ class CostModel:
         """Greedy/sampled generation of ``new_tokens`` tokens after a ``prompt_len`` prompt, with a
         KV cache: the prefill yields the first new token, then each of the ``new_tokens - 1``
         following tokens is one single-token forward over the cache (the last generated token
-        is never fed back).  Logits for one position per forward."""
+        is never fed back).  Logits for one position per forward.  Those single-token forwards
+        together cost what one forward of ``new_tokens - 1`` tokens after the prompt costs
+        (the same matmuls, each query attending to the same positions), computed so."""
         _check_count("new_tokens", new_tokens)
         if new_tokens == 0:
             return 0
-        total = self.prompt_flops(prompt_len)
-        for step in range(new_tokens - 1):
-            total += self.forward_flops(1, prompt_len + step, logit_positions=1)
-        return total
+        steps = new_tokens - 1
+        return self.prompt_flops(prompt_len) + self.forward_flops(steps, prompt_len, logit_positions=steps)
 
     def loglikelihood_flops(self, context_len: int, continuation_len: int) -> int:
         """lm-eval's log-likelihood request: one forward over ``(context + continuation)[:-1]``

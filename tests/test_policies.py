@@ -138,6 +138,25 @@ def constant_scorer(folder: Path, name: str):
     return Member.from_model(name, model.eval(), AutoTokenizer.from_pretrained(folder))
 
 
+def test_a_member_answers_as_lm_evals_own_hflm_and_keeps_its_encodings(env) -> None:
+    """The member's HFLM encodes each string once; its answers (generation and multiple choice,
+    a first call and a second one from the kept encodings) are those of lm-eval's HFLM."""
+    from lm_eval.models.huggingface import HFLM
+
+    member = env["members"][0]
+    plain = HFLM(pretrained=member.lm.model, tokenizer=member.lm.tokenizer, batch_size=16)
+    for tasks, direct in (("gen", "direct_gen"), ("mc", "direct_mc")):
+        expected = run(plain, env[tasks])
+        assert same(run(member.lm, env[tasks]), expected) and same(env[direct][0], expected)
+    ids = member.lm.tok_encode("abc")
+    ids.append(-1)  # a caller changing its copy changes nothing kept
+    assert member.lm.tok_encode("abc") == plain.tok_encode("abc")
+    batch, mask = member.lm.tok_batch_encode(["ab", "abcd"], left_truncate_len=3)
+    batch.fill_(-1)
+    assert all(torch.equal(a, b) for a, b in zip(member.lm.tok_batch_encode(["ab", "abcd"], left_truncate_len=3),
+                                                 plain.tok_batch_encode(["ab", "abcd"], left_truncate_len=3)))
+
+
 # --- blend ------------------------------------------------------------------------------------
 
 def test_blend_with_one_member_probability_one_is_that_member(env) -> None:

@@ -84,9 +84,7 @@ class Member:
 
         The HFLM holds the model object itself, so a model whose weights are overwritten in
         place (the worker's merged model) serves every candidate through the same member."""
-        from lm_eval.models.huggingface import HFLM
-
-        return cls(name, HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
+        return cls(name, encoding_once_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
                    CostModel.from_model(model))
 
     @classmethod
@@ -101,6 +99,49 @@ class Member:
         model = AutoModelForCausalLM.from_pretrained(folder).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(folder)
         return cls.from_model(name or folder.name, model, tokenizer, batch_size)
+
+
+ENCODED_MAX = 1 << 16  # distinct strings an HFLM keeps encoded; past that it starts again
+
+
+def encoding_once_hflm() -> type:
+    """lm-eval's HFLM, encoding each distinct string once per worker.
+
+    Every candidate is asked the same prompts, and HFLM encodes each again per call (to sort
+    requests, then to build each batch): on the demo a twentieth of a candidate's time. The
+    tokenizer and HFLM's settings never change for the life of a member, so the encodings are
+    kept, by the call's arguments, and copies handed out (a caller may change them)."""
+    from lm_eval.models.huggingface import HFLM
+
+    class EncodingOnceHFLM(HFLM):
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self._encoded: dict[tuple, tuple[int, ...]] = {}
+            self._batches: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def tok_encode(self, string: str, add_special_tokens: bool | None = None,
+                       left_truncate_len: int | None = None, **kwargs: Any) -> list[int]:
+            key = (string, add_special_tokens, left_truncate_len, *sorted(kwargs.items()))
+            ids = self._encoded.get(key)
+            if ids is None:
+                if len(self._encoded) >= ENCODED_MAX:
+                    self._encoded.clear()
+                ids = self._encoded[key] = tuple(super().tok_encode(string, add_special_tokens, left_truncate_len,
+                                                                    **kwargs))
+            return list(ids)
+
+        def tok_batch_encode(self, strings: list[str], padding_side: str = "left", left_truncate_len: int | None = None,
+                             truncation: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+            key = (tuple(strings), padding_side, left_truncate_len, truncation)
+            batch = self._batches.get(key)
+            if batch is None:
+                if len(self._batches) >= ENCODED_MAX:
+                    self._batches.clear()
+                batch = self._batches[key] = super().tok_batch_encode(strings, padding_side, left_truncate_len,
+                                                                      truncation)
+            return batch[0].clone(), batch[1].clone()
+
+    return EncodingOnceHFLM
 
 
 @dataclass

@@ -46,6 +46,8 @@ class Blend(PolicyLM):
         self._cdf = np.cumsum(self.probs)
         last = max(i for i, p in enumerate(self.probs) if p > 0)
         self._cdf[last:] = 1.0  # rounding never sends a draw past the last member with mass
+        # one member with all the mass (a candidate served alone) gets every draw: none is made
+        self._sole = last if sum(p > 0 for p in self.probs) == 1 else None
 
     def draw(self, unit: Unit) -> int:
         rng = np.random.default_rng([self.seed, unit_key(unit), unit.occurrence])
@@ -53,4 +55,6 @@ class Blend(PolicyLM):
         return int(np.searchsorted(self._cdf, rng.random(), side="right"))
 
     def route(self, units: list[Unit], request_type: str) -> tuple[list[int], list[int]]:
+        if self._sole is not None:
+            return [self._sole] * len(units), [0] * len(units)
         return [self.draw(unit) for unit in units], [0] * len(units)
