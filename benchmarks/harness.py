@@ -41,7 +41,8 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 def add_zoo_options(parse: argparse.ArgumentParser) -> None:
     """--zoo and --work, for the benchmarks that run the demo zoo."""
-    parse.add_argument("--zoo", type=_absolute, default=None, help="a built demo zoo (default: built once under --work)")
+    parse.add_argument("--zoo", type=_absolute, default=None,
+                       help="a built demo zoo (default: built once under --work)")
     parse.add_argument("--work", type=_absolute, default=Path(tempfile.gettempdir()) / "evomerge-bench")
 
 

@@ -296,14 +296,14 @@ def evaluate(pool: Pool, trials: list[Trial], journal: dict[int, dict], run: Run
         for trial, result in pool.run(todo, later):
             entry = line(trial, result)
             run.append(entry, file)
+            if not result.ok:
+                logger.warning("trial %d failed: %s", trial.id, result.error)
             if trial.id not in wanted:  # of the next generation: read back when that one is evaluated
                 journal[trial.id] = entry
                 continue
             results[trial.id] = result
             if result.ok:
                 best = result.quality if best is None else max(best, result.quality)
-            else:
-                logger.warning("trial %d failed: %s", trial.id, result.error)
             bar.set_postfix(best=f"{best:.4f}" if best is not None else "-")
             bar.update(1)
     return results
