@@ -220,7 +220,7 @@ def run_stage(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLay
         ahead = [list(map(float, genome)) for genome in strategy.ask()] if steady else None
         upcoming = [Trial(next_id + k, generation + 1, layout.decode(np.array(genome)), tuple(genome), stage=stage)
                     for k, genome in enumerate(ahead)] if ahead is not None and generation + 1 < stop else []
-        retry = stalled(run, config, trials, candidates) if first else set()
+        retry = stalled(run, config, trials, candidates, upcoming) if first else set()
         for trial_id in retry:  # evaluated again: the old lines are superseded
             journal.pop(trial_id, None)
         first = False
@@ -252,18 +252,20 @@ def stage_references(layout: GenomeLayout | DataflowLayout) -> list[Recipe]:
     return reference_recipes(layout.num_experts, layout.num_layers)
 
 
-def stalled(run: RunDir, config: RunConfig, trials: list[Trial], candidates: list[Trial]) -> set[int]:
+def stalled(run: RunDir, config: RunConfig, trials: list[Trial], candidates: list[Trial],
+            upcoming: list[Trial] = ()) -> set[int]:
     """Trials to evaluate again although journaled: when every candidate of this generation is
     journaled failed, the run stopped here (see `losses`), so its failed trials run again once the
-    user fixed the cause. An uninterrupted run never gets past such a generation, so resuming
-    still ends with its journal."""
+    user fixed the cause, and so do the failed trials of the next generation (`upcoming`) that
+    steady dispatch had started meanwhile. An uninterrupted run never gets past such a
+    generation, so resuming still ends with its journal."""
     file = JOURNAL if config.eval.subsample is None else SUBSAMPLE  # where a candidate's first result is
     first = run.finished(file)
     if not candidates or any(first.get(trial.id, {}).get("state") != "failed" for trial in candidates):
         return set()
     failed = {i for name in {JOURNAL, file} for i, r in run.finished(name).items() if r["state"] == "failed"}
-    retry = {trial.id for trial in trials + candidates if trial.id in failed}
-    logger.warning("generation %d: every candidate had failed; evaluating its %d failed trials again",
+    retry = {trial.id for trial in [*trials, *candidates, *upcoming] if trial.id in failed}
+    logger.warning("generation %d: every candidate had failed; evaluating %d failed trials again",
                    candidates[0].generation, len(retry))
     return retry
 

@@ -71,25 +71,27 @@ def test_every_candidate_failing_stops_the_run(tmp_path: Path) -> None:
     assert len(run.records()) == 4 + 6  # nothing lost: references and failures are journaled
 
 
-@pytest.mark.parametrize("subsample", [False, True])
-def test_a_run_stopped_by_an_all_failed_generation_resumes_once_fixed(tmp_path: Path, subsample: bool) -> None:
-    """The failed generation runs again at resume (its failed trials only), and the run then ends
-    with the journal of a run that never failed."""
-    config = make_config(generations=3)
+@pytest.mark.parametrize("subsample, steady", [(False, False), (True, False), (False, True)])
+def test_a_run_stopped_by_an_all_failed_generation_resumes_once_fixed(tmp_path: Path, subsample: bool,
+                                                                      steady: bool) -> None:
+    """The failed generation runs again at resume (its failed trials only, and with steady
+    dispatch the next generation's that failed meanwhile), and the run then ends with the journal
+    of a run that never failed."""
+    config = make_config("tpe" if steady else "cma", generations=3)
     if subsample:
         raw = config.to_yaml_dict()
         raw["eval"].update(limit=100, subsample={"fraction": 0.25, "promote": 0.5})
         config = validate(raw)
     run, layout = start(tmp_path, config, "straight")
-    run_loop(run, config, layout, FakePool())
+    run_loop(run, config, layout, FakePool(backfill=steady))
     expected = canonical(run.records())
 
     run, layout = start(tmp_path, config)
     with pytest.raises(EvalError, match="every candidate of generation 0 failed"):
-        run_loop(run, config, layout, FakePool(fail_above=-1.0))
+        run_loop(run, config, layout, FakePool(fail_above=-1.0, backfill=steady))
     failed = {r["trial"] for r in run.records() if r["state"] == "failed"}
-    assert len(failed) == 6
-    fixed = FakePool()
+    assert len(failed) == 6 + (3 if steady else 0)  # steady: half of generation 1 failed too
+    fixed = FakePool(backfill=steady)
     summary = run_loop(RunDir.open(run.path), config, layout, fixed)
     assert canonical(run.records()) == expected and summary["failed"] == 0
     assert failed <= set(fixed.evaluated)  # evaluated again
