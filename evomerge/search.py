@@ -51,7 +51,6 @@ class Pool(Protocol):
         when it comes, during this call or a later one, and a later call's `trials` may include a
         trial still in flight: it is waited for, never started twice."""
 
-
     def close(self) -> None: ...
 
 
