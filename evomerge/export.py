@@ -41,16 +41,8 @@ def export(run_dir: str | Path, out: str | Path, trial_id: int | None = None, fo
     config = run.config()
     record = pick_trial(run, trial_id)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out: {out} is a file, expected a folder")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise ConfigError(f"--out: {out} exists and is not empty; choose another folder or pass --force")
-
-    # Written into a sibling temp folder, moved into place at the end: a killed export leaves
-    # no half-written model where the user expects one.
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    check_out(out, force)
+    staging = staging_folder(out)
     write_folder(staging, config, record)
     recipe = Recipe.from_json(record["recipe"])
     policy = recipe.policy
@@ -128,6 +120,23 @@ def write_layer_path(folder: Path, config: RunConfig, merged: torch.nn.Module, r
                                  config.models.dtype, trial)
     if yaml_text is not None:
         (folder / "mergekit.yaml").write_text(yaml_text, encoding="utf-8")
+
+
+def check_out(out: Path, force: bool) -> None:
+    """Refuse an --out that is a file, or a folder with something in it unless --force."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out: {out} is a file, expected a folder")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ConfigError(f"--out: {out} exists and is not empty; choose another folder or pass --force")
+
+
+def staging_folder(out: Path) -> Path:
+    """An empty sibling temp folder to write `out` into; `move_into` puts it in place at the end,
+    so a killed command leaves no half-written model where the user expects one."""
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
 
 
 def move_into(staging: Path, out: Path) -> None:

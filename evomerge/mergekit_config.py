@@ -46,9 +46,10 @@ from `--seed`, so they match mergekit's merges in distribution only.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -488,15 +489,12 @@ def _gene_value(value: Any, where: str) -> float:
 def run_merge(config_path: str | Path, out: str | Path, *, force: bool = False, seed: int = 0,
               device: str = "cpu") -> Path:
     """Merge (or stack) what a mergekit config describes and write a Hugging Face folder to `out`."""
-    from evomerge.export import move_into
+    from evomerge.export import check_out, move_into, staging_folder
     from evomerge.sources import pick_device
 
     config = read_config(config_path)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out: {out} is a file, expected a folder")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise ConfigError(f"--out: {out} exists and is not empty; choose another folder or pass --force")
+    check_out(out, force)
 
     inputs = ([entry.model for entry in config.models] if isinstance(config, MergekitConfig)
               else list(dict.fromkeys(s.model for s in config.slices)))
@@ -519,9 +517,7 @@ def run_merge(config_path: str | Path, out: str | Path, *, force: bool = False, 
         model = model.to(DTYPES[config.out_dtype])
     model.config.dtype = DTYPES[config.out_dtype or dtype]
 
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = staging_folder(out)
     model.save_pretrained(staging, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(staging)
@@ -534,14 +530,12 @@ def _merge_folders(config: MergekitConfig, models: ModelsConfig, folders: list[F
                    device: torch.device, config_path: str | Path) -> Path:
     """The merge of local safetensors folders, file to file (`evomerge.folders`): every stored
     floating tensor merged into a new tensor, the others taken from the skeleton."""
-    from evomerge.export import move_into
+    from evomerge.export import move_into, staging_folder
     from evomerge.merger import Merger
     from evomerge.sources import field_names, source_parameters
 
-    try:
+    with _named_by_path(models):
         check_folders(folders, field_names(models))
-    except ModelMismatchError as exc:
-        raise ModelMismatchError(_mergekit_names(str(exc), models)) from None
     tokenizer_path = _output_tokenizer(config)
     tokenizer = Path(tokenizer_path) if tokenizer_path is not None else None
     if tokenizer is not None and not all(same_tokenizer_files(folders[0].path, other)
@@ -560,8 +554,7 @@ def _merge_folders(config: MergekitConfig, models: ModelsConfig, folders: list[F
     out_dtype = DTYPES[config.out_dtype] if config.out_dtype is not None else None
     written = {name: (t.to(out_dtype) if out_dtype is not None and name in floating else t).cpu()
                for name, t in merged.items()}
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = staging_folder(out)
     write_folder(staging, written, skeleton, _canonical(config.out_dtype or models.dtype), tokenizer)
     shutil.copyfile(config_path, staging / "mergekit.yaml")
     move_into(staging, out)
@@ -580,14 +573,21 @@ def _output_tokenizer(config: MergekitConfig | LayerStack) -> str | None:
     return config.tokenizer_source or config.skeleton
 
 
+@contextmanager
+def _named_by_path(models: ModelsConfig) -> Iterator[None]:
+    """A ModelMismatchError raised inside names the models by path, as the mergekit config does."""
+    try:
+        yield
+    except ModelMismatchError as exc:
+        raise ModelMismatchError(_mergekit_names(str(exc), models)) from None
+
+
 def _checked_sources(models: ModelsConfig, tokenizers: bool) -> Any:
     """`sources.check_sources`, its messages naming models by path."""
     from evomerge.sources import check_sources
 
-    try:
+    with _named_by_path(models):
         return check_sources(models, tokenizers=tokenizers)
-    except ModelMismatchError as exc:
-        raise ModelMismatchError(_mergekit_names(str(exc), models)) from None
 
 
 def _checked_tokenizer(config: MergekitConfig | LayerStack, models: ModelsConfig, path: str) -> Any:

@@ -20,7 +20,7 @@ from evomerge.errors import ConfigError, ModelMismatchError
 logger = logging.getLogger(__name__)
 
 ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "intermediate_size", "tie_word_embeddings")
+               "num_key_value_heads", "intermediate_size", "tie_word_embeddings")
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,8 @@ def field_names(models: ModelsConfig) -> list[str]:
     return ["models.base", *[f"models.experts.{i}" for i in range(len(models.experts))]]
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")  # any: a tokenizer
+# A folder holding any of these has a tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
 def has_tokenizer(path: str) -> bool:
