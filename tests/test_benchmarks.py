@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,3 +78,42 @@ def test_search_efficiency_quick(tmp_path, zoo) -> None:
     for strategy in ("cma", "random", "tpe"):  # one seed: evaluations to the target, then the mean
         assert re.search(rf"\| {strategy} \| (> )?\d+ \| \*\*(> )?[\d.]+\*\* \| [\d.]+ \|", section), section
     assert re.search(r"cma / random: (at most )?[\d.]+", out)
+
+
+@pytest.mark.slow
+def test_subset_choice_quick(tmp_path, zoo) -> None:
+    out, text = run_quick("subset_choice.py", tmp_path, "--zoo", str(zoo["base"].parent))
+    section = check_section(text, "6b. Cheaper fitness: which documents", "subset_choice.py")
+    for population in ("uniform", "cma-like"):  # one row per population, a cell per rule
+        assert re.search(rf"\| {population} \| 6 \| 2/8 \|( [^|]+ \|){{5}}", section), section
+    assert re.search(r"Best rule at 25%: Spearman", section)
+
+
+def test_subset_choice_rules() -> None:
+    """The rules of benchmarks/subset_choice.py pick what they say, on made-up per-document results."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import subset_choice as sc
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    rng = np.random.default_rng(0)
+    # 3 references x 2 tasks x 12 documents: they agree on documents 0-5, disagree on 6-11
+    refs = np.zeros((3, 2, 12))
+    refs[:, :, 3:6] = 1.0
+    refs[0, :, 6:] = 1.0
+    history = np.zeros((2, 2, 12))
+    history[:, :, 3:6] = 1.0
+    history[0, :, 9:] = 1.0  # with the references, documents 9-11 vary most (2 of 5 right)
+    first, = sc.subsets("first", 4, refs, history, rng, 1)
+    assert first.tolist() == [[0, 1, 2, 3]] * 2
+    for chosen in sc.subsets("disagree", 4, refs, history, rng, 20):
+        assert (chosen >= 6).all() and all(len(set(row)) == 4 for row in chosen.tolist())
+    variable, = sc.subsets("variable", 3, refs, history, rng, 1)
+    assert variable.tolist() == [[9, 10, 11]] * 2
+    for chosen in sc.subsets("strata", 6, refs, history, rng, 20):  # groups of 3, 3 and 6 documents
+        for row in chosen.tolist():  # in proportion: 1.5, 1.5 and 3 of 6
+            groups = [sum(d < 3 for d in row), sum(3 <= d < 6 for d in row), sum(d >= 6 for d in row)]
+            assert len(set(row)) == 6 and sorted(groups[:2]) == [1, 2] and groups[2] == 3, row
+    values = np.array([[[1.0, 0.0], [1.0, 1.0]]])  # one candidate, task means 0.5 and 1.0
+    assert sc.quality(values, np.array([1.0, 3.0])).tolist() == [0.875]
+    assert sc.on(values, np.array([[1], [0]])).tolist() == [[[0.0], [1.0]]]
