@@ -11,7 +11,10 @@ import torch
 from evomerge.merge import get_method
 from evomerge.merge.chunked import CHUNK, random_mask
 from evomerge.merge.tensor_ops import (
+    BAND_MIN_NUMEL,
+    _kth_largest_in_band,
     expert_generator,
+    kth_largest,
     merge_task_vectors,
     resolve_rescale,
     sparsify_magnitude,
@@ -98,3 +101,41 @@ def test_one_hot_weights_and_slerp_endpoints_stay_exact() -> None:
     assert torch.equal(get_method("task_arithmetic").fn(base, experts, weight=[0.0, 0.0, 1.0]), experts[2])
     assert torch.equal(get_method("slerp").fn(base, experts[:1], t=0.0), base)
     assert torch.equal(get_method("slerp").fn(base, experts[:1], t=1.0), experts[0])
+
+
+def _numpy_kth_largest(values: torch.Tensor, k: int) -> float:
+    import numpy as np
+
+    array = np.sort(values.numpy())  # NaN sorts last: larger than any number
+    return float(array[array.size - k])
+
+
+@pytest.mark.parametrize("case", ["normal", "columns", "ties", "constant", "nan", "inf", "float64"])
+def test_kth_largest_equals_a_full_sort_for_large_tensors(case) -> None:
+    """The banded selection (tensors of BAND_MIN_NUMEL entries or more) returns the order statistic a
+    full sort gives, for every k tried, whether its sample finds the band or not."""
+    generator = torch.Generator().manual_seed(0)
+    rows, cols = 1024, BAND_MIN_NUMEL // 1024 + 8
+    values = torch.randn(rows, cols, generator=generator).abs_()
+    if case == "columns":  # every column its own scale: a strided sample must cross them all
+        values *= torch.logspace(-3, 3, cols)
+    elif case == "ties":
+        values = (values * 4).round_()
+    elif case == "constant":
+        values = torch.full((rows, cols), 0.25)
+    elif case == "nan":
+        values.view(-1)[::997] = math.nan
+    elif case == "inf":
+        values.view(-1)[::4099] = math.inf
+    elif case == "float64":
+        values = values.double()
+    flat = values.flatten()
+    assert flat.numel() >= BAND_MIN_NUMEL
+    before = flat.clone()
+    for k in (1, 2, 1000, flat.numel() // 3, flat.numel() // 2, flat.numel() - 1, flat.numel()):
+        got = kth_largest(flat, k)
+        expected = _numpy_kth_largest(flat, k)
+        assert got.dtype == flat.dtype and (float(got) == expected or math.isnan(expected) and got.isnan()), (case, k)
+    assert torch.equal(flat.nan_to_num(), before.nan_to_num())  # left as it was
+    if case in ("normal", "columns", "ties", "float64"):  # the band was found, not the full partition's fallback
+        assert _kth_largest_in_band(flat, flat.numel() // 2) is not None

@@ -106,14 +106,52 @@ def sparsify_magnitude(
     return _rescaled(delta, keep.view_as(delta), density, rescale)
 
 
+# kth_largest: tensors of at least this many entries are narrowed to a band first (below it numpy's
+# partition of the whole tensor is as fast); the band comes from a sample of about BAND_SAMPLE entries.
+BAND_MIN_NUMEL = 1 << 20
+BAND_SAMPLE = 1 << 14
+
+
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest entry of a flat tensor, as a 0-d tensor (an order statistic: the same value
-    however found); `values` is left as it is. On the CPU numpy's partition (of a copy) finds it
-    about 10x faster than torch.kthvalue."""
+    however found; NaN counts as larger than any number, as in numpy's sort); `values` is left as
+    it is. On the CPU numpy's partition finds it about 2x faster than torch.kthvalue, and for large
+    tensors `_kth_largest_in_band` 2-3x faster again (benchmarks/merge_throughput.py)."""
     if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
+        found = _kth_largest_in_band(values, k) if values.numel() >= BAND_MIN_NUMEL else None
+        if found is not None:
+            return found
         array = values.numpy()
         return torch.tensor(np.partition(array, array.size - k)[array.size - k], dtype=values.dtype)
     return torch.kthvalue(values, values.numel() - k + 1).values
+
+
+def _kth_largest_in_band(values: torch.Tensor, k: int) -> torch.Tensor | None:
+    """The k-th largest entry, found by partitioning only the entries in a band [lo, hi] that a
+    sample says holds it; None when the band misses it (the caller then partitions everything).
+
+    Exact whatever the sample: when fewer than k entries lie above hi (NaN included) and at
+    least k lie at or above lo, the k-th largest is in the band, at rank k - above there. The
+    band is 8 standard deviations of the sample's rank estimate wide, about 6% of the entries;
+    the sample's stride is odd so that it crosses every column of a power-of-two-wide matrix."""
+    numel = values.numel()
+    sample = values.numpy()[:: max(1, numel // BAND_SAMPLE) | 1].copy()
+    size = sample.size
+    rank = (numel - k) * size // numel  # where the k-th largest falls in the sample, ascending
+    margin = 4 * int(size ** 0.5) + 8
+    low, high = max(rank - margin, 0), min(rank + margin, size - 1)
+    sample.partition([low, high])  # NaN sorts last
+    lo, hi = float(sample[low]), float(sample[high])
+    at_most_hi = values <= hi  # false for NaN: NaN counts above the band
+    above = numel - int(torch.count_nonzero(at_most_hi))
+    if above >= k:
+        return None
+    band = values[at_most_hi.logical_and_(values >= lo)].numpy()
+    if above + band.size < k:
+        return None
+    at = band.size - (k - above)
+    band.partition(at)  # in place: the band is already a copy
+    return torch.tensor(band[at], dtype=values.dtype)
 
 
 def expert_generator(seed: int, expert_index: int) -> torch.Generator:
