@@ -96,7 +96,9 @@ class CompiledTemplate:
     half of a candidate's time outside the forward passes. Called on a document, this returns
     what lm-eval's string branch returns (the same template rendered in lm-eval's own Jinja
     environment, then the same digit / list literal rules); printed, it is the template, so
-    dumped task configs read as before.
+    dumped task configs read as before. lm-eval hands it the same documents for every candidate
+    (fresh dicts each time), so each distinct document is rendered once (documents with a value
+    that cannot be a dict key, a list say, every time).
     """
 
     def __init__(self, template: str, field: str, has_choices: bool):
@@ -104,9 +106,18 @@ class CompiledTemplate:
 
         self.template, self.field, self.has_choices = template, field, has_choices
         self.compiled = env.from_string(template)
+        self.rendered: dict[tuple, str] = {}
 
     def __call__(self, doc: dict[str, Any]) -> Any:
-        text = self.compiled.render(**doc)
+        key = tuple((name, type(value), value) for name, value in doc.items())  # 1, 1.0 and True render apart
+        try:
+            text = self.rendered.get(key)
+        except TypeError:  # an unhashable value
+            text, key = None, None
+        if text is None:
+            text = self.compiled.render(**doc)
+            if key is not None:
+                self.rendered[key] = text
         if text.isdigit() and self.has_choices:
             return ast.literal_eval(text)
         if self.field == "doc_to_target" and len(text) >= 2 and text[0] == "[" and text[-1] == "]":

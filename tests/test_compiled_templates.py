@@ -25,6 +25,9 @@ def test_demo_tasks_render_the_same_text_and_targets() -> None:
         compile_templates(task)
         assert isinstance(task.config.doc_to_text, CompiledTemplate), name
         assert [(task.doc_to_text(doc), task.doc_to_target(doc)) for doc in docs] == expected
+        # a second pass over fresh copies of the documents reads what the first rendered
+        assert [(task.doc_to_text(dict(doc)), task.doc_to_target(dict(doc))) for doc in docs] == expected
+        assert len(task.config.doc_to_text.rendered) == len({tuple(doc.items()) for doc in docs})
         assert task.dump_config()["doc_to_text"] == template  # dumped configs read as before
 
 
@@ -42,3 +45,16 @@ def test_the_string_branch_rules(template, field, choices, doc, expected) -> Non
     assert str(CompiledTemplate(template, field, choices)) == template
     compiled = CompiledTemplate(template, field, choices)
     assert copy.deepcopy(compiled) is compiled
+
+
+def test_each_distinct_document_is_rendered_once_and_values_of_other_types_apart() -> None:
+    compiled = CompiledTemplate("{{a}}|{{b}}", "doc_to_text", False)
+    assert [compiled(doc) for doc in ({"a": 1, "b": "x"}, {"a": True, "b": "x"}, {"a": 1.0, "b": "x"})] \
+        == ["1|x", "True|x", "1.0|x"]  # equal as keys (1 == True == 1.0), rendered apart
+    assert compiled({"a": 1, "b": "x"}) == "1|x" and len(compiled.rendered) == 3
+    listed = {"a": [1, 2], "b": "y"}  # a list cannot be a key: rendered every time, not kept
+    assert compiled(listed) == "[1, 2]|y" and compiled(listed) == "[1, 2]|y" and len(compiled.rendered) == 3
+    target = CompiledTemplate("{{a}}", "doc_to_target", False)
+    first = target({"a": "[1, 2]"})
+    first.append(3)  # the caller's list: the next call still returns a new [1, 2]
+    assert target({"a": "[1, 2]"}) == [1, 2]
