@@ -25,7 +25,9 @@ The run directory: `subsample.jsonl` receives every candidate's subset result as
 per trial, with `limit` (lm-eval's limit its quality came from) and `fidelity`: `full`
 (references and promoted candidates; these also carry `subset`: the subset's limit, quality and
 metrics) or `subset` (held back: quality and metrics from the subset only). The report ranks
-and builds the Pareto front from `fidelity: full` lines only.
+and builds the Pareto front from `fidelity: full` lines only, and tells how well the subset ranked
+the candidates scored on both (`agreement`): the check that the subset is large enough for the
+tasks, on the user's own suite.
 """
 
 from __future__ import annotations
@@ -116,3 +118,40 @@ def full_line(trial: Trial, result: TrialResult, limit: int | None, subset: Tria
 def full_fidelity(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The journal lines whose quality comes from the full limit (every line of a run without subsample)."""
     return [r for r in records if r.get("fidelity", FULL) == FULL]
+
+
+def agreement(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """How alike the subset and the full limit ranked the candidates scored on both (the promoted
+    ones): Spearman's correlation over those pairs ({"pairs", "spearman"}; spearman None below 3
+    pairs or when either side is constant). These are each generation's best by subset score, a
+    narrower range of quality than all candidates, which lowers the correlation: read it as what
+    the subset can tell apart among the candidates that matter."""
+    pairs = [(r["subset"]["quality"], r["quality"]) for r in records
+             if r.get("state") == "complete" and isinstance(r.get("subset"), dict)
+             and r["subset"].get("quality") is not None]
+    return {"pairs": len(pairs), "spearman": spearman([a for a, _ in pairs], [b for _, b in pairs])}
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    """Spearman's rank correlation (ties at their mean rank); None below 3 values or for a constant side."""
+    if len(a) < 3:
+        return None
+    ra, rb = _ranks(a), _ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va, vb = sum((x - ma) ** 2 for x in ra), sum((y - mb) ** 2 for y in rb)
+    return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else None
+
+
+def _ranks(values: list[float]) -> list[float]:
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2
+        i = j + 1
+    return ranks

@@ -7,7 +7,7 @@ from typing import Any
 
 from evomerge.config import RunConfig
 from evomerge.pareto import ParetoArchive, pareto_front
-from evomerge.racing import full_fidelity
+from evomerge.racing import agreement, full_fidelity
 
 
 def summarize(records: list[dict[str, Any]], config: RunConfig) -> dict[str, Any]:
@@ -57,6 +57,8 @@ def summarize(records: list[dict[str, Any]], config: RunConfig) -> dict[str, Any
     }
     if len(everything) > len(records):
         summary["subset_only"] = len(everything) - len(records)
+    if config.eval.subsample is not None:
+        summary["subsample"] = agreement(records)
     if config.policy.kind == "cascade" and len(config.policy.members) == 2:
         summary["routellm"] = cascade_gap(records, *config.policy.members)
     return summary
@@ -146,6 +148,8 @@ def format_text(summary: dict[str, Any]) -> str:
     if summary.get("subset_only"):
         lines.append(f"{summary['subset_only']} candidates scored on eval.subsample's subset only "
                      f"(not promoted): left out of best, means and the Pareto front")
+    if summary.get("subsample"):
+        lines.append(subset_agreement_line(summary["subsample"]))
     lines.append("")
     header = f"{'':<22}{'trial':>6}{'quality':>9}{'FLOPs/ex':>10}" + "".join(f"{t[:12]:>13}" for t in tasks)
     lines.append(header)
@@ -181,13 +185,28 @@ def format_text(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def subset_agreement_line(agreement: dict[str, Any]) -> str:
+    """One line on how alike the subset and the full limit ranked the promoted candidates."""
+    if agreement["spearman"] is None:
+        return (f"subset vs full limit: {agreement['pairs']} promoted candidates scored on both, "
+                f"too few (or all equal) for a rank correlation")
+    return (f"subset vs full limit: Spearman {agreement['spearman']:.2f} over the {agreement['pairs']} promoted "
+            f"candidates scored on both (low: the subset is too small to rank them; raise "
+            f"eval.subsample.fraction)")
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + "."
+
+
 def format_markdown(summary: dict[str, Any], plots: list[str] = ()) -> str:
     """The summary as a Markdown page (`report.md` in the run directory): sources and best trial per
     task, progress per generation, the Pareto front, RouteLLM's metrics for a cascade, failures."""
     tasks = summary["tasks"]
     lines = [f"# Run `{summary['name']}`", "",
              f"{summary['trials']} trials, {summary['failed']} failed"
-             + (f", {summary['subset_only']} scored on the subset only" if summary.get("subset_only") else "") + ".",
+             + (f", {summary['subset_only']} scored on the subset only" if summary.get("subset_only") else "") + "."
+             + (" " + _sentence(subset_agreement_line(summary["subsample"])) if summary.get("subsample") else ""),
              "", "| | trial | quality | FLOPs / example | " + " | ".join(tasks) + " |",
              "|---|---|---|---|" + "---|" * len(tasks)]
     rows = [(r["label"], r) for r in summary["references"]]

@@ -225,3 +225,41 @@ def test_torn_subset_line_is_scored_again(tmp_path: Path) -> None:
     assert canonical(run.records()) == expected
     assert sorted(t for t, limit in second.scored if limit == 25 and t < 10) == [4, 5, 6, 7]  # 9, 8 kept
     assert len(run.records(SUBSAMPLE)) == 2 * 6
+
+
+def test_the_report_tells_how_alike_subset_and_full_limit_ranked_the_promoted(tmp_path: Path) -> None:
+    from evomerge.report import format_markdown, format_text
+
+    config = subsample_config()
+    run, layout = start(tmp_path, config)
+    summary = run_loop(run, config, layout, SubsetPool())
+    promoted_lines = [r for r in run.lines() if "subset" in r]
+    assert summary["subsample"]["pairs"] == len(promoted_lines) == 12
+    pairs = [(r["subset"]["quality"], r["quality"]) for r in promoted_lines]
+    assert summary["subsample"]["spearman"] == pytest.approx(spearman_reference(pairs))
+    assert -1.0 <= summary["subsample"]["spearman"] < 1.0  # the fake subset error reorders some
+    assert f"Spearman {summary['subsample']['spearman']:.2f} over the 12 promoted" in format_text(summary)
+    assert "Spearman" in format_markdown(summary)
+
+
+def spearman_reference(pairs: list[tuple[float, float]]) -> float:
+    """Pearson's correlation of the ranks, written out independently (no ties in these pairs)."""
+    a, b = zip(*pairs)
+    ra = [sorted(a).index(x) for x in a]
+    rb = [sorted(b).index(y) for y in b]
+    n = len(a)
+    return 1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb)) / (n * (n * n - 1))
+
+
+@pytest.mark.parametrize("a,b,expected", [
+    ([1, 2, 3, 4], [10, 20, 30, 40], 1.0),
+    ([1, 2, 3, 4], [4, 3, 2, 1], -1.0),
+    ([1, 1, 2, 3], [1, 2, 3, 4], 0.9486832980505138),  # a tie at its mean rank (scipy's value)
+    ([1, 2], [1, 2], None),  # too few
+    ([1, 1, 1], [1, 2, 3], None),  # a constant side
+])
+def test_spearman(a, b, expected) -> None:
+    from evomerge.racing import spearman
+
+    got = spearman(a, b)
+    assert got == (None if expected is None else pytest.approx(expected))
