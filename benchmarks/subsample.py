@@ -191,24 +191,12 @@ def rank_study(runner, layout, sizes, config, population: str, count: int, args)
             "full_range": [min(full), max(full)], "subset": subset, "full": full}
 
 
-def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman's rank correlation (scipy's when installed; else Pearson on average ranks, the same number)."""
-    try:
-        from scipy.stats import spearmanr
-    except ImportError:
-        ra, rb = average_ranks(a), average_ranks(b)
-        return float(np.corrcoef(ra, rb)[0, 1])
-    return float(spearmanr(a, b).statistic)
+def spearman(a, b) -> float:
+    """Spearman's rank correlation (evomerge.racing's, what `evomerge report` shows); NaN where undefined."""
+    from evomerge.racing import spearman as rank_correlation
 
-
-def average_ranks(values: list[float]) -> np.ndarray:
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(len(values), dtype=float)
-    for value in set(values):  # ties share their mean rank
-        tied = np.asarray(values) == value
-        ranks[tied] = ranks[tied].mean()
-    return ranks
+    value = rank_correlation([float(x) for x in a], [float(y) for y in b])
+    return math.nan if value is None else value
 
 
 # -- 2. equal-cost search ------------------------------------------------------------------------

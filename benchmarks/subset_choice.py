@@ -66,24 +66,11 @@ def main() -> None:
                    else np.clip(config.search.x0 + config.search.sigma0 * rng.standard_normal(layout.size), 0, 1)
                    for _ in range(args.history + args.candidates)]
         scored = np.stack([per_document(runner, layout.decode(g)) for g in genomes])
-        history, ranked = scored[:args.history], scored[args.history:]
-        full = quality(ranked, weights)
-        k = max(1, math.ceil(round(args.fraction * ranked.shape[2], 9)))
-        draws = np.random.default_rng(args.seed + 1)
-        result = {rule: [spearman(quality(on(ranked, chosen), weights), full)
-                         for chosen in subsets(rule, k, references, history, draws,
-                                               1 if rule in ("first", "variable") else args.draws)]
-                  for rule in RULES}
-        means += [float(np.mean(values)) for values in result.values() if not np.isnan(values).any()]
-        rows.append([population, str(len(full)), f"{k}/{ranked.shape[2]}"]
-                    + [summary(result[rule]) for rule in RULES])
-        print(f"{population}: " + ", ".join(f"{rule} {summary(result[rule])}" for rule in RULES), flush=True)
-        for fraction in (0.1, 0.25, 0.5, 0.75):
-            size = max(1, math.ceil(round(fraction * ranked.shape[2], 9)))
-            values = [spearman(quality(on(ranked, chosen), weights), full)
-                      for chosen in subsets("random", size, references, history, draws, args.draws)]
-            curves.append([population, f"{fraction:.0%}", f"{size}/{ranked.shape[2]}", summary(values)])
-        print(f"  full-limit quality {full.min():.3f}-{full.max():.3f}", flush=True)
+        row, curve, defined = compare_rules(population, references, scored[:args.history], scored[args.history:],
+                                            weights, args)
+        rows.append(row)
+        curves += curve
+        means += defined
 
     best = max(means, default=math.nan)
     body = (f"The demo search space (`search_spaces/demo.yaml`, eval.limit {config.eval.limit}, "
@@ -104,6 +91,31 @@ def main() -> None:
               f"{harness.verdict(best, GOAL)}"
             + (" (undefined: every candidate has the same full-limit quality)." if math.isnan(best) else "."))
     harness.write_section(harness.results_path(args), SECTION, host, body)
+
+
+def compare_rules(population: str, references: np.ndarray, history: np.ndarray, ranked: np.ndarray,
+                  weights: np.ndarray, args) -> tuple[list[str], list[list[str]], list[float]]:
+    """One population's table row (each rule's Spearman at args.fraction), its rows of random subsets
+    by size, and the rules' mean correlations where defined."""
+    full = quality(ranked, weights)
+    draws = np.random.default_rng(args.seed + 1)
+
+    def correlations(rule: str, size: int, count: int) -> list[float]:
+        return [spearman(quality(on(ranked, chosen), weights), full)
+                for chosen in subsets(rule, size, references, history, draws, count)]
+
+    k = max(1, math.ceil(round(args.fraction * ranked.shape[2], 9)))
+    result = {rule: correlations(rule, k, 1 if rule in ("first", "variable") else args.draws) for rule in RULES}
+    print(f"{population}: " + ", ".join(f"{rule} {summary(result[rule])}" for rule in RULES), flush=True)
+    print(f"  full-limit quality {full.min():.3f}-{full.max():.3f}", flush=True)
+    curve = []
+    for fraction in (0.1, 0.25, 0.5, 0.75):
+        size = max(1, math.ceil(round(fraction * ranked.shape[2], 9)))
+        curve.append([population, f"{fraction:.0%}", f"{size}/{ranked.shape[2]}",
+                      summary(correlations("random", size, args.draws))])
+    row = [population, str(len(full)), f"{k}/{ranked.shape[2]}"] + [summary(result[rule]) for rule in RULES]
+    means = [float(np.mean(values)) for values in result.values() if not np.isnan(values).any()]
+    return row, curve, means
 
 
 def per_document(runner, recipe) -> np.ndarray:
