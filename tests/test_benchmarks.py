@@ -117,3 +117,18 @@ def test_subset_choice_rules() -> None:
     values = np.array([[[1.0, 0.0], [1.0, 1.0]]])  # one candidate, task means 0.5 and 1.0
     assert sc.quality(values, np.array([1.0, 3.0])).tolist() == [0.875]
     assert sc.on(values, np.array([[1], [0]])).tolist() == [[[0.0], [1.0]]]
+
+
+@pytest.mark.slow
+def test_search_efficiency_dispatch_pairs_quick(tmp_path, zoo) -> None:
+    out, text = run_quick("search_efficiency.py", tmp_path, "--zoo", str(zoo["base"].parent), "--strategies", "random",
+                          "--dispatch", "steady,generation", "--target", "0.5")
+    match = re.search(r"<!-- begin Search efficiency: dispatch -->(.*?)<!-- end Search efficiency: dispatch -->",
+                      text, re.S)
+    assert match, text
+    section = match.group(1)
+    assert "python benchmarks/search_efficiency.py --quick" in section
+    for mode in ("steady", "generation"):
+        assert re.search(rf"\| random \({mode}\) \| (> )?\d+ \|", section), section
+    assert "0.5000 (given; the best any of these runs found:" in section
+    assert "<!-- begin Search efficiency -->" not in text  # the plain table is left alone
