@@ -66,7 +66,7 @@ class Member:
     lm: Any  # lm_eval.models.huggingface.HFLM (any TemplateLM over a causal HF model)
     cost: CostModel
     # (context, max new tokens) -> the prompt's token ids as HFLM encodes and truncates them, kept
-    # as tuples: HFLM's own kept encodings (`encoding_once_hflm`) are handed out as tensor copies,
+    # as tuples: HFLM's own kept encodings (`worker_hflm`) are handed out as tensor copies,
     # which cost a candidate 1% more when read through them (300 prompts on the demo)
     prompts: dict[tuple[str, int], tuple[int, ...]] = field(default_factory=dict, repr=False)
 
@@ -86,7 +86,7 @@ class Member:
 
         The HFLM holds the model object itself, so a model whose weights are overwritten in
         place (the worker's merged model) serves every candidate through the same member."""
-        return cls(name, encoding_once_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
+        return cls(name, worker_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
                    CostModel.from_model(model))
 
     @classmethod
@@ -107,20 +107,28 @@ ENCODED_MAX = 1 << 16  # distinct strings an HFLM keeps encoded; past that it st
 
 
 @functools.cache  # one class, made on first use (lm-eval is imported then)
-def encoding_once_hflm() -> type:
-    """lm-eval's HFLM, encoding each distinct string once per worker.
+def worker_hflm() -> type:
+    """lm-eval's HFLM for a worker that asks the same prompts of candidate after candidate.
 
-    Every candidate is asked the same prompts, and HFLM encodes each again per call (to sort
-    requests, then to build each batch): on the demo a twentieth of a candidate's time. The
-    tokenizer and HFLM's settings never change for the life of a member, so the encodings are
-    kept, by the call's arguments, and copies handed out (a caller may change them)."""
+    Answers are HFLM's own; what repeats is done once per worker:
+    - each distinct string is encoded once: HFLM encodes every prompt again per call (to sort
+      requests, then to build each batch), on the demo a twentieth of a candidate's time. The
+      tokenizer and HFLM's settings never change for the life of a member, so the encodings
+      are kept, by the call's arguments, and copies handed out (a caller may change them);
+    - generation stops by lm-eval's stop-string rule through `policies.stopping.StopStrings`,
+      which decides what lm-eval's criteria decide at every step but decodes each distinct
+      window of tokens once, and only for rows still running (lm-eval decodes every row at
+      every step: a tenth of a candidate's time on the demo)."""
     from lm_eval.models.huggingface import HFLM
 
-    class EncodingOnceHFLM(HFLM):
+    from evomerge.policies.stopping import StopStrings
+
+    class WorkerHFLM(HFLM):
         def __init__(self, *args: Any, **kwargs: Any):
             super().__init__(*args, **kwargs)
             self._encoded: dict[tuple, tuple[int, ...]] = {}
             self._batches: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+            self._decoded: dict[tuple[int, ...], str] = {}
 
         def tok_encode(self, string: str, add_special_tokens: bool | None = None,
                        left_truncate_len: int | None = None, **kwargs: Any) -> list[int]:
@@ -144,7 +152,24 @@ def encoding_once_hflm() -> type:
                                                                       truncation)
             return batch[0].clone(), batch[1].clone()
 
-    return EncodingOnceHFLM
+        def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str],
+                            **generation_kwargs: Any) -> torch.Tensor:
+            """HFLM's generation call (greedy unless sampling is asked for, a temperature of 0
+            meaning greedy; the model's mixed-precision setting), with `StopStrings`."""
+            kwargs = dict(generation_kwargs)
+            temperature = kwargs.setdefault("temperature", 0.0)
+            if temperature == 0.0 and kwargs.get("do_sample") is None:
+                kwargs["do_sample"] = False
+            if temperature == 0.0 and kwargs.get("do_sample") is False:
+                del kwargs["temperature"]  # greedy needs none (and transformers warns about one)
+            stopping = StopStrings(self.tokenizer, list(stop), context.shape[1], context.shape[0], self._decoded)
+            precision = getattr(self, "mixed_precision_dtype", None)
+            with torch.autocast(device_type=self.device.type, dtype=precision, enabled=precision is not None):
+                return self.model.generate(input_ids=context, max_length=max_length,
+                                           stopping_criteria=StoppingCriteriaList([stopping]),
+                                           pad_token_id=self.tokenizer.pad_token_id, use_cache=True, **kwargs)
+
+    return WorkerHFLM
 
 
 @dataclass
