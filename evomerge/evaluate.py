@@ -73,9 +73,21 @@ def task_spec(manager: Any, name: str) -> str | dict[str, Any]:
     files = config.get("dataset_kwargs", {}).get("data_files")
     if not files:
         return name
-    config = copy.deepcopy(config)
+    # the index holds `!function` entries (process_docs, doc_to_text, ...) as their names, unresolved
+    config = _loaded_config(yaml_path)
     config["dataset_kwargs"]["data_files"] = _absolute(files, Path(yaml_path).parent)
     return config
+
+
+def _loaded_config(yaml_path: Any) -> dict[str, Any]:
+    """A task YAML as lm-eval reads it to build the task: `!function` tags imported, includes merged."""
+    try:
+        from lm_eval.tasks._yaml_loader import load_yaml  # lm-eval's loader in newer 0.4 releases
+    except ImportError:  # older 0.4 releases
+        from lm_eval.utils import load_yaml_config
+
+        return copy.deepcopy(load_yaml_config(str(yaml_path), mode="full"))
+    return copy.deepcopy(load_yaml(yaml_path, resolve_func=True))
 
 
 def _absolute(files: Any, folder: Path) -> Any:
@@ -147,6 +159,38 @@ def compile_templates(task: Any) -> None:
             setattr(config, field, CompiledTemplate(template, field, config.doc_to_choice is not None))
 
 
+class KeptDocs:
+    """A task's `process_docs` that runs once per worker and keeps the documents as a list.
+
+    lm-eval reads a task's documents from its `datasets.Dataset` on every call, twice (to build
+    the requests, then to score them), and turns each Arrow row into a Python dict each time:
+    on the demo a twenty-fifth of a candidate's time. `process_docs` is lm-eval's own hook
+    between the dataset and the documents, and a list of dicts is a form of documents it
+    accepts; this one applies the task's own `process_docs` (if any) to a split once and hands
+    out that list (the same dicts every call: lm-eval reads documents, it does not change them).
+    """
+
+    def __init__(self, process: Any = None):
+        self.process = process
+        self.kept: list[tuple[Any, list[dict[str, Any]]]] = []  # (split dataset, its documents)
+
+    def __call__(self, dataset: Any) -> list[dict[str, Any]]:
+        for source, docs in self.kept:
+            if source is dataset:
+                return docs
+        docs = list(self.process(dataset) if self.process is not None else dataset)
+        self.kept.append((dataset, docs))
+        return docs
+
+
+def keep_docs(task: Any) -> None:
+    """Give a loaded task a `KeptDocs` (tasks without a config of lm-eval's kind are left alone)."""
+    config = getattr(task, "config", None)
+    if config is None or not hasattr(config, "process_docs") or isinstance(config.process_docs, KeptDocs):
+        return
+    config.process_docs = KeptDocs(config.process_docs)
+
+
 class Evaluator:
     """Scores whatever weights `model` holds at call time on the configured tasks, and counts FLOPs.
 
@@ -172,6 +216,7 @@ class Evaluator:
                 task.set_config(key="num_fewshot", value=0)
             task.set_fewshot_seed(seed=FEWSHOT_SEED)
             compile_templates(task)
+            keep_docs(task)
         # HFLM runs on the model's own device (a model object, unlike a name, is not moved).
         self.members = {name: Member.from_model(name, m, tokenizer, batch_size=eval_config.batch_size)
                         for name, m in {"merged": model, **(sources or {})}.items()}

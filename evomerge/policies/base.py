@@ -487,15 +487,16 @@ class GenerationWatch:
         kwargs["stopping_criteria"] = StoppingCriteriaList([watch])
         out = original(*args, **kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
-        mask = kwargs.get("attention_mask")
-        logprobs = torch.stack(watch.logprobs, dim=1).tolist() if watch.logprobs else [[]] * len(sequences)
         width = input_ids.shape[1]
-        for r in range(sequences.shape[0]):
-            prompt = input_ids[r][mask[r].bool()] if mask is not None else input_ids[r]
-            generated = sequences[r, width:].tolist()
-            done = int(watch.first_done[r])
-            used = min(done + 1 if done >= 0 else len(logprobs[r]), len(generated))
-            self.rows[tuple(prompt.tolist())].append(GeneratedRow(generated, used, logprobs[r][:used]))
+        mask = kwargs.get("attention_mask")
+        prompts = input_ids.tolist()
+        if mask is not None:
+            prompts = [[t for t, keep in zip(row, kept) if keep] for row, kept in zip(prompts, mask.tolist())]
+        logprobs = torch.stack(watch.logprobs, dim=1).tolist() if watch.logprobs else [[]] * len(sequences)
+        for prompt, generated, done, row_logprobs in zip(prompts, sequences[:, width:].tolist(), watch.first_done,
+                                                         logprobs):
+            used = min(done + 1 if done >= 0 else len(row_logprobs), len(generated))
+            self.rows[tuple(prompt)].append(GeneratedRow(generated, used, row_logprobs[:used]))
         return out
 
     def take(self, prompt: tuple[int, ...], text: str, lm: Any) -> GeneratedRow | None:
@@ -540,27 +541,25 @@ class _StopWatch(StoppingCriteria):
 
     def __init__(self, step: _StepLogProbs, inner: Any, eos_ids: list[int], batch: int):
         self.step, self.inner, self.steps = step, list(inner), 0
-        self.eos = torch.tensor(eos_ids, dtype=torch.long) if eos_ids else None
-        self.first_done = torch.full((batch,), -1, dtype=torch.long)
+        self.eos = frozenset(eos_ids)
+        self.first_done = [-1] * batch  # per row: the step at which it was first done
         self.logprobs: list[torch.Tensor] = []
 
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> Any:
         batch = input_ids.shape[0]
-        token = input_ids[:, -1]
         if self.step.last is not None:
-            self.logprobs.append(self.step.last.gather(1, token[:, None]).squeeze(1).cpu())
-        is_done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        rows = torch.zeros(batch, dtype=torch.bool)
+            self.logprobs.append(self.step.last.gather(1, input_ids[:, -1:]).squeeze(1))
+        answer: Any = False  # what the wrapped criteria answer together
+        rows = [token in self.eos for token in input_ids[:, -1].tolist()]
         for criterion in self.inner:
-            answer = criterion(input_ids, scores, **kwargs)
-            is_done = is_done | answer
+            said = criterion(input_ids, scores, **kwargs)
+            answer = answer | said
             tracker = getattr(criterion, "done_tracker", None)
-            if isinstance(tracker, list) and len(tracker) == batch:
-                rows |= torch.tensor([bool(t) for t in tracker])
-            else:
-                rows |= torch.as_tensor(answer).cpu().bool().expand(batch)
-        if self.eos is not None:
-            rows |= torch.isin(token.cpu(), self.eos)
-        self.first_done[rows & (self.first_done < 0)] = self.steps
+            if not (isinstance(tracker, list) and len(tracker) == batch):
+                tracker = torch.as_tensor(said).cpu().bool().expand(batch).tolist()
+            rows = [done or bool(t) for done, t in zip(rows, tracker)]
+        for r, done in enumerate(rows):
+            if done and self.first_done[r] < 0:
+                self.first_done[r] = self.steps
         self.steps += 1
-        return is_done
+        return answer
