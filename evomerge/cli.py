@@ -188,9 +188,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.verify:
         reproduced = evaluate_folder(RunDir.open(args.run_dir).config(), args.out, limit=record.get("limit"))
         same = reproduced == record["quality"]
-        print(f"re-evaluated: quality {reproduced:.4f} ({'equal to' if same else 'DIFFERS from'} the journal)")
+        print(f"re-evaluated: quality {reproduced:.4f} ({'equal to' if same else 'DIFFERS from'} the journal"
+              f"{'' if same or not _scaled_path(record) else _SCALED_PATH_NOTE})")
         return 0 if same else 1
     return 0
+
+
+_SCALED_PATH_NOTE = ("; a scaled layer path is exported with its scales folded into the layers' output "
+                     "projections, the same function up to the norms' epsilon and rounding: docs/dataflow.md")
+
+
+def _scaled_path(record: dict) -> bool:
+    dataflow = (record.get("recipe") or {}).get("dataflow")
+    return bool(dataflow) and any(float(step[2]) != 1.0 for step in dataflow.get("path", []))
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

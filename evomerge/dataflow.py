@@ -255,7 +255,7 @@ class LayerPath:
         _graft(shell, first, self.where.split("."))
         self.model = shell
         self._layer_types = [getattr(m.config, "layer_types", None) for m in models]
-        self.set_path([])  # drops the shell's own (meta) layers
+        self._install([])  # drops the shell's own (meta) layers
         leftover = [name for name, p in [*shell.named_parameters(), *shell.named_buffers()] if p.is_meta]
         if leftover:
             raise ModelMismatchError(f"{type(first).__name__}: tensor {leftover[0]!r} lies outside the modules "
@@ -264,12 +264,18 @@ class LayerPath:
         shell.eval()
 
     def set_path(self, path: Sequence[Step]) -> torch.nn.Module:
-        """Point the model at `path` (the config follows: num_hidden_layers, layer_types)."""
+        """Point the model at `path` (the config follows: num_hidden_layers, layer_types). An empty
+        path is refused: no model of the architecture has no layers, and none could be exported."""
+        if not path:
+            raise ValueError("dataflow: the path has no layers (no include gene above its threshold)")
         for i, step in enumerate(path):
             if not (0 <= step.model < len(self.layers) and 0 <= step.layer < len(self.layers[step.model])):
                 raise ValueError(f"path[{i}]: no layer {step.layer} in model {step.model}")
             if not (math.isfinite(step.scale)):
                 raise ValueError(f"path[{i}]: scale {step.scale} is not finite")
+        return self._install(path)
+
+    def _install(self, path: Sequence[Step]) -> torch.nn.Module:
         steps = torch.nn.ModuleList(PathLayer(self.layers[s.model][s.layer], i, s.scale) for i, s in enumerate(path))
         owner, _, attr = self.where.rpartition(".")
         setattr(_get(self.model, owner) if owner else self.model, attr, steps)

@@ -11,13 +11,14 @@ draw their masks with evomerge's seeds, so mergekit reproduces them only in dist
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import yaml
@@ -42,18 +43,17 @@ def export(run_dir: str | Path, out: str | Path, trial_id: int | None = None, fo
     record = pick_trial(run, trial_id)
     out = Path(out)
     check_out(out, force)
-    staging = staging_folder(out)
-    write_folder(staging, config, record)
     recipe = Recipe.from_json(record["recipe"])
     policy = recipe.policy
-    if policy is not None:  # the other members (and router models) travel with the export
-        router = policy["kind"] == "router"
-        paths = config.models.by_member_name
-        members = [Path(".") if name == "merged" else copy_member(paths[name], staging / "members", name)
-                   for name in policy["members"]]
-        scorers = [copy_member(path, staging / "members", f"scorer-{i}")
-                   for i, path in enumerate(config.policy.scorers or [])] if router else None
-    move_into(staging, out)
+    with staged(out) as staging:
+        write_folder(staging, config, record)
+        if policy is not None:  # the other members (and router models) travel with the export
+            router = policy["kind"] == "router"
+            paths = config.models.by_member_name
+            members = [Path(".") if name == "merged" else copy_member(paths[name], staging / "members", name)
+                       for name in policy["members"]]
+            scorers = [copy_member(path, staging / "members", f"scorer-{i}")
+                       for i, path in enumerate(config.policy.scorers or [])] if router else None
     if policy is not None:  # written after the move: the folders are final
         from evomerge.policies import save_policy
 
@@ -130,13 +130,20 @@ def check_out(out: Path, force: bool) -> None:
         raise ConfigError(f"--out: {out} exists and is not empty; choose another folder or pass --force")
 
 
-def staging_folder(out: Path) -> Path:
-    """An empty sibling temp folder to write `out` into; `move_into` puts it in place at the end,
-    so a killed command leaves no half-written model where the user expects one."""
+@contextlib.contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """An empty sibling temp folder to write `out` into, put in place (`move_into`) when the block
+    ends and removed when it raises, so neither a failed nor a killed command leaves a half-written
+    model where the user expects one (a killed one leaves the hidden staging folder)."""
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    return staging
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    move_into(staging, out)
 
 
 def move_into(staging: Path, out: Path) -> None:

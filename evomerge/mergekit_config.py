@@ -246,9 +246,12 @@ def _check_fields(entry: dict[str, Any], fields: tuple[str, ...], where: str, so
 
 
 def _layer_range(value: Any, where: str, source: str) -> tuple[int, int]:
+    """[start, stop): an empty range is a passthrough slice of no layers, which still decides where
+    the embeddings (first slice) or the head (last slice) come from (evomerge's layer-path exports
+    write such slices, as mergekit reads them)."""
     if (not isinstance(value, list) or len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
-                                                                  for v in value) or not 0 <= value[0] < value[1]):
-        raise ConfigError(f"{source}: {where}: expected [start, stop] with 0 <= start < stop (got {value!r})")
+                                                                  for v in value) or not 0 <= value[0] <= value[1]):
+        raise ConfigError(f"{source}: {where}: expected [start, stop] with 0 <= start <= stop (got {value!r})")
     return value[0], value[1]
 
 
@@ -271,6 +274,8 @@ def _layer_stack(raw: dict[str, Any], folder: Path, source: str) -> LayerStack:
         where, item = sources[0]
         start, stop = _layer_range(item.get("layer_range"), f"{where}.layer_range", source)
         stack.append(SliceSource(_model_path(item["model"], folder, source, f"{where}.model"), start, stop))
+    if all(s.start == s.stop for s in stack):
+        raise ConfigError(f"{source}: slices: every layer_range is empty; the stack needs at least one layer")
     base = _model_path(raw["base_model"], folder, source, "base_model") if raw.get("base_model") is not None else None
     return LayerStack(source=source, base_model=base, slices=tuple(stack),
                       dtype=_dtype(raw.get("dtype"), source, "dtype"),
@@ -489,7 +494,7 @@ def _gene_value(value: Any, where: str) -> float:
 def run_merge(config_path: str | Path, out: str | Path, *, force: bool = False, seed: int = 0,
               device: str = "cpu") -> Path:
     """Merge (or stack) what a mergekit config describes and write a Hugging Face folder to `out`."""
-    from evomerge.export import check_out, move_into, staging_folder
+    from evomerge.export import check_out, staged
     from evomerge.sources import pick_device
 
     config = read_config(config_path)
@@ -517,12 +522,11 @@ def run_merge(config_path: str | Path, out: str | Path, *, force: bool = False, 
         model = model.to(DTYPES[config.out_dtype])
     model.config.dtype = DTYPES[config.out_dtype or dtype]
 
-    staging = staging_folder(out)
-    model.save_pretrained(staging, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(staging)
-    shutil.copyfile(config_path, staging / "mergekit.yaml")
-    move_into(staging, out)
+    with staged(out) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        shutil.copyfile(config_path, staging / "mergekit.yaml")
     return out
 
 
@@ -530,7 +534,7 @@ def _merge_folders(config: MergekitConfig, models: ModelsConfig, folders: list[F
                    device: torch.device, config_path: str | Path) -> Path:
     """The merge of local safetensors folders, file to file (`evomerge.folders`): every stored
     floating tensor merged into a new tensor, the others taken from the skeleton."""
-    from evomerge.export import move_into, staging_folder
+    from evomerge.export import staged
     from evomerge.merger import Merger
     from evomerge.sources import field_names, source_parameters
 
@@ -554,10 +558,9 @@ def _merge_folders(config: MergekitConfig, models: ModelsConfig, folders: list[F
     out_dtype = DTYPES[config.out_dtype] if config.out_dtype is not None else None
     written = {name: (t.to(out_dtype) if out_dtype is not None and name in floating else t).cpu()
                for name, t in merged.items()}
-    staging = staging_folder(out)
-    write_folder(staging, written, skeleton, _canonical(config.out_dtype or models.dtype), tokenizer)
-    shutil.copyfile(config_path, staging / "mergekit.yaml")
-    move_into(staging, out)
+    with staged(out) as staging:
+        write_folder(staging, written, skeleton, _canonical(config.out_dtype or models.dtype), tokenizer)
+        shutil.copyfile(config_path, staging / "mergekit.yaml")
     return out
 
 

@@ -151,7 +151,8 @@ def format_text(summary: dict[str, Any]) -> str:
     if summary.get("subsample"):
         lines.append(subset_agreement_line(summary["subsample"]))
     lines.append("")
-    header = f"{'':<22}{'trial':>6}{'quality':>9}{'FLOPs/ex':>10}" + "".join(f"{t[:12]:>13}" for t in tasks)
+    # one space before every column, so that wide values (a perplexity in the thousands) stay apart
+    header = f"{'':<22}{'trial':>6} {'quality':>9} {'FLOPs/ex':>9}" + "".join(f" {t[:12]:>12}" for t in tasks)
     lines.append(header)
     rows = [(r["label"], r) for r in summary["references"]]
     if summary["best_evolved"]:
@@ -161,12 +162,12 @@ def format_text(summary: dict[str, Any]) -> str:
             lines.append(f"{name:<22}{row['trial']:>6}   FAILED  {row['error']}")
             continue
         flops = "-" if row.get("flops") is None else f"{row['flops']:.3g}"
-        lines.append(f"{name:<22}{row['trial']:>6}{row['quality']:>9.4f}{flops:>10}"
-                     + "".join(f"{row['metrics'].get(t, float('nan')):>13.4f}" for t in tasks))
-    lines += ["", f"{'generation':>10}{'trials':>8}{'failed':>8}{'best':>9}{'mean':>9}{'best so far':>13}"]
+        lines.append(f"{name:<22}{row['trial']:>6} {row['quality']:>9.4f} {flops:>9}"
+                     + "".join(f" {row['metrics'].get(t, float('nan')):>12.4f}" for t in tasks))
+    lines += ["", f"{'generation':>10} {'trials':>7} {'failed':>7} {'best':>9} {'mean':>9} {'best so far':>12}"]
     for g in summary["generations"]:
-        lines.append(f"{g['generation']:>10}{g['trials']:>8}{g['failed']:>8}{_num(g['best_quality']):>9}"
-                     f"{_num(g['mean_quality']):>9}{_num(g['best_so_far']):>13}")
+        lines.append(f"{g['generation']:>10} {g['trials']:>7} {g['failed']:>7} {_num(g['best_quality']):>9}"
+                     f" {_num(g['mean_quality']):>9} {_num(g['best_so_far']):>12}")
     if summary["pareto"]:
         lines += ["", f"Pareto front (quality up, FLOPs per example down), hypervolume {summary['hypervolume']:.4g}:"]
         points: dict[tuple[float, float], list[int]] = {}  # trials with the same point shown once

@@ -14,7 +14,8 @@ import yaml
 
 from conftest import REPO, write_config
 from evomerge.config import load_config, validate
-from evomerge.dataflow import DataflowLayout, LayerPath, Step, layer_list_path, materialize, passthrough_yaml
+from evomerge.dataflow import (DataflowLayout, LayerPath, Step, layer_list_path, materialize, passthrough_yaml,
+                               path_of)
 from evomerge.errors import ConfigError
 from evomerge.flops import CostModel
 from evomerge.genome import ALL, GenomeLayout, Recipe
@@ -77,6 +78,18 @@ def test_the_path_follows_the_sources_weights_in_place() -> None:
         if ".layers." not in name:
             param.mul_(1.5)
     assert not torch.equal(model(IDS).logits, before)
+
+
+def test_an_empty_path_is_refused_and_the_model_keeps_its_path() -> None:
+    """A genome with no include gene above its threshold decodes to no layers: the worker's
+    `set_path` refuses it (the candidate fails, named), since no such model could be exported."""
+    flow = LayerPath([llama(0), llama(1)])
+    model = flow.set_path([Step(1, 0)])
+    with pytest.raises(ValueError, match="dataflow: the path has no layers"):
+        flow.set_path([])
+    assert flow.path == [Step(1, 0)] and model.config.num_hidden_layers == 1
+    layout = DataflowLayout(("a", "b"), (LAYERS, LAYERS), 1, None, Recipe("linear", "global", LAYERS, {}))
+    assert path_of(layout.decode(np.zeros(layout.size)).dataflow) == []
 
 
 @torch.no_grad()
@@ -220,8 +233,12 @@ def test_passthrough_yaml_only_for_unscaled_paths_of_folders() -> None:
 
 @pytest.mark.slow
 @torch.no_grad()
-def test_mergekit_builds_the_same_model_from_the_passthrough_yaml(zoo, tmp_path: Path) -> None:
+def test_mergekit_and_evomerge_merge_build_the_same_model_from_the_passthrough_yaml(zoo, tmp_path: Path) -> None:
+    """The export's passthrough YAML (empty slices of the first model pin embeddings and head)
+    gives the materialised path with mergekit-yaml and with `evomerge merge`."""
     from transformers import AutoModelForCausalLM
+
+    from evomerge.mergekit_config import run_merge
 
     folders = [str(zoo["base"]), str(zoo[[n for n in zoo if n != "base"][0]])]
     models = [AutoModelForCausalLM.from_pretrained(f).eval() for f in folders]
@@ -231,10 +248,12 @@ def test_mergekit_builds_the_same_model_from_the_passthrough_yaml(zoo, tmp_path:
     tool = Path(sys.executable).with_name("mergekit-yaml")
     done = subprocess.run([str(tool), str(tmp_path / "m.yaml"), str(tmp_path / "out")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
     ours = materialize(flow).state_dict()
-    assert set(theirs) == set(ours)
-    assert all(torch.equal(theirs[name], ours[name]) for name in ours)
+    run_merge(tmp_path / "m.yaml", tmp_path / "evomerge-out")
+    for out in ("out", "evomerge-out"):
+        theirs = AutoModelForCausalLM.from_pretrained(tmp_path / out).state_dict()
+        assert set(theirs) == set(ours), out
+        assert all(torch.equal(theirs[name], ours[name]) for name in ours), out
 
 
 # --------------------------------------------------------------------------- config
