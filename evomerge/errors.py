@@ -27,3 +27,7 @@ class EvalError(EvomergeError):
 
 class ClusterLostError(EvomergeError):
     """The Ray cluster the workers ran on disappeared; the run is kept and can be resumed."""
+
+
+class WorkerStartError(EvomergeError):
+    """A worker could not start (its models or tasks failed to load): nothing can run until fixed."""

@@ -65,10 +65,11 @@ def task_manager(eval_config: EvalConfig):
 def task_spec(manager: Any, name: str) -> str | dict[str, Any]:
     """A task name, or for a local task with relative `data_files`, its config with those paths
     made absolute against the task YAML's folder (lm-eval resolves them against the working
-    directory, so a task folder would work only when run from inside it)."""
+    directory, so a task folder would work only when run from inside it). A group is named as it
+    is: lm-eval passes a group config's own fields down to its tasks, so it cannot be rewritten."""
     entry = manager.task_index.get(name)
     config, yaml_path = getattr(entry, "cfg", None), getattr(entry, "yaml_path", None)
-    if not isinstance(config, dict) or yaml_path is None or "include" in config:
+    if not isinstance(config, dict) or yaml_path is None or "include" in config or entry_kind(entry) == "group":
         return name
     files = config.get("dataset_kwargs", {}).get("data_files")
     if not files:
@@ -77,6 +78,34 @@ def task_spec(manager: Any, name: str) -> str | dict[str, Any]:
     config = _loaded_config(yaml_path)
     config["dataset_kwargs"]["data_files"] = _absolute(files, Path(yaml_path).parent)
     return config
+
+
+def entry_kind(entry: Any) -> str | None:
+    """"task", "group", "tag", ... of a TaskManager index entry (an object in newer lm-eval 0.4
+    releases, a dict with "type" in older ones)."""
+    kind = getattr(entry, "kind", None)
+    if kind is not None:
+        return str(getattr(kind, "name", kind)).lower()
+    return str(entry.get("type")).lower() if isinstance(entry, dict) and entry.get("type") else None
+
+
+def check_tasks(eval_config: EvalConfig) -> None:
+    """Load the configured tasks as a worker will, before any worker starts, so that a missing
+    data file or a bad task YAML is one line naming the task (a worker that cannot load them
+    cannot start). Refuses tags: lm-eval reports no score for a tag, only for its tasks."""
+    manager = task_manager(eval_config)
+    for task in eval_config.tasks:
+        if entry_kind(manager.task_index.get(task.name)) == "tag":
+            raise EvalError(f"eval.tasks.{task.name}: an lm-eval tag, which has no score of its own; name its "
+                            f"tasks, or a group with an aggregate_metric_list")
+        try:
+            manager.load([task_spec(manager, task.name)])
+        except Exception as exc:  # noqa: BLE001 - whatever lm-eval or datasets raise, named by task
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
+            hint = ("; the data_files of a group's tasks resolve against the working directory (lm-eval's rule): "
+                    "give absolute paths there, or name the tasks themselves"
+                    if entry_kind(manager.task_index.get(task.name)) == "group" else "")
+            raise EvalError(f"eval.tasks.{task.name}: lm-eval could not load it: {reason}{hint}") from None
 
 
 def _loaded_config(yaml_path: Any) -> dict[str, Any]:

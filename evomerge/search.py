@@ -37,6 +37,7 @@ from evomerge.genome import GenomeLayout, Recipe, reference_recipes
 from evomerge.racing import race
 from evomerge.report import summarize
 from evomerge.run_dir import JOURNAL, SUBSAMPLE, Checkpoint, RunDir, write_atomic
+from evomerge.evaluate import check_tasks
 from evomerge.sources import check_sources
 from evomerge.strategies import make_strategy
 from evomerge.trial import Trial, TrialResult, record, result_from_record
@@ -55,8 +56,10 @@ class Pool(Protocol):
 
 
 def genome_layout(config: RunConfig) -> GenomeLayout | DataflowLayout:
-    """Check the sources can be merged (before any worker starts) and lay out the first stage's genome."""
+    """Check the sources can be merged and the tasks load (before any worker starts) and lay out
+    the first stage's genome."""
     sources = check_sources(config.models)
+    check_tasks(config.eval)
     if config.stages[0] == "dfs":
         base = replace(reference_recipes(len(config.models.experts), sources.num_layers)[0], label=None)
         return dataflow_layout(config, sources.num_layers, base)

@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 
 from evomerge.config import RunConfig, WorkersConfig
-from evomerge.errors import ClusterLostError
+from evomerge.errors import ClusterLostError, WorkerStartError
 from evomerge.evaluate import Evaluator, quality
 from evomerge.merger import load_merge_target
 from evomerge.sources import load_model, load_tokenizer, pick_device, spread_over_gpus
@@ -125,6 +125,12 @@ def build_layer_path(config: RunConfig, merged: torch.nn.Module, loaded: dict[st
     return LayerPath(models, names)
 
 
+def root_cause(exc: BaseException) -> str:
+    """The last line of a Ray error's text: the exception the remote code raised."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:500]
+
+
 def _ray_node() -> str:
     """`/node-id-prefix` inside a Ray worker (several nodes may share a host), else empty."""
     import ray
@@ -220,6 +226,9 @@ class WorkerPool:
             try:
                 result = ray.get(ref)
             except RayError as exc:
+                if getattr(exc, "actor_init_failed", False):  # the same start would fail again, on every worker
+                    raise WorkerStartError(f"workers: a worker could not start: {root_cause(exc)}; "
+                                           f"finished trials are journaled: `evomerge resume` once fixed") from None
                 time.sleep(SETTLE_S)  # a head going down takes its workers first: let it finish
                 self._check_cluster()
                 reason = (str(exc).strip().splitlines() or [""])[0][:300]

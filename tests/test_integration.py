@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import write_config
+from conftest import REPO, write_config
 from evomerge.cli import main
 from evomerge.config import load_config
 from evomerge.genome import POLICY_KINDS
@@ -125,6 +125,28 @@ def test_nsga2_uses_the_same_workers_and_journal(finished_run, zoo, ray_cluster,
     assert [r["genome"] for r in candidates] != [r["genome"] for r in cma if r["label"] is None]
     assert summary["tasks"] == cma_summary["tasks"] and summary["pareto"] and summary["hypervolume"] > 0
     assert RunDir.open(tmp_path / "nsga2").load_checkpoint().generation == 2
+
+
+def test_a_worker_that_cannot_start_stops_the_run_with_the_reason(zoo, ray_cluster, tmp_path) -> None:
+    """A worker whose tasks cannot load (here a data file gone after the driver's check) fails in
+    its creation: not a lost worker to retry on every trial, but one error naming the cause."""
+    from evomerge.errors import WorkerStartError
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "gone_add.yaml").write_text((REPO / "evals" / "demo" / "demo_add.yaml").read_text()
+                                         .replace("task: demo_add", "task: gone_add")
+                                         .replace("test: demo_add.jsonl", f"test: {tasks / 'gone.jsonl'}"))
+    config = load_config(write_config(tmp_path, zoo, workers={"count": 1},
+                                      eval={"include_path": str(tasks), "tasks": [{"name": "gone_add",
+                                                                                     "metric": "exact_match"}]}))
+    recipe = Recipe("linear", "global", 2, {"all": {"weight": [1.0] + [0.0] * (len(config.models.experts) - 1)}})
+    pool = WorkerPool(config)
+    try:
+        with pytest.raises(WorkerStartError, match=r"workers: a worker could not start: .*gone\.jsonl"):
+            list(pool.run([Trial(0, 0, recipe)]))
+    finally:
+        pool.close()
 
 
 def test_failures_come_back_as_data_through_ray(zoo, ray_cluster, tmp_path) -> None:

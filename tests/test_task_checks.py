@@ -1,0 +1,68 @@
+"""The configured tasks are loaded once in the driver before any worker starts: what cannot load
+is one line naming the task (a worker that cannot load its tasks cannot start)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from evomerge.config import EvalConfig
+from evomerge.errors import EvalError
+from evomerge.evaluate import check_tasks
+
+MC = {"dataset_path": "json", "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{q}}",
+      "doc_to_choice": "{{choices}}", "doc_to_target": "{{label}}", "metric_list": [{"metric": "acc"}]}
+
+
+def tasks_folder(folder: Path, data: str = "mc.jsonl") -> Path:
+    """Two multiple-choice tasks sharing a tag, a group of both, and their data (relative paths)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "mc.jsonl").write_text("".join(json.dumps({"q": f"{i}+1=", "choices": [str(i + 1), "0"], "label": 0})
+                                             + "\n" for i in range(4)))
+    for name in ("mc_a", "mc_b"):
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(
+            {"task": name, "tag": "mc_tag", **MC, "dataset_kwargs": {"data_files": {"test": data}}}))
+    (folder / "mc_group.yaml").write_text(yaml.safe_dump(
+        {"group": "mc_group", "task": ["mc_a", "mc_b"],
+         "aggregate_metric_list": [{"metric": "acc", "aggregation": "mean", "weight_by_size": True}]}))
+    return folder
+
+
+def config(folder: Path, *names: str) -> EvalConfig:
+    return EvalConfig(include_path=[str(folder)], tasks=[{"name": n, "metric": "acc"} for n in names])
+
+
+def test_tasks_named_directly_load_from_any_working_directory(tmp_path, monkeypatch) -> None:
+    folder = tasks_folder(tmp_path / "tasks")
+    monkeypatch.chdir(tmp_path)
+    check_tasks(config(folder, "mc_a", "mc_b"))
+
+
+def test_a_tag_is_refused_with_what_to_name_instead(tmp_path) -> None:
+    with pytest.raises(EvalError, match="eval.tasks.mc_tag: an lm-eval tag, which has no score of its own"):
+        check_tasks(config(tasks_folder(tmp_path), "mc_a", "mc_tag"))
+
+
+def test_a_missing_data_file_names_the_task_and_the_file(tmp_path) -> None:
+    folder = tasks_folder(tmp_path, data="gone.jsonl")
+    with pytest.raises(EvalError, match=r"eval.tasks.mc_a: lm-eval could not load it: .*gone.jsonl") as caught:
+        check_tasks(config(folder, "mc_a"))
+    assert "\n" not in str(caught.value)
+
+
+def test_a_group_loads_with_absolute_data_files_and_says_why_not_with_relative_ones(tmp_path, monkeypatch) -> None:
+    relative = tasks_folder(tmp_path / "rel")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(EvalError, match="eval.tasks.mc_group: lm-eval could not load it: .*give absolute paths there"):
+        check_tasks(config(relative, "mc_group"))
+    absolute = tmp_path / "abs"
+    tasks_folder(absolute, data=str(absolute / "mc.jsonl"))
+    check_tasks(config(absolute, "mc_group"))
+
+
+def test_an_unknown_task_is_named(tmp_path) -> None:
+    with pytest.raises(EvalError, match="unknown lm-eval task.*nosuchtask"):
+        check_tasks(config(tasks_folder(tmp_path), "nosuchtask"))
