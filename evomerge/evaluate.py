@@ -99,13 +99,29 @@ def check_tasks(eval_config: EvalConfig) -> None:
             raise EvalError(f"eval.tasks.{task.name}: an lm-eval tag, which has no score of its own; name its "
                             f"tasks, or a group with an aggregate_metric_list")
         try:
-            manager.load([task_spec(manager, task.name)])
+            loaded = manager.load([task_spec(manager, task.name)])
         except Exception as exc:  # noqa: BLE001 - whatever lm-eval or datasets raise, named by task
             reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
             hint = ("; the data_files of a group's tasks resolve against the working directory (lm-eval's rule): "
                     "give absolute paths there, or name the tasks themselves"
                     if entry_kind(manager.task_index.get(task.name)) == "group" else "")
             raise EvalError(f"eval.tasks.{task.name}: lm-eval could not load it: {reason}{hint}") from None
+        leaf = loaded["tasks"].get(task.name)
+        if leaf is not None:
+            _check_metric(task, leaf.config)
+
+
+def _check_metric(task: TaskSpec, config: Any) -> None:
+    """The configured metric and filter among those a task's YAML lists (when it lists them: the
+    defaults of an output type are lm-eval's to know)."""
+    metrics = [m.get("metric") for m in getattr(config, "metric_list", None) or [] if isinstance(m, dict)]
+    if metrics and all(isinstance(m, str) for m in metrics) and task.metric not in metrics:
+        raise EvalError(f"eval.tasks.{task.name}.metric: {task.metric!r} is not among the task's metrics: "
+                        f"{', '.join(metrics)}")
+    filters = [f.get("name") for f in getattr(config, "filter_list", None) or [] if isinstance(f, dict)]
+    if filters and task.filter not in filters:
+        raise EvalError(f"eval.tasks.{task.name}.filter: {task.filter!r} is not among the task's filters: "
+                        f"{', '.join(map(str, filters))}")
 
 
 def _loaded_config(yaml_path: Any) -> dict[str, Any]:
@@ -293,6 +309,9 @@ def read_score(results: dict[str, Any], task: TaskSpec) -> TaskScore:
     key = f"{task.metric},{task.filter}"
     if key not in per_task:
         available = sorted(k for k in per_task if "," in k and not k.split(",")[0].endswith("_stderr"))
+        if not available:  # a group without aggregate_metric_list
+            raise EvalError(f"eval.tasks.{task.name}: lm-eval reports no metric for it (a group scores only with an "
+                            f"aggregate_metric_list); name its tasks, or give it one")
         raise EvalError(f"eval.tasks.{task.name}.metric: {key!r} not reported; lm-eval reports: {', '.join(available)}")
     value = float(per_task[key])
     if not math.isfinite(value):

@@ -66,3 +66,23 @@ def test_a_group_loads_with_absolute_data_files_and_says_why_not_with_relative_o
 def test_an_unknown_task_is_named(tmp_path) -> None:
     with pytest.raises(EvalError, match="unknown lm-eval task.*nosuchtask"):
         check_tasks(config(tasks_folder(tmp_path), "nosuchtask"))
+
+
+def test_a_metric_or_filter_the_task_does_not_list_is_named_before_any_worker_starts(tmp_path) -> None:
+    folder = tasks_folder(tmp_path)
+    with pytest.raises(EvalError, match="eval.tasks.mc_a.metric: 'f1' is not among the task's metrics: acc"):
+        check_tasks(EvalConfig(include_path=[str(folder)], tasks=[{"name": "mc_a", "metric": "f1"}]))
+    filtered = EvalConfig(include_path=[str(folder)], tasks=[{"name": "mc_a", "metric": "acc", "filter": "digits"}])
+    check_tasks(EvalConfig(include_path=[str(folder)], tasks=[{"name": "mc_a", "metric": "acc"}]))
+    (folder / "mc_a.yaml").write_text((folder / "mc_a.yaml").read_text() + yaml.safe_dump(
+        {"filter_list": [{"name": "first", "filter": [{"function": "take_first"}]}]}))
+    with pytest.raises(EvalError, match="eval.tasks.mc_a.filter: 'digits' is not among the task's filters: first"):
+        check_tasks(filtered)
+
+
+def test_a_group_without_aggregation_says_so() -> None:
+    from evomerge.config import TaskSpec
+    from evomerge.evaluate import read_score
+
+    with pytest.raises(EvalError, match="eval.tasks.g: lm-eval reports no metric for it"):
+        read_score({"results": {"g": {"alias": "g", " ": " "}}}, TaskSpec(name="g", metric="acc"))
