@@ -33,11 +33,11 @@ from tqdm import tqdm
 from evomerge.config import DEFAULT_BOUNDS, RunConfig, SearchConfig
 from evomerge.dataflow import DataflowLayout
 from evomerge.errors import EvalError, ResumeError
+from evomerge.evaluate import check_tasks
 from evomerge.genome import GenomeLayout, Recipe, reference_recipes
 from evomerge.racing import race
 from evomerge.report import summarize
 from evomerge.run_dir import JOURNAL, SUBSAMPLE, Checkpoint, RunDir, write_atomic
-from evomerge.evaluate import check_tasks
 from evomerge.sources import check_sources
 from evomerge.strategies import make_strategy
 from evomerge.trial import Trial, TrialResult, record, result_from_record
