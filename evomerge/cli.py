@@ -199,8 +199,10 @@ _SCALED_PATH_NOTE = ("; a scaled layer path is exported with its scales folded i
 
 
 def _scaled_path(record: dict) -> bool:
+    from evomerge.dataflow import path_of
+
     dataflow = (record.get("recipe") or {}).get("dataflow")
-    return bool(dataflow) and any(float(step[2]) != 1.0 for step in dataflow.get("path", []))
+    return bool(dataflow) and any(step.scale != 1.0 for step in path_of(dataflow))
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

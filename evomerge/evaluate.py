@@ -95,7 +95,8 @@ def check_tasks(eval_config: EvalConfig) -> None:
     cannot start). Refuses tags: lm-eval reports no score for a tag, only for its tasks."""
     manager = task_manager(eval_config)
     for task in eval_config.tasks:
-        if entry_kind(manager.task_index.get(task.name)) == "tag":
+        kind = entry_kind(manager.task_index.get(task.name))
+        if kind == "tag":
             raise EvalError(f"eval.tasks.{task.name}: an lm-eval tag, which has no score of its own; name its "
                             f"tasks, or a group with an aggregate_metric_list")
         try:
@@ -104,7 +105,7 @@ def check_tasks(eval_config: EvalConfig) -> None:
             reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
             hint = ("; the data_files of a group's tasks resolve against the working directory (lm-eval's rule): "
                     "give absolute paths there, or name the tasks themselves"
-                    if entry_kind(manager.task_index.get(task.name)) == "group" else "")
+                    if kind == "group" else "")
             raise EvalError(f"eval.tasks.{task.name}: lm-eval could not load it: {reason}{hint}") from None
         leaf = loaded["tasks"].get(task.name)
         if leaf is not None:
