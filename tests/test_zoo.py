@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evomerge import zoo as Z
+from evomerge.zoo import demo as Z
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_TASKS = REPO / "evals" / "demo"
