@@ -11,31 +11,52 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import ConfigError
+from evomerge.merge import METHODS, get_method
+from evomerge.merge.registry import GENES
+from evomerge.policies import POLICIES
 
-MERGE_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "breadcrumbs",
-                 "breadcrumbs_ties", "della", "della_linear", "model_stock", "nuslerp", "multislerp", "passthrough")
-MergeMethodName = Literal["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "breadcrumbs",
-                          "breadcrumbs_ties", "della", "della_linear", "model_stock", "nuslerp", "multislerp",
-                          "passthrough"]
 MODULE_KINDS = ("attention", "mlp", "norm", "embed")
 DTYPES = ("float32", "bfloat16", "float16")
-DEFAULT_BOUNDS = {"weight": (0.0, 1.5), "density": (0.1, 1.0), "t": (0.0, 1.0), "gamma": (0.0, 0.1),
-                  "epsilon": (0.0, 0.3), "scale": (0.5, 1.5)}
-# Fixed values of the extra genes when they do not evolve (mergekit's defaults), and their methods.
-EXTRA_GENES = {"gamma": (0.01, ("breadcrumbs", "breadcrumbs_ties")), "epsilon": (0.15, ("della", "della_linear"))}
-# (fewest, most) experts per method where it is not (1, any).
-EXPERT_COUNTS = {"slerp": (1, 1), "passthrough": (1, 1), "nuslerp": (2, 2), "model_stock": (2, None)}
+NO_POLICY = "none"  # policy.kind of a candidate served by its merged model alone
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Bounded(_Frozen):
+    """A block whose genes have search bounds: `bounds` overrides `DEFAULT_BOUNDS` gene by gene, each
+    [low, high] with finite low < high and the gene's own rule (`_gene_bounds`)."""
+
+    DEFAULT_BOUNDS: ClassVar[dict[str, tuple[float, float]]] = {}
+
+    @field_validator("bounds", check_fields=False)
+    @classmethod
+    def _bounds(cls, value: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        for gene, (low, high) in value.items():
+            if gene not in cls.DEFAULT_BOUNDS:
+                raise ValueError(f"{gene}: unknown gene; expected one of: {', '.join(cls.DEFAULT_BOUNDS)}")
+            if not (math.isfinite(low) and math.isfinite(high) and low < high):
+                raise ValueError(f"{gene}: expected [low, high] with finite low < high (got [{low}, {high}])")
+            problem = cls._gene_bounds(gene, low, high)
+            if problem:
+                raise ValueError(f"{gene}: {problem} (got [{low}, {high}])")
+        return value
+
+    @classmethod
+    def _gene_bounds(cls, gene: str, low: float, high: float) -> str | None:
+        """What is wrong with finite bounds low < high of `gene`, or None."""
+        return None
+
+    def bound(self, gene: str) -> tuple[float, float]:
+        return tuple(self.bounds.get(gene, self.DEFAULT_BOUNDS[gene]))  # type: ignore[attr-defined, return-value]
 
 
 class ModelsConfig(_Frozen):
@@ -57,7 +78,7 @@ class ModelsConfig(_Frozen):
         return {"base": self.base, **{f"expert:{i}": path for i, path in enumerate(self.experts)}}
 
 
-class MergeConfig(_Frozen):
+class MergeConfig(_Bounded):
     """How candidates are merged and which genes the search evolves.
 
     `modules` splits every group into one group per listed module kind (attention, mlp, norm,
@@ -67,10 +88,11 @@ class MergeConfig(_Frozen):
     evolve within `bounds` when set to `evolve`.
     """
 
-    method: MergeMethodName = "task_arithmetic"
+    DEFAULT_BOUNDS: ClassVar[dict[str, tuple[float, float]]] = {name: spec.bounds for name, spec in GENES.items()}
+
+    method: str = "task_arithmetic"  # a registered merge method (evomerge.merge.METHODS)
     granularity: str = "layer"
-    bounds: dict[Literal["weight", "density", "t", "gamma", "epsilon", "scale"], tuple[float, float]] = Field(
-        default_factory=dict)
+    bounds: dict[str, tuple[float, float]] = Field(default_factory=dict)
     modules: list[Literal["attention", "mlp", "norm", "embed"]] | None = Field(default=None, min_length=1)
     smooth: int | None = Field(default=None, ge=2)
     gamma: float | Literal["evolve"] | None = None
@@ -86,19 +108,21 @@ class MergeConfig(_Frozen):
             return value
         raise ValueError(f"expected one of: global, layer, block:N with N >= 1 (got {value!r})")
 
-    @field_validator("bounds")
+    @field_validator("method")
     @classmethod
-    def _bounds(cls, value: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
-        for gene, (low, high) in value.items():
-            if not (math.isfinite(low) and math.isfinite(high) and low < high):
-                raise ValueError(f"{gene}: expected [low, high] with finite low < high (got [{low}, {high}])")
-            if gene in ("density", "t", "gamma") and not (0.0 <= low and high <= 1.0):
-                raise ValueError(f"{gene}: expected bounds within [0, 1] (got [{low}, {high}])")
-            if gene == "epsilon" and not (0.0 <= low and high < 0.5):
-                raise ValueError(f"epsilon: expected bounds within [0, 0.5) (got [{low}, {high}])")
-            if gene == "density" and low <= 0.0:
-                raise ValueError(f"density: expected low > 0 (got {low})")
+    def _method(cls, value: str) -> str:
+        if value not in METHODS:
+            raise ValueError(f"unknown merge method {value!r}; expected one of: {', '.join(METHODS)}")
         return value
+
+    @classmethod
+    def _gene_bounds(cls, gene: str, low: float, high: float) -> str | None:
+        valid_low, valid_high, closed = GENES[gene].valid
+        if not (valid_low <= low and (high <= valid_high if closed else high < valid_high)):
+            return f"expected bounds within {GENES[gene].describe_valid()}"
+        if gene == "density" and low <= 0.0:
+            return "expected low > 0"
+        return None
 
     @field_validator("gamma", "epsilon", mode="before")
     @classmethod
@@ -116,31 +140,29 @@ class MergeConfig(_Frozen):
 
     @model_validator(mode="after")
     def _options_fit_method(self) -> MergeConfig:
-        for gene, (_, methods) in EXTRA_GENES.items():
+        if self.method not in METHODS:  # reported by _method
+            return self
+        for gene in ("gamma", "epsilon"):
             value = getattr(self, gene)
-            if value is not None and self.method not in methods:
-                raise ValueError(f"{gene}: only {' and '.join(methods)} use {gene} (merge.method is {self.method})")
-            if isinstance(value, float) and not (0.0 <= value <= 1.0 if gene == "gamma" else 0.0 <= value < 0.5):
-                raise ValueError(f"{gene}: expected a value in " + ("[0, 1]" if gene == "gamma" else "[0, 0.5)")
-                                 + f" or 'evolve' (got {value})")
+            users = [m.name for m in METHODS.values() if gene in m.fixed]
+            if value is not None and gene not in get_method(self.method).fixed:
+                raise ValueError(f"{gene}: only {' and '.join(users)} use {gene} (merge.method is {self.method})")
+            if isinstance(value, float) and not GENES[gene].accepts(value):
+                raise ValueError(f"{gene}: expected a value in {GENES[gene].describe_valid()} or 'evolve' "
+                                 f"(got {value})")
         if self.smooth is not None and self.granularity == "global":
             raise ValueError("smooth: interpolates across layer groups; set merge.granularity to layer or block:N "
                              "(got global)")
         return self
 
-    def bound(self, gene: str) -> tuple[float, float]:
-        return tuple(self.bounds.get(gene, DEFAULT_BOUNDS[gene]))  # type: ignore[return-value]
-
     def fixed_genes(self) -> dict[str, float]:
-        """Values of this method's extra genes that do not evolve (gamma, epsilon), by name."""
-        return {gene: (default if getattr(self, gene) is None else getattr(self, gene))
-                for gene, (default, methods) in EXTRA_GENES.items()
-                if self.method in methods and getattr(self, gene) != "evolve"}
+        """Values of this method's fixed genes that do not evolve (gamma, epsilon), by name."""
+        return {gene: (GENES[gene].default if getattr(self, gene) is None else getattr(self, gene))
+                for gene in get_method(self.method).fixed if getattr(self, gene) != "evolve"}
 
     def evolved_extra_genes(self) -> tuple[str, ...]:
-        """This method's extra genes that evolve (set to `evolve`)."""
-        return tuple(gene for gene, (_, methods) in EXTRA_GENES.items()
-                     if self.method in methods and getattr(self, gene) == "evolve")
+        """This method's fixed genes that evolve after all (set to `evolve`)."""
+        return tuple(gene for gene in get_method(self.method).fixed if getattr(self, gene) == "evolve")
 
     @property
     def block_size(self) -> int | None:
@@ -251,10 +273,7 @@ class SearchConfig(_Frozen):
         return self
 
 
-POLICY_DEFAULT_BOUNDS = {"k": (1, 16), "threshold": (-3.0, 0.0), "margin": (0.0, 5.0)}
-
-
-class PolicyConfig(_Frozen):
+class PolicyConfig(_Bounded):
     """How a candidate serves requests: its merged model alone, or a policy over members.
 
     Members are `merged` (the candidate's merge), `base` and `expert:I` (a source model).
@@ -265,13 +284,28 @@ class PolicyConfig(_Frozen):
     multiple choice, the margin between the best two choices).
     """
 
-    kind: Literal["none", "blend", "prefix_router", "cascade"] = "none"
+    kind: str = NO_POLICY  # NO_POLICY or a policy class's kind (evomerge.policies.POLICIES)
     members: list[str] = Field(default_factory=lambda: ["merged"], min_length=1)
-    k: int | None = Field(default=None, ge=0)  # prefix_router: fixed prefix length (0: no routing); None: a gene
-    # prefix_router: one small router model per member (folder or Hugging Face id) that scores
-    # prompts in its place; None: each member scores with its own model.
+    k: int | None = Field(default=None, ge=0)  # the prefix router's fixed prefix length (0: no routing); None: a gene
+    # a policy that takes router models: one small model per member (folder or Hugging Face id)
+    # that scores prompts in its place; None: each member scores with its own model.
     scorers: list[str] | None = None
-    bounds: dict[Literal["k", "threshold", "margin"], tuple[float, float]] = Field(default_factory=dict)
+    bounds: dict[str, tuple[float, float]] = Field(default_factory=dict)
+
+    DEFAULT_BOUNDS: ClassVar[dict[str, tuple[float, float]]] = {
+        "k": (1, 16), "threshold": (-3.0, 0.0), "margin": (0.0, 5.0)}
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, value: str) -> str:
+        if value != NO_POLICY and value not in POLICIES:
+            raise ValueError(f"expected one of: {', '.join((NO_POLICY, *POLICIES))} (got {value!r})")
+        return value
+
+    @property
+    def routes(self) -> bool:
+        """Whether candidates serve through a policy (else the merged model alone)."""
+        return self.kind != NO_POLICY
 
     @field_validator("members")
     @classmethod
@@ -285,30 +319,24 @@ class PolicyConfig(_Frozen):
 
     @model_validator(mode="after")
     def _kind_fits_members(self) -> PolicyConfig:
-        if self.kind == "none" and self.members != ["merged"]:
+        if not self.routes and self.members != ["merged"]:
             raise ValueError("members: kind none serves the merged model alone; set policy.kind to route")
-        if self.kind != "none" and len(self.members) < 2:
+        if self.routes and len(self.members) < 2:
             raise ValueError(f"members: a {self.kind} policy needs two or more members")
         if self.scorers is not None:
-            if self.kind != "prefix_router":
-                raise ValueError(f"scorers: only a prefix_router has scorers (kind is {self.kind})")
+            if not self.routes or not POLICIES[self.kind].takes_scorers:
+                users = " or ".join(kind for kind, cls in POLICIES.items() if cls.takes_scorers)
+                raise ValueError(f"scorers: only a {users} has scorers (kind is {self.kind})")
             if len(self.scorers) != len(self.members):
                 raise ValueError(f"scorers: expected one per member ({len(self.members)}), got {len(self.scorers)}")
-        for gene, (low, high) in self.bounds.items():
-            if not (math.isfinite(low) and math.isfinite(high) and low < high):
-                raise ValueError(f"bounds.{gene}: expected [low, high] with finite low < high (got [{low}, {high}])")
-            if gene == "k" and low < 0:
-                raise ValueError(f"bounds.k: expected a prefix length of 0 or more (got [{low}, {high}])")
         return self
 
-    def bound(self, gene: str) -> tuple[float, float]:
-        return tuple(self.bounds.get(gene, POLICY_DEFAULT_BOUNDS[gene]))  # type: ignore[return-value]
+    @classmethod
+    def _gene_bounds(cls, gene: str, low: float, high: float) -> str | None:
+        return "expected a prefix length of 0 or more" if gene == "k" and low < 0 else None
 
 
-MOE_DEFAULT_BOUNDS = {"experts_per_token": (1, 2), "temperature": (0.25, 4.0)}
-
-
-class MoeConfig(_Frozen):
+class MoeConfig(_Bounded):
     """Upcycle each candidate into a mixture of experts (evomerge/moe.py): attention, norms and
     embeddings from `attention` (`base`, or `merged`: the candidate's merge, whose genes then
     evolve too), one MLP expert per `models.experts` entry, routers from `gate_mode`.
@@ -319,13 +347,12 @@ class MoeConfig(_Frozen):
     gate_mode: Literal["hidden", "cheap_embed", "random"] = "hidden"
     prompts: list[list[str]] = Field(default_factory=list)  # positive prompts, one list per expert
     experts_per_token: int | None = Field(default=2, ge=1)  # None: a gene within bounds.experts_per_token
-    bounds: dict[Literal["experts_per_token", "temperature"], tuple[float, float]] = Field(default_factory=dict)
+    bounds: dict[str, tuple[float, float]] = Field(default_factory=dict)
+
+    DEFAULT_BOUNDS: ClassVar[dict[str, tuple[float, float]]] = {"experts_per_token": (1, 2), "temperature": (0.25, 4.0)}
 
     @model_validator(mode="after")
     def _fields_agree(self) -> MoeConfig:
-        for gene, (low, high) in self.bounds.items():
-            if not (math.isfinite(low) and math.isfinite(high) and low < high):
-                raise ValueError(f"bounds.{gene}: expected [low, high] with finite low < high (got [{low}, {high}])")
         low, high = self.bound("temperature")
         if low <= 0:
             raise ValueError(f"bounds.temperature: expected low > 0 (got {low})")
@@ -334,14 +361,8 @@ class MoeConfig(_Frozen):
             raise ValueError(f"bounds.experts_per_token: expected whole numbers >= 1 (got [{low}, {high}])")
         return self
 
-    def bound(self, gene: str) -> tuple[float, float]:
-        return tuple(self.bounds.get(gene, MOE_DEFAULT_BOUNDS[gene]))  # type: ignore[return-value]
 
-
-DATAFLOW_DEFAULT_BOUNDS = {"scale": (0.5, 1.5)}
-
-
-class DataflowConfig(_Frozen):
+class DataflowConfig(_Bounded):
     """The data-flow space (evomerge/dataflow.py, Sakana AI arXiv 2403.13187): a path through the
     decoder layers of `models` (members `merged`, `base`, `expert:I`; the first gives embeddings,
     final norm and head), `repeats` passes over all their layers, one include gene per slot and,
@@ -355,7 +376,9 @@ class DataflowConfig(_Frozen):
     start: Literal["first", "none"] = "first"
     generations: int | None = Field(default=None, ge=1)  # None: search.generations
     population: int | None = Field(default=None, ge=2)  # None: search.population
-    bounds: dict[Literal["scale"], tuple[float, float]] = Field(default_factory=dict)
+    bounds: dict[str, tuple[float, float]] = Field(default_factory=dict)
+
+    DEFAULT_BOUNDS: ClassVar[dict[str, tuple[float, float]]] = {"scale": (0.5, 1.5)}
 
     @field_validator("models")
     @classmethod
@@ -371,16 +394,9 @@ class DataflowConfig(_Frozen):
             raise ValueError(f"each model once (got {value})")
         return value
 
-    @model_validator(mode="after")
-    def _scale_bounds(self) -> DataflowConfig:
-        for gene, (low, high) in self.bounds.items():
-            if not (math.isfinite(low) and math.isfinite(high) and 0.0 <= low < high):
-                raise ValueError(f"bounds.{gene}: expected [low, high] with finite 0 <= low < high "
-                                 f"(got [{low}, {high}])")
-        return self
-
-    def bound(self, gene: str) -> tuple[float, float]:
-        return tuple(self.bounds.get(gene, DATAFLOW_DEFAULT_BOUNDS[gene]))  # type: ignore[return-value]
+    @classmethod
+    def _gene_bounds(cls, gene: str, low: float, high: float) -> str | None:
+        return "expected bounds with 0 <= low" if low < 0 else None
 
 
 class WorkersConfig(_Frozen):
@@ -404,16 +420,9 @@ class RunConfig(_Frozen):
 
     @model_validator(mode="after")
     def _method_fits_models(self) -> RunConfig:
-        low, high = EXPERT_COUNTS.get(self.merge.method, (1, None))
-        count = len(self.models.experts)
-        if self.merge.method == "slerp" and count != 1:
-            raise ValueError(
-                f"merge.method: slerp interpolates base and exactly one expert "
-                f"(got {count} experts)"
-            )
-        if not low <= count <= (high if high is not None else count):
-            wanted = f"exactly {low}" if low == high else f"at least {low}"
-            raise ValueError(f"merge.method: {self.merge.method} merges {wanted} expert(s) (got {count} experts)")
+        problem = get_method(self.merge.method).expert_count_problem(len(self.models.experts))
+        if problem:
+            raise ValueError(f"merge.method: {problem}")
         for member in self.policy.members:
             if member.startswith("expert:") and int(member.split(":")[1]) >= len(self.models.experts):
                 raise ValueError(f"policy.members: {member} but there are {len(self.models.experts)} experts "
@@ -451,7 +460,7 @@ class RunConfig(_Frozen):
                                  f"(expert:0 to expert:{experts - 1})")
         if self.moe is not None:
             raise ValueError("moe: a dfs stage searches layer paths of dense models; remove moe or the dfs stage")
-        if self.policy.kind != "none":
+        if self.policy.routes:
             raise ValueError("policy.kind: a dfs stage serves its layer path alone; set policy.kind: none")
 
     def _moe_fits_models(self, moe: MoeConfig, experts: int) -> None:
@@ -466,7 +475,7 @@ class RunConfig(_Frozen):
         if moe.experts_per_token is None and moe.bound("experts_per_token")[1] > experts:
             raise ValueError(f"moe.bounds.experts_per_token: at most the {experts} experts "
                              f"(got {list(moe.bound('experts_per_token'))})")
-        if self.policy.kind != "none":
+        if self.policy.routes:
             raise ValueError("policy.kind: a moe run serves the mixture alone; set policy.kind: none")
 
     def to_yaml_dict(self) -> dict[str, Any]:

@@ -54,6 +54,7 @@ import yaml
 
 from evomerge.errors import ModelMismatchError
 from evomerge.genome import Recipe
+from evomerge.merge.methods import passthrough
 
 INCLUDE_THRESHOLD = 0.5  # a slot is on the path when its include gene is above this (Sakana: > 0.5)
 # dataflow.start: first: slots of the start path are kept above 0.5 - START_MARGIN, the others
@@ -362,6 +363,6 @@ def passthrough_yaml(flow: LayerPath, folders: Sequence[str | None], dtype: str,
         else:
             slices.append({"sources": [{"model": folders[step.model], "layer_range": [step.layer, step.layer + 1]}]})
     slices.append({"sources": [{"model": folders[0], "layer_range": [0, 0]}]})
-    document = {"slices": slices, "merge_method": "passthrough", "dtype": dtype}
+    document = {"slices": slices, "merge_method": passthrough.method.name, "dtype": dtype}
     header = f"# evomerge export of trial {trial} (data-flow path of {len(flow.path)} layers)\n"
     return header + yaml.safe_dump(document, sort_keys=False)

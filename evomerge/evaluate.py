@@ -279,7 +279,7 @@ class Evaluator:
         from lm_eval.evaluator import evaluate
 
         from evomerge.flops import CostModel
-        from evomerge.policies import make_policy
+        from evomerge.policies import make_policy, policy_class
 
         # the candidate's structure may change between calls (a mixture's experts per token)
         self.members["merged"].cost = CostModel.from_model(self.model)
@@ -288,7 +288,7 @@ class Evaluator:
         else:
             names = list(policy["members"])
             lm = make_policy(policy["kind"], [self.members[name] for name in names], policy["params"], self.seed,
-                             scorers=self.scorers if policy["kind"] == "router" else None)
+                             scorers=self.scorers if policy_class(policy["kind"]).takes_scorers else None)
         lm.stats.reset()
         self.clock.reset()
         start = time.perf_counter()

@@ -48,7 +48,9 @@ def export(run_dir: str | Path, out: str | Path, trial_id: int | None = None, fo
     with staged(out) as staging:
         write_folder(staging, config, record)
         if policy is not None:  # the other members (and router models) travel with the export
-            router = policy["kind"] == "router"
+            from evomerge.policies import policy_class
+
+            router = policy_class(policy["kind"]).takes_scorers
             paths = config.models.by_member_name
             members = [Path(".") if name == "merged" else copy_member(paths[name], staging / "members", name)
                        for name in policy["members"]]
@@ -179,7 +181,7 @@ def mergekit_yaml(recipe: Recipe, config: RunConfig, parameter_names: list[str],
     layer_prefixes = _layer_prefixes(parameter_names, recipe.num_layers)
     models: list[dict[str, Any]] = []
     document: dict[str, Any] = {"merge_method": recipe.method}
-    if recipe.method == "slerp":
+    if not get_method(recipe.method).per_expert:  # one shared value (slerp's t): base and its one expert
         document["base_model"] = config.models.base
         document["models"] = [{"model": config.models.base}, {"model": experts[0]}]
         document["parameters"] = {"t": _values(recipe, "t", 0, layer_prefixes, parameter_names)}

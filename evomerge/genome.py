@@ -39,33 +39,16 @@ import numpy as np
 
 from evomerge.config import MoeConfig, PolicyConfig
 from evomerge.errors import ConfigError, MergeError
+from evomerge.merge import METHODS, get_method
+from evomerge.merge.methods import linear, task_arithmetic
+from evomerge.merge.registry import GENES
+from evomerge.policies import POLICIES
 
 EMBED_HEAD = "embed_head"
 ALL = "all"
 OTHER = "other"
 SMOOTH = "smooth"
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
-
-# Genes each method evolves per expert ("t" is one value per group: slerp has one expert).
-# breadcrumbs' gamma and della's epsilon are added when they evolve (merge.gamma / merge.epsilon).
-METHOD_GENES: dict[str, tuple[str, ...]] = {
-    "linear": ("weight",),
-    "task_arithmetic": ("weight",),
-    "ties": ("weight", "density"),
-    "dare_ties": ("weight", "density"),
-    "dare_linear": ("weight", "density"),
-    "slerp": ("t",),
-    "breadcrumbs": ("weight", "density"),
-    "breadcrumbs_ties": ("weight", "density"),
-    "della": ("weight", "density"),
-    "della_linear": ("weight", "density"),
-    "model_stock": (),
-    "nuslerp": ("weight",),
-    "multislerp": ("weight",),
-    "passthrough": ("scale",),
-}
-# della needs density +/- epsilon strictly inside (0, 1): epsilon is capped at this share of the room.
-DELLA_EPSILON_ROOM = 0.99
 
 # Module kinds by parameter-name component, checked in this order (a norm inside attention is a norm).
 _NORM = re.compile(r"norm|^ln(?:_|\d|$)|_ln(?:_|\d|$)")
@@ -154,7 +137,7 @@ class Recipe:
         genes = self.params.get(self.group(name))
         if genes is None:
             raise MergeError(f"the recipe has no values for group {self.group(name)!r}")
-        return {gene: (values[0] if gene == "t" else list(values)) for gene, values in genes.items()}
+        return {gene: (list(values) if GENES[gene].per_expert else values[0]) for gene, values in genes.items()}
 
     def to_json(self) -> dict[str, Any]:
         data = {"method": self.method, "granularity": self.granularity, "num_layers": self.num_layers,
@@ -212,10 +195,10 @@ class GenomeLayout:
               parameter_names: Sequence[str] | None = None) -> GenomeLayout:
         """Lay out the genes. `extra`: evolved extra genes (gamma, epsilon); `fixed`: their values
         when they do not evolve; `parameter_names` (the model's) are needed with `modules`."""
-        if method not in METHOD_GENES:
-            raise ConfigError(f"merge.method: unknown {method!r}; expected one of: {', '.join(METHOD_GENES)}")
-        per_expert = (*METHOD_GENES[method], *extra)
-        experts = 1 if per_expert == ("t",) else num_experts
+        if method not in METHODS:
+            raise ConfigError(f"merge.method: unknown {method!r}; expected one of: {', '.join(METHODS)}")
+        per_expert = (*get_method(method).evolved, *extra)
+        experts = num_experts if get_method(method).per_expert else 1
         modules = tuple(modules) if modules is not None else None
         groups = gene_groups(granularity, num_layers, modules, smooth, parameter_names)
         merge_genes = () if moe is not None and moe.attention == "base" else tuple(
@@ -228,8 +211,9 @@ class GenomeLayout:
         if not genes:
             raise ConfigError(f"merge.method: {method} has no genes to evolve and there is no policy to search; "
                               f"expected a method with genes or a policy with genes")
-        return cls(method, granularity, num_layers, num_experts, genes, policy, moe, modules, smooth,
-                   dict(fixed or {}))
+        if fixed is None:  # the method's fixed genes that do not evolve, at their defaults
+            fixed = {gene: GENES[gene].default for gene in get_method(method).fixed if gene not in extra}
+        return cls(method, granularity, num_layers, num_experts, genes, policy, moe, modules, smooth, dict(fixed))
 
     @property
     def size(self) -> int:
@@ -255,7 +239,7 @@ class GenomeLayout:
         policy_values = [float(v) for gene, v in zip(self.genes, x) if gene.group == POLICY]
         moe = decode_moe(self.moe, {g.name: float(v) for g, v in zip(self.genes, x) if g.group == MOE})
         if self.moe is not None and self.moe.attention == "base":  # attention etc. from the base itself
-            return Recipe("task_arithmetic", "global", self.num_layers, {ALL: {"weight": [0.0] * self.num_experts}},
+            return Recipe(task_arithmetic.method.name, "global", self.num_layers, {ALL: {"weight": [0.0] * self.num_experts}},
                           label, decode_policy(self.policy, policy_values), moe)
         return Recipe(self.method, self.granularity, self.num_layers, params, label,
                       decode_policy(self.policy, policy_values), moe, self.modules)
@@ -340,51 +324,32 @@ def expand_control_points(params: dict[str, dict[str, list[float]]],
 
 def complete_params(method: str, params: dict[str, dict[str, list[float]]], fixed: dict[str, float],
                     num_experts: int) -> dict[str, dict[str, list[float]]]:
-    """Add the fixed extra genes to every group and cap della's epsilon inside its density's room.
-
-    della refuses density +/- epsilon outside (0, 1) (for density < 1), so epsilon becomes
-    min(epsilon, 0.99 * min(density, 1 - density)); the recipe holds the value that is used.
-    """
-    for genes in params.values():
+    """Add the fixed genes to every group and make the values valid for the method (its `adjust`:
+    della caps epsilon inside its density's room); the recipe holds the values that are used."""
+    adjust = get_method(method).adjust
+    for group, genes in params.items():
         for gene, value in fixed.items():
             genes[gene] = [float(value)] * num_experts
-        if method in ("della", "della_linear"):
-            genes["epsilon"] = [eps if rho >= 1 else min(eps, DELLA_EPSILON_ROOM * min(rho, 1 - rho))
-                                for eps, rho in zip(genes["epsilon"], genes["density"])]
+        if adjust is not None:
+            params[group] = adjust(genes)
     return params
 
 
 POLICY = "policy"
-POLICY_KINDS = {"blend": "blend", "prefix_router": "router", "cascade": "cascade"}  # config -> evomerge.policies
 
 
 def policy_genes(policy: PolicyConfig | None) -> tuple[Gene, ...]:
-    """Genes of a routing policy, appended after the merge genes (see PolicyConfig)."""
-    if policy is None or policy.kind == "none":
+    """Genes of a routing policy, appended after the merge genes (its class's `genes`)."""
+    if policy is None or not policy.routes:
         return ()
-    if policy.kind == "blend":
-        return tuple(Gene(POLICY, i, "share", 0.0, 1.0) for i in range(len(policy.members)))
-    if policy.kind == "prefix_router":
-        return () if policy.k is not None else (Gene(POLICY, 0, "k", *policy.bound("k")),)
-    return tuple(Gene(POLICY, i, "threshold", 0.0, 1.0) for i in range(len(policy.members) - 1))
+    return tuple(Gene(POLICY, i, name, low, high) for i, (name, low, high) in enumerate(POLICIES[policy.kind].genes(policy)))
 
 
 def decode_policy(policy: PolicyConfig | None, values: list[float]) -> dict[str, Any] | None:
     """The policy of a candidate from its policy genes (each in [0, 1])."""
-    if policy is None or policy.kind == "none":
+    if policy is None or not policy.routes:
         return None
-    if policy.kind == "blend":
-        total = sum(values)
-        params: dict[str, Any] = {"probs": [v / total for v in values] if total > 0 else
-                                  [1.0 / len(values)] * len(values)}
-    elif policy.kind == "prefix_router":
-        low, high = policy.bound("k")
-        params = {"k": policy.k if policy.k is not None else int(round(low + values[0] * (high - low)))}
-    else:
-        (t_low, t_high), (m_low, m_high) = policy.bound("threshold"), policy.bound("margin")
-        params = {"thresholds": {"generate_until": [t_low + v * (t_high - t_low) for v in values],
-                                 "loglikelihood": [m_low + v * (m_high - m_low) for v in values]}}
-    return {"kind": POLICY_KINDS[policy.kind], "members": list(policy.members), "params": params}
+    return {"kind": policy.kind, "members": list(policy.members), "params": POLICIES[policy.kind].decode(policy, values)}
 
 
 MOE = "moe"
@@ -423,11 +388,11 @@ def reference_recipes(num_experts: int, num_layers: int) -> list[Recipe]:
     (both reproduce the source exactly); uniform is the plain average of the experts.
     """
     zeros = [0.0] * num_experts
-    recipes = [Recipe("task_arithmetic", "global", num_layers, {ALL: {"weight": zeros}}, label="base")]
+    recipes = [Recipe(task_arithmetic.method.name, "global", num_layers, {ALL: {"weight": zeros}}, label="base")]
     for i in range(num_experts):
         one_hot = [1.0 if j == i else 0.0 for j in range(num_experts)]
-        recipes.append(Recipe("linear", "global", num_layers, {ALL: {"weight": one_hot}}, label=f"expert:{i}"))
+        recipes.append(Recipe(linear.method.name, "global", num_layers, {ALL: {"weight": one_hot}}, label=f"expert:{i}"))
     if num_experts > 1:
-        recipes.append(Recipe("linear", "global", num_layers, {ALL: {"weight": [1.0] * num_experts}},
+        recipes.append(Recipe(linear.method.name, "global", num_layers, {ALL: {"weight": [1.0] * num_experts}},
                               label="uniform"))
     return recipes

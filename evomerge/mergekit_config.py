@@ -61,6 +61,8 @@ from evomerge.errors import ConfigError, ModelMismatchError
 from evomerge.folders import Folder, check_folders, read_folder, same_tokenizer_files, write_folder
 from evomerge.genome import layer_index
 from evomerge.merge import METHODS, MergeMethod, get_method
+from evomerge.merge.methods import passthrough
+from evomerge.merge.registry import GENES
 
 logger = logging.getLogger(__name__)
 
@@ -74,16 +76,14 @@ REFUSED_FIELDS = {
 MODEL_FIELDS = ("model", "parameters")
 SLICE_FIELDS = ("sources", "parameters")
 SOURCE_FIELDS = ("model", "layer_range", "parameters")
-PASSTHROUGH = "passthrough"
+PASSTHROUGH = passthrough.method.name
 CONDITION_FIELDS = ("filter", "value")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 # mergekit's parameter names that evomerge spells differently ('lambda' is a Python keyword).
 EVOMERGE_NAME = {"lambda": "lambda_"}
 MERGEKIT_NAME = {ours: theirs for theirs, ours in EVOMERGE_NAME.items()}
-SHARED_GENES = ("t",)  # genes with one value for all models (mergekit: shared parameters)
-# mergekit 0.1.5 defaults for per-model genes; the others (weight, t) are required
-GENE_DEFAULTS = {"density": 1.0, "gamma": 0.01, "epsilon": 0.15, "scale": 1.0}
+SHARED_GENES = tuple(name for name, spec in GENES.items() if not spec.per_expert)  # mergekit: shared parameters
 NO_OP_SETTINGS = ("int8_mask",)  # mergekit options with no effect on the result (mask dtype)
 _LAYER_IN_NAME = re.compile(r"(^|\.)(\d+)(\.|$)")  # the layer number in a name, as genome.layer_index reads it
 
@@ -451,7 +451,7 @@ def plan_merge(config: MergekitConfig, tensor_names: list[str], num_layers: int)
                 value = _first(tensor, t, gene, (entry.parameters, *config.shared_scopes),
                                f"{config.source}: model {entry.model}: {gene}")
                 if value is None:
-                    value = GENE_DEFAULTS.get(gene)
+                    value = GENES[gene].default  # mergekit 0.1.5's default; None: required
                 if value is None:
                     raise ConfigError(f"{config.source}: model {entry.model}: no {gene} for tensor {tensor!r}; "
                                       f"expected it in the model's or the top-level parameters")

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from evomerge.config import RunConfig
+from evomerge.config import NO_POLICY, RunConfig
 from evomerge.pareto import ParetoArchive, pareto_front
+from evomerge.policies.cascade import Cascade
 from evomerge.racing import agreement, full_fidelity
 
 
@@ -59,7 +60,7 @@ def summarize(records: list[dict[str, Any]], config: RunConfig) -> dict[str, Any
         summary["subset_only"] = len(everything) - len(records)
     if config.eval.subsample is not None:
         summary["subsample"] = agreement(records)
-    if config.policy.kind == "cascade" and len(config.policy.members) == 2:
+    if config.policy.kind == Cascade.kind and len(config.policy.members) == 2:
         summary["routellm"] = cascade_gap(records, *config.policy.members)
     return summary
 
@@ -83,7 +84,7 @@ def cascade_gap(records: list[dict[str, Any]], weak: str, strong: str) -> dict[s
     if alone[strong] <= alone[weak]:
         return {**result, "reason": f"{strong} ({alone[strong]:.4f}) does not score above {weak} ({alone[weak]:.4f})"}
     points = [(r["served"][strong], r["quality"]) for r in records
-              if r["state"] == "complete" and (r["recipe"].get("policy") or {}).get("kind") == "cascade"
+              if r["state"] == "complete" and (r["recipe"].get("policy") or {}).get("kind") == Cascade.kind
               and strong in r.get("served", {})]
     curve = gap_curve(points, alone[weak], alone[strong])
     return {**result, "apgr": apgr(curve, alone[weak], alone[strong]),
@@ -230,7 +231,7 @@ def format_markdown(summary: dict[str, Any], plots: list[str] = ()) -> str:
         lines += ["", "## Pareto front (quality vs forward FLOPs per example)", "",
                   "| trial | label | quality | FLOPs / example | policy | served |", "|---|---|---|---|---|---|"]
         for e in summary["pareto"]:
-            policy = (e.get("policy") or {}).get("kind", "none")
+            policy = (e.get("policy") or {}).get("kind", NO_POLICY)
             served = ", ".join(f"{member} {share:.0%}" for member, share in (e.get("served") or {}).items())
             lines.append(f"| {e['trial']} | {e['label'] or ''} | {e['quality']:.4f} | {e['flops']:.5g} | {policy} | {served} |")
     gap = summary.get("routellm")

@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 from tqdm import tqdm
 
-from evomerge.config import DEFAULT_BOUNDS, RunConfig, SearchConfig
+from evomerge.config import RunConfig, SearchConfig
 from evomerge.dataflow import DataflowLayout
 from evomerge.errors import EvalError, ResumeError
 from evomerge.evaluate import check_tasks
@@ -68,7 +68,7 @@ def genome_layout(config: RunConfig) -> GenomeLayout | DataflowLayout:
 
         check_upcyclable(config.models)
     merge = config.merge
-    bounds = {gene: merge.bound(gene) for gene in DEFAULT_BOUNDS}
+    bounds = {gene: merge.bound(gene) for gene in merge.DEFAULT_BOUNDS}
     return GenomeLayout.build(merge.method, merge.granularity, sources.num_layers, len(config.models.experts), bounds,
                               config.policy, config.moe, modules=merge.modules, smooth=merge.smooth,
                               fixed=merge.fixed_genes(), extra=merge.evolved_extra_genes(),

@@ -238,7 +238,7 @@ def test_router_forced_by_its_scorers_is_exactly_that_member(env, zoo) -> None:
     losers = [constant_scorer(zoo["base"], f"constant{j}") for j in range(len(env["members"]))]
     for i, member in enumerate(env["members"]):
         scorers = [member if j == i else losers[j] for j in range(len(env["members"]))]
-        policy = make_policy("router", env["members"], {"k": k}, scorers=scorers)
+        policy = make_policy("prefix_router", env["members"], {"k": k}, scorers=scorers)
         result = run(policy, env["gen"])
         assert same(result, env["direct_gen"][i])
         stats = policy.stats
@@ -252,7 +252,7 @@ def test_router_forced_by_its_scorers_is_exactly_that_member(env, zoo) -> None:
 def test_router_with_k_zero_is_its_first_member_and_costs_no_scoring(env) -> None:
     from evomerge.policies import make_policy
 
-    policy = make_policy("router", env["members"], {"k": 0})
+    policy = make_policy("prefix_router", env["members"], {"k": 0})
     result = run(policy, env["gen"])
     assert same(result, env["direct_gen"][0])
     stats = policy.stats
@@ -402,7 +402,7 @@ def test_policy_stats_reset_and_rolling(env) -> None:
     with pytest.raises(ValueError, match="probabilities"):
         make_policy("blend", env["members"], {"probs": [0, 0, 0]})
     with pytest.raises(ValueError, match="unknown"):
-        make_policy("router", env["members"], {"k": 2, "temperature": 1})
+        make_policy("prefix_router", env["members"], {"k": 2, "temperature": 1})
 
 
 # --- file format ------------------------------------------------------------------------------

@@ -245,7 +245,7 @@ def _breadcrumbs(
     return merge_task_vectors(base, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
 
 
-@register("breadcrumbs", genes=("weight", "density", "gamma"), needs_base=True,
+@register("breadcrumbs", genes=("weight", "density", "gamma"), needs_base=True, fixed=("gamma",),
           reference="https://arxiv.org/abs/2312.06795")
 def breadcrumbs(
     base: torch.Tensor,
@@ -268,7 +268,7 @@ def breadcrumbs(
                         normalize=normalize, rescale=rescale, lambda_=lambda_)
 
 
-@register("breadcrumbs_ties", genes=("weight", "density", "gamma"), needs_base=True,
+@register("breadcrumbs_ties", genes=("weight", "density", "gamma"), needs_base=True, fixed=("gamma",),
           reference="https://arxiv.org/abs/2312.06795")
 def breadcrumbs_ties(
     base: torch.Tensor,
@@ -284,6 +284,18 @@ def breadcrumbs_ties(
     """Model Breadcrumbs masks, then TIES sign election and disjoint merge."""
     return _breadcrumbs(base, experts, weight, density, gamma, consensus=True,
                         normalize=normalize, rescale=rescale, lambda_=lambda_)
+
+
+# della needs density +/- epsilon strictly inside (0, 1): epsilon is capped at this share of the room.
+DELLA_EPSILON_ROOM = 0.99
+
+
+def cap_epsilon(genes: dict[str, list[float]]) -> dict[str, list[float]]:
+    """A search's decoded della genes made valid: epsilon becomes
+    min(epsilon, 0.99 * min(density, 1 - density)) where density < 1; the recipe holds the value used."""
+    genes["epsilon"] = [eps if rho >= 1 else min(eps, DELLA_EPSILON_ROOM * min(rho, 1 - rho))
+                        for eps, rho in zip(genes["epsilon"], genes["density"])]
+    return genes
 
 
 def _della(
@@ -312,6 +324,7 @@ def _della(
 
 
 @register("della", genes=("weight", "density", "epsilon"), needs_base=True, random=True,
+          fixed=("epsilon",), adjust=cap_epsilon,
           reference="https://arxiv.org/abs/2406.11617")
 def della(
     base: torch.Tensor,
@@ -337,6 +350,7 @@ def della(
 
 
 @register("della_linear", genes=("weight", "density", "epsilon"), needs_base=True, random=True,
+          fixed=("epsilon",), adjust=cap_epsilon,
           reference="https://arxiv.org/abs/2406.11617")
 def della_linear(
     base: torch.Tensor,

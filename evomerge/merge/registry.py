@@ -34,8 +34,40 @@ import torch
 
 from evomerge.errors import MergeError
 
-GENE_NAMES = ("weight", "density", "gamma", "epsilon", "scale", "t")
-PER_EXPERT_GENES = GENE_NAMES[:-1]
+
+
+@dataclass(frozen=True)
+class GeneSpec:
+    """What a gene is, wherever it is read: config bounds, genome layout, mergekit in and out."""
+
+    name: str
+    per_expert: bool  # one value per expert (mergekit's per-model parameter); else one value (shared)
+    bounds: tuple[float, float]  # the search range when merge.bounds does not set one
+    default: float | None  # mergekit's value when a config omits it; None: required
+    valid: tuple[float, float, bool]  # (low, high, high included): the values a method accepts
+
+    def accepts(self, value: float) -> bool:
+        low, high, closed = self.valid
+        return math.isfinite(value) and low <= value and (value <= high if closed else value < high)
+
+    def describe_valid(self) -> str:
+        low, high, closed = self.valid
+        if math.isinf(high):
+            return "a finite number"
+        return f"[{low:g}, {high:g}" + ("]" if closed else ")")
+
+
+_ANY = (-math.inf, math.inf, False)
+GENES: dict[str, GeneSpec] = {spec.name: spec for spec in (
+    GeneSpec("weight", True, (0.0, 1.5), None, _ANY),
+    GeneSpec("density", True, (0.1, 1.0), 1.0, (0.0, 1.0, True)),  # (0, 1]: checked apart, density > 0
+    GeneSpec("gamma", True, (0.0, 0.1), 0.01, (0.0, 1.0, True)),
+    GeneSpec("epsilon", True, (0.0, 0.3), 0.15, (0.0, 0.5, False)),
+    GeneSpec("scale", True, (0.5, 1.5), 1.0, _ANY),
+    GeneSpec("t", False, (0.0, 1.0), None, (0.0, 1.0, True)),
+)}
+GENE_NAMES = tuple(GENES)
+PER_EXPERT_GENES = tuple(name for name, spec in GENES.items() if spec.per_expert)
 
 
 @dataclass(frozen=True)
@@ -52,6 +84,31 @@ class MergeMethod:
     reference: str  # URL of the paper / reference
     streams: bool = False  # writes into `out` slice by slice (evomerge/merge/chunked.py)
     options: tuple[str, ...] = ()  # its own keyword settings (normalize, lambda_, rescale, ...), in order
+    # genes a search holds at GENES[gene].default unless the config sets a value or `evolve`
+    # (breadcrumbs' gamma, della's epsilon)
+    fixed: tuple[str, ...] = ()
+    # makes a recipe's decoded genes valid for the method (della: epsilon within density's room);
+    # takes and returns {gene: one value per expert} of one group
+    adjust: Callable[[dict[str, list[float]]], dict[str, list[float]]] | None = None
+
+    @property
+    def evolved(self) -> tuple[str, ...]:
+        """The genes a search evolves by default, in the method's order."""
+        return tuple(gene for gene in self.genes if gene not in self.fixed)
+
+    @property
+    def per_expert(self) -> bool:
+        """Whether its genes carry one value per expert (slerp's t does not)."""
+        return any(GENES[gene].per_expert for gene in self.genes) or not self.genes
+
+    def expert_count_problem(self, count: int) -> str | None:
+        """Why `count` experts do not fit the method, or None."""
+        high = self.max_experts if self.max_experts is not None else count
+        if self.min_experts <= count <= high:
+            return None
+        wanted = (f"exactly {self.min_experts}" if self.min_experts == self.max_experts
+                  else f"at least {self.min_experts}" if count < self.min_experts else f"at most {self.max_experts}")
+        return f"{self.name} merges {wanted} expert(s) (got {count} experts)"
 
 
 METHODS: dict[str, MergeMethod] = {}
@@ -77,6 +134,8 @@ def register(
     min_experts: int = 1,
     random: bool = False,
     streams: bool = False,
+    fixed: Sequence[str] = (),
+    adjust: Callable[[dict[str, list[float]]], dict[str, list[float]]] | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Decorator: register a method implementation under `name` and return its public wrapper.
 
@@ -90,6 +149,9 @@ def register(
         raise ValueError(f"register({name!r}): unknown genes {unknown}; expected among {GENE_NAMES}")
     if name in METHODS:
         raise ValueError(f"register({name!r}): a method with this name is already registered")
+    fixed = tuple(fixed)
+    if any(gene not in genes or GENES[gene].default is None for gene in fixed):
+        raise ValueError(f"register({name!r}): fixed genes {fixed} must be among its genes {genes} and have a default")
 
     def decorator(impl: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         params = inspect.signature(impl).parameters
@@ -149,8 +211,9 @@ def register(
         METHODS[name] = MergeMethod(
             name=name, fn=fn, genes=genes, needs_base=needs_base,
             max_experts=max_experts, min_experts=min_experts, random=random, reference=reference,
-            streams=streams, options=allowed_options,
+            streams=streams, options=allowed_options, fixed=fixed, adjust=adjust,
         )
+        fn.method = METHODS[name]  # type: ignore[attr-defined]  # e.g. methods.linear.method.name
         return fn
 
     return decorator
@@ -183,14 +246,15 @@ def _check_tensors(
 
 
 def _check_gene(name: str, gene: str, value: Any, num_experts: int) -> Any:
-    """Validate one gene: present, one finite value per expert (t: one float), density in (0, 1],
-    gamma in [0, 1], epsilon in [0, 0.5) (della needs density +/- epsilon inside (0, 1))."""
+    """Validate one gene: present, one value per expert (a shared gene: one float), each within
+    GENES[gene].valid (density also above 0; della needs density +/- epsilon inside (0, 1))."""
+    spec = GENES[gene]
     if value is None:
         raise MergeError(f"{name}: missing {gene!r}; expected " + (
-            "a float" if gene == "t" else f"one value per expert ({num_experts})"))
-    if gene == "t":
-        if isinstance(value, (list, tuple)) or not _is_real(value) or not 0.0 <= float(value) <= 1.0:
-            raise MergeError(f"{name}: t={value!r}; expected a float in [0, 1]")
+            f"one value per expert ({num_experts})" if spec.per_expert else "a float"))
+    if not spec.per_expert:
+        if isinstance(value, (list, tuple)) or not _is_real(value) or not spec.accepts(float(value)):
+            raise MergeError(f"{name}: {gene}={value!r}; expected a float in {spec.describe_valid()}")
         return float(value)
     values = list(value)
     if len(values) != num_experts:
@@ -200,12 +264,9 @@ def _check_gene(name: str, gene: str, value: Any, num_experts: int) -> Any:
     for v in values:
         if not _is_real(v) or not math.isfinite(float(v)):
             raise MergeError(f"{name}: {gene} value {v!r} is not a finite number")
-        if gene == "density" and not 0.0 < float(v) <= 1.0:
-            raise MergeError(f"{name}: density {float(v)} is outside (0, 1]")
-        if gene == "gamma" and not 0.0 <= float(v) <= 1.0:
-            raise MergeError(f"{name}: gamma {float(v)} is outside [0, 1]")
-        if gene == "epsilon" and not 0.0 <= float(v) < 0.5:
-            raise MergeError(f"{name}: epsilon {float(v)} is outside [0, 0.5)")
+        if not spec.accepts(float(v)) or (gene == "density" and float(v) <= 0.0):
+            bounds = "(0, 1]" if gene == "density" else spec.describe_valid()
+            raise MergeError(f"{name}: {gene} {float(v)} is outside {bounds}")
     return [float(v) for v in values]
 
 

@@ -1,13 +1,17 @@
 """Inference-time policies over member models, as lm-eval LMs (see ``base`` for the design).
 
-* ``make_policy(kind, members, params, seed)`` builds one:
-  ``blend``  params ``{"probs": [p_0, ...]}`` (non-negative, normalised; uniform if absent);
-  ``router`` params ``{"k": int}`` (optional ``scorers``: one router model per member);
-  ``cascade`` params ``{"thresholds": [t_0, ..., t_{n-2}]}`` (members cheapest first), or
-  per request type ``{"thresholds": {"generate_until": [...], "loglikelihood": [...]}}``.
-* ``save_policy(path, kind, params, member_folders)`` writes a small JSON file; ``load(path)``
-  loads the member folders and returns a ``PolicyServer`` whose ``generate(prompts)`` serves
-  with that policy.
+Each policy class owns its kind name, parameters, genes and their decoding (``POLICIES`` lists
+them by kind):
+
+* ``Blend`` (``blend``): params ``{"probs": [p_0, ...]}`` (non-negative, normalised; uniform if absent);
+* ``PrefixRouter`` (``prefix_router``): params ``{"k": int}`` (optional ``scorers``: one router model
+  per member);
+* ``Cascade`` (``cascade``): params ``{"thresholds": [t_0, ..., t_{n-2}]}`` (members answer in the
+  order given), or per request type ``{"thresholds": {"generate_until": [...], "loglikelihood": [...]}}``.
+
+``make_policy(kind, members, params, seed)`` builds one; ``save_policy(path, kind, params,
+member_folders)`` writes a small JSON file; ``load(path)`` loads the member folders and returns a
+``PolicyServer`` whose ``generate(prompts)`` serves with that policy.
 """
 
 from __future__ import annotations
@@ -23,36 +27,34 @@ from evomerge.policies.blend import Blend
 from evomerge.policies.cascade import Cascade
 from evomerge.policies.router import PrefixRouter
 
-__all__ = ["KINDS", "Member", "PolicyLM", "PolicyStats", "Blend", "PrefixRouter", "Cascade",
-           "make_policy", "save_policy", "load", "PolicyServer"]
+__all__ = ["POLICIES", "Member", "PolicyLM", "PolicyStats", "Blend", "PrefixRouter", "Cascade",
+           "policy_class", "make_policy", "save_policy", "load", "PolicyServer"]
 
-KINDS = ("blend", "router", "cascade")
+POLICIES: dict[str, type[PolicyLM]] = {cls.kind: cls for cls in (Blend, PrefixRouter, Cascade)}
 FORMAT = "evomerge-policy"
 VERSION = 1
+
+
+def policy_class(kind: str) -> type[PolicyLM]:
+    """The class of a policy kind (or of an older name of it)."""
+    for cls in POLICIES.values():
+        if kind == cls.kind or kind in cls.aliases:
+            return cls
+    raise ValueError(f"policy kind: unknown {kind!r}, expected one of {', '.join(POLICIES)}")
 
 
 def make_policy(kind: str, members: Sequence[Member], params: dict[str, Any], seed: int = 0,
                 scorers: Sequence[Member] | None = None) -> PolicyLM:
     """A policy of ``kind`` over ``members`` (built once and reused: a policy holds no state
     but its ``stats``, which ``stats.reset()`` clears)."""
+    cls = policy_class(kind)
     params = dict(params or {})
-    expected = {"blend": {"probs"}, "router": {"k"}, "cascade": {"thresholds"}}
-    if kind not in expected:
-        raise ValueError(f"policy kind: unknown {kind!r}, expected one of {', '.join(KINDS)}")
-    unknown = set(params) - expected[kind]
+    unknown = set(params) - set(cls.params)
     if unknown:
-        raise ValueError(f"policy {kind}: unknown parameter(s) {', '.join(sorted(unknown))}")
-    if scorers is not None and kind != "router":
-        raise ValueError(f"policy {kind}: scorers are for the router only")
-    if kind == "blend":
-        return Blend(members, params.get("probs"), seed)
-    if kind == "router":
-        if "k" not in params:
-            raise ValueError("policy router: parameter k is required")
-        return PrefixRouter(members, params["k"], scorers)
-    if "thresholds" not in params:
-        raise ValueError("policy cascade: parameter thresholds is required")
-    return Cascade(members, params["thresholds"])
+        raise ValueError(f"policy {cls.kind}: unknown parameter(s) {', '.join(sorted(unknown))}")
+    if scorers is not None and not cls.takes_scorers:
+        raise ValueError(f"policy {cls.kind}: takes no scorers (router models)")
+    return cls.build(members, params, seed, scorers)
 
 
 def save_policy(path: str | os.PathLike, kind: str, params: dict[str, Any],
@@ -61,8 +63,7 @@ def save_policy(path: str | os.PathLike, kind: str, params: dict[str, Any],
     """Write a policy file: kind, params, seed and the member folders (relative to the file's
     folder when they lie under it, absolute otherwise).  +-inf thresholds are written as
     the strings "inf"/"-inf" (JSON has no infinities)."""
-    if kind not in KINDS:
-        raise ValueError(f"policy kind: unknown {kind!r}, expected one of {', '.join(KINDS)}")
+    kind = policy_class(kind).kind
     path = Path(path)
     base = path.parent.resolve()
 

@@ -42,7 +42,7 @@ import math
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 from lm_eval.api.model import LM
@@ -264,7 +264,29 @@ class PolicyLM(LM):
     per unit)``; ``Cascade`` overrides ``dispatch`` instead.
     """
 
-    kind = "policy"
+    # A policy class owns its facts: the `kind` name configs, journals and policy files use (and
+    # older `aliases`), the parameters it is built from, whether it takes router models (`scorers`),
+    # its genes and how they decode into parameters (evomerge/genome.py lays them out).
+    kind: ClassVar[str] = "policy"
+    aliases: ClassVar[tuple[str, ...]] = ()
+    params: ClassVar[tuple[str, ...]] = ()
+    takes_scorers: ClassVar[bool] = False
+
+    @classmethod
+    def genes(cls, config: Any) -> list[tuple[str, float, float]]:
+        """(name, low, high) of each policy gene for a PolicyConfig, in genome order."""
+        raise NotImplementedError
+
+    @classmethod
+    def decode(cls, config: Any, values: list[float]) -> dict[str, Any]:
+        """The parameters of a candidate from its policy genes (each in [0, 1])."""
+        raise NotImplementedError
+
+    @classmethod
+    def build(cls, members: Sequence[Member], params: dict[str, Any], seed: int = 0,
+              scorers: Sequence[Member] | None = None) -> PolicyLM:
+        """The policy from its parameters (a policy file's or a recipe's)."""
+        raise NotImplementedError
 
     def __init__(self, members: Sequence[Member]):
         super().__init__()

@@ -11,7 +11,7 @@ on which other requests share its batch, so a run repeats exactly.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -35,6 +35,22 @@ def normalize_probs(probs: Sequence[float], n: int) -> list[float]:
 
 class Blend(PolicyLM):
     kind = "blend"
+    params = ("probs",)
+
+    @classmethod
+    def genes(cls, config: Any) -> list[tuple[str, float, float]]:
+        """One share per member; the probabilities are the shares normalised (uniform when all are 0)."""
+        return [("share", 0.0, 1.0)] * len(config.members)
+
+    @classmethod
+    def decode(cls, config: Any, values: list[float]) -> dict[str, Any]:
+        total = sum(values)
+        return {"probs": [v / total for v in values] if total > 0 else [1.0 / len(values)] * len(values)}
+
+    @classmethod
+    def build(cls, members: Sequence[Member], params: dict[str, Any], seed: int = 0,
+              scorers: Sequence[Member] | None = None) -> Blend:
+        return cls(members, params.get("probs"), seed)
 
     def __init__(self, members: Sequence[Member], probs: Sequence[float] | None = None, seed: int = 0):
         super().__init__(members)

@@ -1,6 +1,7 @@
-"""Cascade (FrugalGPT, arXiv 2305.05176; RouteLLM-style thresholds): the members, cheapest
-first, answer in turn; a request escalates from member ``i`` to ``i + 1`` while its
-confidence under member ``i`` is below ``thresholds[i]``.  The last member's answer is final.
+"""Cascade (FrugalGPT, arXiv 2305.05176; RouteLLM-style thresholds): the members answer in turn,
+in the order given (list the cheapest first: the order is not sorted by cost); a request
+escalates from member ``i`` to ``i + 1`` while its confidence under member ``i`` is below
+``thresholds[i]``.  The last member's answer is final.
 
 Confidence of a unit under a member:
 
@@ -45,6 +46,26 @@ def unit_confidence(served: Served, start: int, count: int, request_type: str) -
 
 class Cascade(PolicyLM):
     kind = "cascade"
+    params = ("thresholds",)
+
+    @classmethod
+    def genes(cls, config: Any) -> list[tuple[str, float, float]]:
+        """One confidence threshold per escalation (members - 1), in [0, 1]: `decode` maps it onto
+        `bounds.threshold` for generation and `bounds.margin` for multiple choice."""
+        return [("threshold", 0.0, 1.0)] * (len(config.members) - 1)
+
+    @classmethod
+    def decode(cls, config: Any, values: list[float]) -> dict[str, Any]:
+        (t_low, t_high), (m_low, m_high) = config.bound("threshold"), config.bound("margin")
+        return {"thresholds": {"generate_until": [t_low + v * (t_high - t_low) for v in values],
+                               "loglikelihood": [m_low + v * (m_high - m_low) for v in values]}}
+
+    @classmethod
+    def build(cls, members: Sequence[Member], params: dict[str, Any], seed: int = 0,
+              scorers: Sequence[Member] | None = None) -> Cascade:
+        if "thresholds" not in params:
+            raise ValueError(f"policy {cls.kind}: parameter thresholds is required")
+        return cls(members, params["thresholds"])
 
     def __init__(self, members: Sequence[Member], thresholds: Sequence[float] | Mapping[str, Sequence[float]]):
         super().__init__(members)

@@ -17,7 +17,7 @@ are the shared preamble, and every request goes to the same member.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from evomerge.policies.base import Member, PolicyLM, Unit
 
@@ -25,16 +25,36 @@ __all__ = ["PrefixRouter"]
 
 
 class PrefixRouter(PolicyLM):
-    kind = "router"
+    kind = "prefix_router"
+    aliases = ("router",)  # its name in journals and policy files before 2026-12
+    params = ("k",)
+    takes_scorers = True
+
+    @classmethod
+    def genes(cls, config: Any) -> list[tuple[str, float, float]]:
+        """The prefix length k, unless the config fixes it."""
+        return [] if config.k is not None else [("k", *config.bound("k"))]
+
+    @classmethod
+    def decode(cls, config: Any, values: list[float]) -> dict[str, Any]:
+        low, high = config.bound("k")
+        return {"k": config.k if config.k is not None else int(round(low + values[0] * (high - low)))}
+
+    @classmethod
+    def build(cls, members: Sequence[Member], params: dict[str, Any], seed: int = 0,
+              scorers: Sequence[Member] | None = None) -> PrefixRouter:
+        if "k" not in params:
+            raise ValueError(f"policy {cls.kind}: parameter k is required")
+        return cls(members, params["k"], scorers)
 
     def __init__(self, members: Sequence[Member], k: int, scorers: Sequence[Member] | None = None):
         super().__init__(members)
         if isinstance(k, bool) or int(k) != k or k < 0:
-            raise ValueError(f"router: k must be a non-negative integer, got {k!r}")
+            raise ValueError(f"{self.kind}: k must be a non-negative integer, got {k!r}")
         self.k = int(k)
         self.scorers = list(scorers) if scorers is not None else list(self.members)
         if len(self.scorers) != len(self.members):
-            raise ValueError(f"router: {len(self.scorers)} scorers for {len(self.members)} members")
+            raise ValueError(f"{self.kind}: {len(self.scorers)} scorers for {len(self.members)} members")
 
     def scores(self, texts: list[str]) -> tuple[list[list[float]], list[int]]:
         """Mean NLL of each text's first k tokens under each scorer (``[scorer][text]``), and the
