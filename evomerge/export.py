@@ -28,8 +28,7 @@ from evomerge.errors import ConfigError
 from evomerge.genome import ALL, EMBED_HEAD, Recipe, group_of, layer_index
 from evomerge.merge import get_method
 from evomerge.merger import load_merge_target
-from evomerge.racing import full_fidelity
-from evomerge.report import best_trial
+from evomerge.trial import TrialState, best
 from evomerge.run_dir import RunDir
 from evomerge.sources import load_model, load_tokenizer, pick_device
 
@@ -164,14 +163,18 @@ def move_into(staging: Path, out: Path) -> None:
 def pick_trial(run: RunDir, trial_id: int | None) -> dict[str, Any]:
     records = run.finished()
     if trial_id is None:
-        record = best_trial(full_fidelity(list(records.values())))
+        record = best(list(records.values()))
         if record is None:
             raise ConfigError(f"{run.path}: no completed trial to export yet")
         return record
     if trial_id not in records:
         raise ConfigError(f"--trial: no trial {trial_id} in {run.path} (trials 0..{max(records, default=-1)})")
-    if records[trial_id]["state"] != "complete":
-        raise ConfigError(f"--trial: trial {trial_id} FAILED ({records[trial_id]['error']}); pick a completed one")
+    record = records[trial_id]
+    if record["state"] == TrialState.FAILED.value:
+        raise ConfigError(f"--trial: trial {trial_id} FAILED ({record['error']}); pick a completed one")
+    if record["state"] == TrialState.PRUNED.value:
+        raise ConfigError(f"--trial: trial {trial_id} was scored on eval.subsample's subset only (pruned); "
+                          f"pick a completed one")
     return records[trial_id]
 
 

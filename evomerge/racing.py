@@ -22,12 +22,13 @@ promoted set is exactly CMA-ES's parents when nothing fails.
 
 The run directory: `subsample.jsonl` receives every candidate's subset result as it finishes
 (read back at resume, so nothing finished is scored again); `journal.jsonl` still holds one line
-per trial, with `limit` (lm-eval's limit its quality came from) and `fidelity`: `full`
-(references and promoted candidates; these also carry `subset`: the subset's limit, quality and
-metrics) or `subset` (held back: quality and metrics from the subset only). The report ranks
-and builds the Pareto front from `fidelity: full` lines only, and tells how well the subset ranked
-the candidates scored on both (`agreement`): the check that the subset is large enough for the
-tasks, on the user's own suite.
+per trial, with `limit` (lm-eval's limit its quality came from): references and promoted
+candidates are `complete` (scored on the full limit; promoted ones also carry `subset`: the
+subset's limit, quality and metrics), candidates held back are `pruned` (quality and metrics from
+the subset only: `TrialState.PRUNED`). Only complete trials are ranked, put on the Pareto front,
+handed to a next stage or exported; the report tells how well the subset ranked the candidates
+scored on both (`agreement`): the check that the subset is large enough for the tasks, on the
+user's own suite.
 """
 
 from __future__ import annotations
@@ -39,10 +40,7 @@ from typing import Any, Callable
 from evomerge.config import EvalConfig
 from evomerge.errors import EvalError
 from evomerge.run_dir import JOURNAL, SUBSAMPLE, RunDir
-from evomerge.trial import Trial, TrialResult, record
-
-FULL, SUBSET = "full", "subset"
-
+from evomerge.trial import Trial, TrialResult, TrialState, record
 
 def race(eval_config: EvalConfig, pool: Any, references: list[Trial], candidates: list[Trial],
          journal: dict[int, dict], run: RunDir, generation: int, evaluate: Callable[..., dict[int, TrialResult]],
@@ -61,7 +59,8 @@ def race(eval_config: EvalConfig, pool: Any, references: list[Trial], candidates
     chosen = promoted(candidates, subset, share)
     for trial in cheap:
         if trial.id not in chosen and trial.id not in journal:
-            run.append({**subset_line(trial, subset[trial.id]), "fidelity": SUBSET}, JOURNAL)
+            line = subset_line(trial, subset[trial.id])
+            run.append({**line, "state": TrialState.PRUNED.value} if subset[trial.id].ok else line, JOURNAL)
     climbing = references + [trial for trial in candidates if trial.id in chosen]
     full = evaluate(pool, climbing, journal, run, generation,
                     line=lambda trial, result: full_line(trial, result, eval_config.limit, subset.get(trial.id),
@@ -108,16 +107,11 @@ def subset_line(trial: Trial, result: TrialResult) -> dict[str, Any]:
 def full_line(trial: Trial, result: TrialResult, limit: int | None, subset: TrialResult | None,
               subset_limit: int | float | None) -> dict[str, Any]:
     """The journal line of a trial scored on the full limit; a promoted candidate also keeps its subset score."""
-    line = {**record(trial, result), "limit": limit, "fidelity": FULL}
+    line = {**record(trial, result), "limit": limit}
     if subset is not None:
         line["subset"] = {"limit": subset_limit, "quality": subset.quality, "metrics": subset.metrics,
                           "flops": subset.flops}
     return line
-
-
-def full_fidelity(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The journal lines whose quality comes from the full limit (every line of a run without subsample)."""
-    return [r for r in records if r.get("fidelity", FULL) == FULL]
 
 
 def agreement(records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -8,15 +8,16 @@ from typing import Any
 from evomerge.config import NO_POLICY, RunConfig
 from evomerge.pareto import ParetoArchive, pareto_front
 from evomerge.policies.cascade import Cascade
-from evomerge.racing import agreement, full_fidelity
+from evomerge.racing import agreement
+from evomerge.trial import TrialState, best
 
 
 def summarize(records: list[dict[str, Any]], config: RunConfig) -> dict[str, Any]:
-    # With eval.subsample, candidates held back after the subset have no full-limit quality
-    # (evomerge/racing.py): they are counted, but never ranked or put on the front.
-    everything, records = records, full_fidelity(records)
+    # With eval.subsample, candidates held back after the subset are PRUNED, with no full-limit
+    # quality (evomerge/racing.py): they are counted, but never ranked or put on the front.
+    everything, records = records, [r for r in records if r["state"] != TrialState.PRUNED.value]
     by_id = {r["trial"]: r for r in records}
-    best, best_evolved = best_trial(records), best_trial([r for r in records if r["label"] is None])
+    best_overall, best_evolved = best(records), best([r for r in records if r["label"] is None])
     references = [_brief(r) for r in sorted(records, key=lambda r: r["trial"]) if r["label"] is not None]
     generations = []
     best_so_far = None
@@ -48,7 +49,7 @@ def summarize(records: list[dict[str, Any]], config: RunConfig) -> dict[str, Any
         "trials": len(everything),
         "failed": sum(r["state"] == "failed" for r in everything),
         "tasks": [task.name for task in config.eval.tasks],
-        "best": _brief(best) if best else None,
+        "best": _brief(best_overall) if best_overall else None,
         "best_evolved": _brief(best_evolved) if best_evolved else None,
         "references": references,
         "generations": generations,
@@ -121,11 +122,6 @@ def cpt(curve: list[tuple[float, float]], weak: float, strong: float, fraction: 
     raise ValueError(f"the curve never reaches {target}")  # unreachable: (1, strong) is on or under it
 
 
-def _rank(record: dict[str, Any]) -> tuple[float, int]:
-    """Best quality first; among equals the earliest trial (a stable, reproducible choice)."""
-    return record["quality"], -record["trial"]
-
-
 def _front_entry(record: dict[str, Any]) -> dict[str, Any]:
     return {"trial": record["trial"], "label": record["label"], "quality": record["quality"],
             "flops": record["flops"], "served": record.get("served", {}),
@@ -136,11 +132,6 @@ def _brief(record: dict[str, Any]) -> dict[str, Any]:
     return {"trial": record["trial"], "label": record["label"], "generation": record["generation"],
             "state": record["state"], "quality": record.get("quality"), "metrics": record.get("metrics", {}),
             "flops": record.get("flops"), "recipe": record["recipe"], "error": record.get("error")}
-
-
-def best_trial(records: list[dict[str, Any]]) -> dict[str, Any] | None:
-    complete = [r for r in records if r["state"] == "complete"]
-    return max(complete, key=_rank) if complete else None
 
 
 def format_text(summary: dict[str, Any]) -> str:
@@ -259,7 +250,7 @@ def plot(summary: dict[str, Any], records: list[dict[str, Any]], folder: Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = [r for r in full_fidelity(records) if r["state"] == "complete" and r.get("flops") is not None]
+    done = [r for r in records if r["state"] == TrialState.COMPLETE.value and r.get("flops") is not None]
     figure, axes = plt.subplots(figsize=(6, 4.5))
     axes.scatter([r["flops"] for r in done], [r["quality"] for r in done], s=12, c="0.7", label="trials")
     front = sorted(summary["pareto"], key=lambda e: e["flops"])

@@ -186,12 +186,15 @@ class RunDir:
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 if number >= len(lines) - 1:  # the last line, cut short by a crash
                     logger.warning("%s: ignoring a truncated last line", path)
                     continue
                 raise ResumeError(f"{path}: line {number} is not valid JSON") from None
+            if record.get("fidelity") == "subset" and record.get("state") == "complete":  # before PRUNED existed
+                record["state"] = "pruned"
+            records.append(record)
         return records
 
     def finished(self, file: str = JOURNAL) -> dict[int, dict[str, Any]]:

@@ -35,12 +35,12 @@ from evomerge.dataflow import DataflowLayout
 from evomerge.errors import EvalError, ResumeError
 from evomerge.evaluate import check_tasks
 from evomerge.genome import GenomeLayout, Recipe, reference_recipes
-from evomerge.racing import race
+from evomerge.racing import fitness, race
 from evomerge.report import summarize
 from evomerge.run_dir import JOURNAL, SUBSAMPLE, Checkpoint, RunDir, write_atomic
 from evomerge.sources import check_sources
 from evomerge.strategies import make_strategy
-from evomerge.trial import Trial, TrialResult, record, result_from_record
+from evomerge.trial import Trial, TrialResult, best, record, result_from_record
 
 logger = logging.getLogger(__name__)
 
@@ -121,13 +121,6 @@ def stage_search(config: RunConfig, stage: str) -> SearchConfig:
                                             "population": flow.population or config.search.population})
 
 
-def best_of_stage(records: list[dict], stage: str) -> dict | None:
-    """The best completed trial of a stage; ties go to the lowest trial id (journal order varies)."""
-    complete = sorted((r for r in records if r.get("stage", "ps") == stage and r["state"] == "complete"),
-                      key=lambda r: r["trial"])
-    return max(complete, key=lambda r: r["quality"]) if complete else None
-
-
 def run_loop(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLayout,
              pool: Pool | None = None) -> dict:
     """Every stage of `config.stages` in order (`layout` is the first's), from the checkpoint if any.
@@ -177,12 +170,13 @@ class Workers:
 
 def next_stage_layout(run: RunDir, config: RunConfig, stage: str) -> DataflowLayout:
     """The genome of a dfs stage that follows a ps stage: layer paths through the best ps trial."""
-    best = best_of_stage(run.records(), "ps")
-    if best is None:
+    best_ps = best([r for r in run.records() if r.get("stage", "ps") == "ps"])
+    if best_ps is None:
         raise EvalError(f"{run.path}: no completed ps trial to start the {stage} stage from")
-    merge = Recipe.from_json(best["recipe"])
+    merge = Recipe.from_json(best_ps["recipe"])
     merge = replace(merge, label=None, policy=None)
-    logger.info("stage %s: the merged model is ps trial %d (quality %.4f)", stage, best["trial"], best["quality"])
+    logger.info("stage %s: the merged model is ps trial %d (quality %.4f)", stage, best_ps["trial"],
+                best_ps["quality"])
     layout = dataflow_layout(config, merge.num_layers, merge)
     write_atomic(run.path / f"genome.{stage}.json", json.dumps(layout.describe(), indent=1).encode())
     return layout
@@ -314,14 +308,9 @@ def evaluate(pool: Pool, trials: list[Trial], journal: dict[int, dict], run: Run
 
 
 def losses(results: list[TrialResult], generation: int) -> list[float]:
-    """-quality per candidate; a failed one gets the worst finite loss of its generation plus one."""
-    finished = [-r.quality for r in results if r.ok]
-    if not finished:
-        reason = results[0].error if results else "no candidates"
-        raise EvalError(f"every candidate of generation {generation} failed (first reason: {reason}); "
-                        f"the run is kept and can be resumed after fixing the cause")
-    worst = max(finished) + 1.0
-    return [float(-r.quality) if r.ok else worst for r in results]
+    """-quality per candidate; a failed one gets the worst finite loss of its generation plus one
+    (racing's rule with nothing promoted)."""
+    return fitness(results, [None] * len(results), generation)
 
 
 def costs(results: list[TrialResult]) -> list[float]:

@@ -15,8 +15,13 @@ from evomerge.genome import Recipe
 
 
 class TrialState(str, enum.Enum):
-    COMPLETE = "complete"
-    FAILED = "failed"
+    """What became of a trial. Only COMPLETE trials are ranked, put on the front or exported."""
+
+    COMPLETE = "complete"  # scored on the full eval.limit
+    FAILED = "failed"  # its merge or evaluation failed: `error` says why
+    # scored on eval.subsample's subset only and not promoted (evomerge/racing.py): its quality is
+    # the subset's, a different measurement from every COMPLETE trial's
+    PRUNED = "pruned"
 
 
 @dataclass(frozen=True)
@@ -48,8 +53,9 @@ class TrialResult:
     traceback: str | None = None
 
     def __post_init__(self) -> None:
-        if self.state is TrialState.COMPLETE and (self.quality is None or not math.isfinite(self.quality)):
-            raise ValueError(f"trial {self.trial_id}: a COMPLETE trial needs a finite quality, got {self.quality!r}")
+        if self.state is not TrialState.FAILED and (self.quality is None or not math.isfinite(self.quality)):
+            raise ValueError(f"trial {self.trial_id}: a {self.state.name} trial needs a finite quality, "
+                             f"got {self.quality!r}")
         if self.state is TrialState.FAILED and not self.error:
             raise ValueError(f"trial {self.trial_id}: a FAILED trial needs a reason")
 
@@ -78,3 +84,10 @@ def result_from_record(data: dict[str, Any]) -> TrialResult:
                        metrics=data.get("metrics", {}), flops=data.get("flops"), served=data.get("served", {}),
                        seconds=data.get("seconds", {}),
                        worker=data.get("worker", ""), error=data.get("error"), traceback=data.get("traceback"))
+
+
+def best(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The best COMPLETE journal record: the highest quality, the earliest trial among equals (a
+    stable choice whatever order the journal lines were written in); None when there is none."""
+    complete = [r for r in records if r["state"] == TrialState.COMPLETE.value]
+    return max(complete, key=lambda r: (r["quality"], -r["trial"])) if complete else None

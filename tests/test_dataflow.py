@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import subprocess
 import sys
 from dataclasses import replace
@@ -369,6 +371,35 @@ def test_resume_across_the_stage_boundary_equals_an_uninterrupted_run(tmp_path: 
     run_loop(RunDir.open(run.path), config, ps, second)
     assert canonical(run.records()) == expected
     assert not set(first.evaluated) & set(second.evaluated)
+
+
+class GenerousSubsetPool(PathPool):
+    """PathPool whose scores on eval.subsample's subset (trial.limit set) are 0.5 too high: a pruned
+    ps trial then records the highest quality of the ps stage."""
+
+    def result(self, trial) -> TrialResult:
+        result = super().result(trial)
+        if trial.limit is None or not result.ok:
+            return result
+        return dataclasses.replace(result, quality=result.quality + 0.5, metrics={"t": result.quality + 0.5})
+
+
+def test_a_dfs_stage_after_subsample_starts_from_a_complete_ps_trial(tmp_path: Path) -> None:
+    raw = staged_config().to_yaml_dict()
+    raw["eval"].update(limit=100, subsample={"fraction": 0.25, "promote": 0.5})
+    config = validate(raw)
+    run, ps = start(tmp_path, config, "run")
+    run_loop(run, config, ps, GenerousSubsetPool())
+    records = run.records()
+    ps_records = [r for r in records if r["stage"] == "ps"]
+    pruned = [r for r in ps_records if r["state"] == TrialState.PRUNED.value]
+    complete = [r for r in ps_records if r["state"] == TrialState.COMPLETE.value]
+    assert pruned and complete
+    # the trap is set: a subset-only trial has the highest quality the ps stage recorded
+    assert max(ps_records, key=lambda r: r["quality"])["state"] == TrialState.PRUNED.value
+    start_from = max(complete, key=lambda r: (r["quality"], -r["trial"]))
+    dfs = [r for r in records if r["stage"] == "dfs"]
+    assert dfs and all(r["recipe"]["params"] == start_from["recipe"]["params"] for r in dfs)
 
 
 # --------------------------------------------------------------------------- real models, real lm-eval

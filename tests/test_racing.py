@@ -144,14 +144,14 @@ def test_subsample_run_journals_limits_and_ranks_full_qualities_only(tmp_path: P
     records = run.lines()
     assert len(records) == len({r["trial"] for r in records}) == 4 + 4 * 6  # one line per trial, as always
     references = [r for r in records if r["label"] is not None]
-    assert all(r["fidelity"] == "full" and r["limit"] == 100 and "subset" not in r for r in references)
+    assert all(r["state"] == "complete" and r["limit"] == 100 and "subset" not in r for r in references)
     stage = {r["trial"]: r for r in run.records(SUBSAMPLE)}
     assert sorted(stage) == sorted(r["trial"] for r in records if r["label"] is None)
     assert all(r["limit"] == 25 for r in stage.values())
     for generation in range(4):
         candidates = [r for r in records if r["generation"] == generation and r["label"] is None]
-        climbed = [r for r in candidates if r["fidelity"] == "full"]
-        held = [r for r in candidates if r["fidelity"] == "subset"]
+        climbed = [r for r in candidates if r["state"] == "complete"]
+        held = [r for r in candidates if r["state"] == "pruned"]
         assert len(climbed) == 3 and len(held) == 3  # ceil(0.5 x 6)
         assert min(stage[r["trial"]]["quality"] for r in climbed) >= max(r["quality"] for r in held)
         for r in climbed:
@@ -160,11 +160,11 @@ def test_subsample_run_journals_limits_and_ranks_full_qualities_only(tmp_path: P
         for r in held:
             assert r["limit"] == 25 and r["quality"] == stage[r["trial"]]["quality"]
     # the pool saw every candidate on the subset, the promoted ones and references on the full limit
-    full_ids = {r["trial"] for r in records if r["fidelity"] == "full"}
+    full_ids = {r["trial"] for r in records if r["state"] == "complete"}
     assert sorted(t for t, limit in pool.scored if limit is None) == sorted(full_ids)
     assert sorted(t for t, limit in pool.scored if limit == 25) == sorted(stage)
     # the report ranks full-limit qualities only
-    held_ids = {r["trial"] for r in records if r["fidelity"] == "subset"}
+    held_ids = {r["trial"] for r in records if r["state"] == "pruned"}
     assert summary["subset_only"] == len(held_ids) == 12
     assert summary["best"]["trial"] in full_ids
     assert not {e["trial"] for e in summary["pareto"]} & held_ids
@@ -178,7 +178,7 @@ def test_without_subsample_nothing_changes(tmp_path: Path) -> None:
     pool = SubsetPool()
     summary = run_loop(run, config, layout, pool)
     assert all(limit is None for _, limit in pool.scored)
-    assert not any({"limit", "fidelity", "subset"} & set(r) for r in run.records())
+    assert not any({"limit", "subset"} & set(r) for r in run.records())
     assert not (run.path / SUBSAMPLE).exists() and "subset_only" not in summary
 
 
@@ -263,3 +263,11 @@ def test_spearman(a, b, expected) -> None:
 
     got = spearman(a, b)
     assert got == (None if expected is None else pytest.approx(expected))
+
+
+def test_an_older_journals_subset_only_lines_read_as_pruned(tmp_path: Path) -> None:
+    run, _ = start(tmp_path, subsample_config())
+    line = {"trial": 0, "generation": 0, "stage": "ps", "label": None, "quality": 0.9, "limit": 25}
+    run.append({**line, "state": "complete", "fidelity": "subset"})  # how subset-only trials were written
+    run.append({**line, "trial": 1, "state": "complete", "fidelity": "full", "limit": 100})
+    assert [r["state"] for r in run.records()] == ["pruned", "complete"]

@@ -43,13 +43,13 @@ def test_subsample_search_journals_limits(zoo, ray_cluster, tmp_path) -> None:
     stage = {r["trial"]: r for r in run.records(SUBSAMPLE)}
     assert len(stage) == 2 * 4 and all(r["limit"] == 4 for r in stage.values())
     candidates = [r for r in records if r["label"] is None]
-    promoted = [r for r in candidates if r["fidelity"] == "full"]
-    held = [r for r in candidates if r["fidelity"] == "subset"]
+    promoted = [r for r in candidates if r["state"] == "complete"]
+    held = [r for r in candidates if r["state"] == "pruned"]
     assert len(promoted) == len(held) == 4  # two per generation of four
     assert all(r["limit"] == 16 and r["subset"]["limit"] == 4 for r in promoted)
     assert all(r["subset"]["quality"] == stage[r["trial"]]["quality"] for r in promoted)
     assert all(r["limit"] == 4 and r["quality"] == stage[r["trial"]]["quality"] for r in held)
-    assert all(r["fidelity"] == "full" and r["limit"] == 16 for r in records if r["label"] is not None)
+    assert all(r["state"] == "complete" and r["limit"] == 16 for r in records if r["label"] is not None)
     assert summary["subset_only"] == 4 and summary["best"]["trial"] not in {r["trial"] for r in held}
 
 
