@@ -46,8 +46,8 @@ def measure(paths: list[Path], eager: bool) -> dict[str, float]:
 
     from evomerge.config import ModelsConfig
     from evomerge.genome import Recipe
-    from evomerge.merger import Merger, load_merge_target
-    from evomerge.sources import load_model
+    from evomerge.merge.merger import Merger, load_merge_target
+    from evomerge.models.sources import load_model
 
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -107,8 +107,8 @@ def merger_for(config: dict):
     from safetensors import safe_open
 
     from evomerge.genome import Recipe
-    from evomerge.merger import Merger
-    from evomerge.sources import mapped_parameters
+    from evomerge.merge.merger import Merger
+    from evomerge.models.sources import mapped_parameters
 
     experts = [Path(m["model"]) for m in config["models"]]
     base = Path(config.get("base_model") or experts[0])  # linear reads no base; its tensors give the names

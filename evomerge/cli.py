@@ -206,7 +206,7 @@ def _scaled_path(record: dict) -> bool:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from evomerge.mergekit_config import run_merge
+    from evomerge.merge.mergekit import run_merge
 
     out = run_merge(args.config, args.out, force=args.force, seed=args.seed, device=args.device)
     print(f"merged {args.config} into {out}")

@@ -38,7 +38,7 @@ projections (attention out, MLP down) are multiplied by c_j; pre-norm layers see
 norm(u / c) = norm(u), so the folded model computes the same function up to the norms'
 epsilon. That needs pre-norm layers whose residual branches end in known projections
 (`FOLDABLE`); unscaled paths export for any architecture, and also as a mergekit
-`passthrough` config of `slices:` (`passthrough_yaml`).
+`passthrough` config of `slices:` (`evomerge.merge.mergekit.passthrough_yaml`).
 """
 
 from __future__ import annotations
@@ -50,11 +50,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import yaml
 
 from evomerge.errors import ModelMismatchError
 from evomerge.genome import Recipe
-from evomerge.merge.methods import passthrough
 
 INCLUDE_THRESHOLD = 0.5  # a slot is on the path when its include gene is above this (Sakana: > 0.5)
 # dataflow.start: first: slots of the start path are kept above 0.5 - START_MARGIN, the others
@@ -344,25 +342,3 @@ def materialize(flow: LayerPath) -> torch.nn.Module:
                         tensor.mul_(factor)
     model.generation_config = copy.deepcopy(first.generation_config)
     return model
-
-
-def passthrough_yaml(flow: LayerPath, folders: Sequence[str | None], dtype: str, trial: int) -> str | None:
-    """A mergekit `passthrough` config of `slices:` reproducing an unscaled path; None when it cannot
-    (a scale other than 1, or a member without a folder such as the merged candidate)."""
-    if any(step.scale != 1.0 for step in flow.path) or any(folders[s.model] is None for s in flow.path):
-        return None
-    if folders[0] is None:
-        return None
-    # mergekit takes the embeddings from the first slice's model and the final norm and head from
-    # the last slice's: empty slices of the first model pin both to it.
-    slices: list[dict[str, Any]] = [{"sources": [{"model": folders[0], "layer_range": [0, 0]}]}]
-    for step in flow.path:
-        last = slices[-1]["sources"][0] if slices else None
-        if last is not None and last["model"] == folders[step.model] and last["layer_range"][1] == step.layer:
-            last["layer_range"][1] += 1
-        else:
-            slices.append({"sources": [{"model": folders[step.model], "layer_range": [step.layer, step.layer + 1]}]})
-    slices.append({"sources": [{"model": folders[0], "layer_range": [0, 0]}]})
-    document = {"slices": slices, "merge_method": passthrough.method.name, "dtype": dtype}
-    header = f"# evomerge export of trial {trial} (data-flow path of {len(flow.path)} layers)\n"
-    return header + yaml.safe_dump(document, sort_keys=False)

@@ -16,21 +16,19 @@ import json
 import logging
 import os
 import shutil
-from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
-import yaml
 
 from evomerge.config import RunConfig
 from evomerge.errors import ConfigError
-from evomerge.genome import ALL, EMBED_HEAD, Recipe, group_of, layer_index
-from evomerge.merge import get_method
-from evomerge.merger import load_merge_target
-from evomerge.trial import TrialState, best
+from evomerge.genome import Recipe
+from evomerge.merge.mergekit import mergekit_yaml
+from evomerge.merge.merger import load_merge_target
+from evomerge.models.sources import load_model, load_tokenizer, pick_device
 from evomerge.run_dir import RunDir
-from evomerge.sources import load_model, load_tokenizer, pick_device
+from evomerge.trial import TrialState, best
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +108,8 @@ def write_folder(folder: Path, config: RunConfig, record: dict[str, Any]) -> Non
 def write_layer_path(folder: Path, config: RunConfig, merged: torch.nn.Module, recipe: Recipe, trial: int) -> None:
     """A data-flow trial as an ordinary model (scales folded in) and, when the path can be expressed
     (every scale 1, no merged member), a mergekit passthrough config of `slices:`."""
-    from evomerge.dataflow import materialize, passthrough_yaml, path_of
+    from evomerge.dataflow import materialize, path_of
+    from evomerge.merge.mergekit import passthrough_yaml
     from evomerge.workers import build_layer_path
 
     flow = build_layer_path(config, merged, {}, pick_device(config.models.device))
@@ -178,102 +177,6 @@ def pick_trial(run: RunDir, trial_id: int | None) -> dict[str, Any]:
     return records[trial_id]
 
 
-def mergekit_yaml(recipe: Recipe, config: RunConfig, parameter_names: list[str], trial: int) -> str:
-    """A mergekit config for the recipe: per-model parameters as layer filters with a default."""
-    experts = list(config.models.experts)
-    layer_prefixes = _layer_prefixes(parameter_names, recipe.num_layers)
-    models: list[dict[str, Any]] = []
-    document: dict[str, Any] = {"merge_method": recipe.method}
-    if not get_method(recipe.method).per_expert:  # one shared value (slerp's t): base and its one expert
-        document["base_model"] = config.models.base
-        document["models"] = [{"model": config.models.base}, {"model": experts[0]}]
-        document["parameters"] = {"t": _values(recipe, "t", 0, layer_prefixes, parameter_names)}
-    else:
-        genes = next(iter(recipe.params.values()), {}).keys()
-        for index, path in enumerate(experts):
-            parameters = {gene: _values(recipe, gene, index, layer_prefixes, parameter_names) for gene in genes}
-            models.append({"model": path, "parameters": parameters} if parameters else {"model": path})
-        if get_method(recipe.method).needs_base:
-            document["base_model"] = config.models.base
-        document["models"] = models
-    document["dtype"] = config.models.dtype
-    # The exported folder carries the base's tokenizer; linear has no base_model to call "base".
-    document["tokenizer_source"] = "base" if "base_model" in document else config.models.base
-    header = f"# evomerge export of trial {trial} ({recipe.label or 'evolved'}), run seed {config.seed}\n"
-    if get_method(recipe.method).random:
-        header += (f"# {recipe.method} masks are random: mergekit draws its own, so its tensors match only in "
-                   "distribution\n")
-    return header + yaml.safe_dump(document, sort_keys=False)
-
-
-def _values(recipe: Recipe, gene: str, expert: int, layer_prefixes: dict[int, str],
-            parameter_names: list[str]) -> Any:
-    """A scalar when every group agrees, else `[{filter: 'model.layers.i.', value}, ..., {value}]`."""
-    if set(recipe.params) == {ALL}:
-        return recipe.params[ALL][gene][expert]
-    if recipe.modules is not None:
-        return prefix_filters(parameter_names, lambda name: recipe.params[recipe.group(name)][gene][expert])
-    entries = []
-    for index, prefix in sorted(layer_prefixes.items()):
-        group = group_of(prefix + "weight", recipe.granularity, recipe.num_layers)
-        entries.append({"filter": prefix, "value": recipe.params[group][gene][expert]})
-    entries.append({"value": recipe.params[EMBED_HEAD][gene][expert]})
-    return entries
-
-
-def prefix_filters(names: list[str], value_of: Callable[[str], float]) -> Any:
-    """mergekit filters giving each tensor its value: a scalar when all agree, else a list.
-
-    mergekit gives a tensor the value of the first entry whose filter is a substring of its name
-    (an entry without a filter matches all). Walking the dotted names as a tree, a subtree whose
-    tensors share one value is one entry (its prefix); a mixed one lists its exceptions first,
-    then its prefix with its most common value. The last entry (the root's) is the default.
-    A subtree whose most common value is its parent's needs no entry of its own. Every tensor is
-    checked to get its own value; if one would not, the entries are whole names, longest first.
-    """
-    values = {name: value_of(name) for name in names}
-    entries: list[tuple[str, float]] = []
-
-    def visit(prefix: str, members: list[str], inherited: float | None) -> None:
-        counts = Counter(values[name] for name in members)
-        best = max(counts.values())
-        common = inherited if counts.get(inherited) == best else next(v for v, c in counts.items() if c == best)
-        children: dict[str, list[str]] = {}
-        for name in members:
-            children.setdefault(name[len(prefix):].split(".")[0], []).append(name)
-        for component, group in children.items():
-            if all(values[name] == common for name in group):
-                continue
-            child = prefix + component
-            if group == [child]:
-                entries.append((child, values[child]))
-            else:
-                visit(child + ".", group, common)
-        if common != inherited:  # else the enclosing entry, which comes later, gives the same value
-            entries.append((prefix, common))
-
-    visit("", list(names), None)
-    if len(entries) == 1:
-        return entries[0][1]
-    for name, value in values.items():
-        if next(v for f, v in entries if f in name) != value:  # a filter matching elsewhere too
-            # whole names, longest first: a name is matched by no earlier entry but its own
-            entries = [*sorted(values.items(), key=lambda item: -len(item[0])), ("", entries[-1][1])]
-            break
-    return [{"filter": f, "value": v} for f, v in entries[:-1]] + [{"value": entries[-1][1]}]
-
-
-def _layer_prefixes(names: list[str], num_layers: int) -> dict[int, str]:
-    """Layer index -> tensor-name prefix that selects exactly that layer (e.g. 'model.layers.3.')."""
-    prefixes: dict[int, str] = {}
-    for name in names:
-        index = layer_index(name)
-        if index is not None and index < num_layers and index not in prefixes:
-            marker = f".{index}."
-            prefixes[index] = name[: name.index(marker) + len(marker)] if marker in name else f"{index}."
-    return prefixes
-
-
 def evaluate_folder(config: RunConfig, folder: str | Path, limit: int | float | None = None) -> float:
     """Score an exported folder with the run's tasks (the check that export reproduces the journal);
     a routed trial is scored through its policy over the models its `policy.json` names (the
@@ -282,7 +185,7 @@ def evaluate_folder(config: RunConfig, folder: str | Path, limit: int | float | 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.evaluate import Evaluator, quality
-    from evomerge.sources import torch_dtype
+    from evomerge.models.sources import torch_dtype
 
     device = pick_device(config.models.device)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(config.models.dtype)).to(device).eval()

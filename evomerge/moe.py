@@ -35,6 +35,7 @@ import torch
 
 from evomerge.config import ModelsConfig, MoeConfig
 from evomerge.errors import ModelMismatchError
+from evomerge.models.sources import shape_difference
 
 GATE_MODES = ("hidden", "cheap_embed", "random")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -186,14 +187,16 @@ def check_same_tensors(dense: torch.nn.Module, moe: torch.nn.Module) -> None:
     ours = {n: p.shape for n, p in moe.named_parameters() if ".mlp." not in n}
     theirs = {n: p.shape for n, p in dense.named_parameters() if ".mlp." not in n}
     kind = moe.config.model_type
-    for name in [*theirs, *(n for n in ours if n not in theirs)]:  # in the dense model's order
-        if name not in ours:
-            raise ModelMismatchError(f"models.base: tensor {name!r} has no place in a {kind} mixture of experts")
-        if name not in theirs:
-            raise ModelMismatchError(f"models.base: tensor {name!r} of the {kind} mixture is not in the dense model")
-        if ours[name] != theirs[name]:
-            raise ModelMismatchError(f"models.base: tensor {name!r} has shape {list(theirs[name])}, the "
-                                     f"{kind} mixture expects {list(ours[name])}")
+    difference = shape_difference(theirs, ours, [*theirs, *(n for n in ours if n not in theirs)])  # dense order
+    if difference is None:
+        return
+    name, how = difference
+    if how == "missing":
+        raise ModelMismatchError(f"models.base: tensor {name!r} has no place in a {kind} mixture of experts")
+    if how == "extra":
+        raise ModelMismatchError(f"models.base: tensor {name!r} of the {kind} mixture is not in the dense model")
+    raise ModelMismatchError(f"models.base: tensor {name!r} has shape {list(theirs[name])}, the "
+                             f"{kind} mixture expects {list(ours[name])}")
 
 
 def check_upcyclable(models: ModelsConfig) -> None:

@@ -42,6 +42,7 @@ from evomerge.errors import EvalError
 from evomerge.run_dir import JOURNAL, SUBSAMPLE, RunDir
 from evomerge.trial import Trial, TrialResult, TrialState, record
 
+
 def race(eval_config: EvalConfig, pool: Any, references: list[Trial], candidates: list[Trial],
          journal: dict[int, dict], run: RunDir, generation: int, evaluate: Callable[..., dict[int, TrialResult]],
          ) -> tuple[list[float], list[TrialResult]]:

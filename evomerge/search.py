@@ -35,10 +35,10 @@ from evomerge.dataflow import DataflowLayout
 from evomerge.errors import EvalError, ResumeError
 from evomerge.evaluate import check_tasks
 from evomerge.genome import GenomeLayout, Recipe, reference_recipes
+from evomerge.models.sources import check_sources
 from evomerge.racing import fitness, race
 from evomerge.report import summarize
 from evomerge.run_dir import JOURNAL, SUBSAMPLE, Checkpoint, RunDir, write_atomic
-from evomerge.sources import check_sources
 from evomerge.strategies import make_strategy
 from evomerge.trial import Trial, TrialResult, best, record, result_from_record
 

@@ -26,8 +26,8 @@ import torch
 from evomerge.config import RunConfig, WorkersConfig
 from evomerge.errors import ClusterLostError, WorkerStartError
 from evomerge.evaluate import Evaluator, quality
-from evomerge.merger import load_merge_target
-from evomerge.sources import load_model, load_tokenizer, pick_device, spread_over_gpus
+from evomerge.merge.merger import load_merge_target
+from evomerge.models.sources import load_model, load_tokenizer, pick_device, spread_over_gpus
 from evomerge.trial import Trial, TrialResult, TrialState
 
 logger = logging.getLogger(__name__)

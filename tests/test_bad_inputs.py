@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import write_config
+
 from evomerge.cli import main
 
 pytestmark = pytest.mark.slow

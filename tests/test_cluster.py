@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import write_config
+
 from evomerge.run_dir import RunDir
 
 pytestmark = pytest.mark.slow

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import subprocess
 import sys
 from dataclasses import replace
@@ -13,18 +12,18 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, write_config
+from fakes import FakePool, make_config
+
 from evomerge.config import load_config, validate
-from evomerge.dataflow import (DataflowLayout, LayerPath, Step, layer_list_path, materialize, passthrough_yaml,
-                               path_of)
+from evomerge.dataflow import DataflowLayout, LayerPath, Step, layer_list_path, materialize, path_of
 from evomerge.errors import ConfigError
 from evomerge.flops import CostModel
 from evomerge.genome import ALL, GenomeLayout, Recipe
+from evomerge.merge.mergekit import passthrough_yaml
 from evomerge.run_dir import RunDir, canonical
 from evomerge.search import run_loop
 from evomerge.trial import TrialResult, TrialState
-from fakes import FakePool, make_config
 
 VOCAB, HIDDEN, FFN, HEADS, KV_HEADS, LAYERS = 50, 32, 64, 4, 2, 3
 
@@ -240,7 +239,7 @@ def test_mergekit_and_evomerge_merge_build_the_same_model_from_the_passthrough_y
     gives the materialised path with mergekit-yaml and with `evomerge merge`."""
     from transformers import AutoModelForCausalLM
 
-    from evomerge.mergekit_config import run_merge
+    from evomerge.merge.mergekit import run_merge
 
     folders = [str(zoo["base"]), str(zoo[[n for n in zoo if n != "base"][0]])]
     models = [AutoModelForCausalLM.from_pretrained(f).eval() for f in folders]

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import write_config
+
 from evomerge.config import load_config
 from evomerge.genome import Recipe
 from evomerge.trial import Trial, TrialState

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, write_config
+
 from evomerge.cli import main
 from evomerge.config import load_config
-
 from evomerge.export import evaluate_folder, export
 from evomerge.genome import Recipe
 from evomerge.run_dir import RunDir, canonical

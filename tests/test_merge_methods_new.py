@@ -311,7 +311,7 @@ def tiny_llamas(tmp_path_factory) -> dict[str, str]:
 def test_prefix_filters_resolve_like_mergekit() -> None:
     from mergekit.config import ConditionalParameter, evaluate_setting
 
-    from evomerge.export import prefix_filters
+    from evomerge.merge.mergekit import prefix_filters
 
     names = ["model.embed_tokens.weight",
              *[f"model.layers.{i}.{p}" for i in range(3) for p in (
@@ -366,10 +366,10 @@ def test_exported_yaml_merged_by_mergekit_and_evomerge_merge_equals_our_merge(ti
     from safetensors.torch import load_file
 
     from evomerge.config import validate
-    from evomerge.export import mergekit_yaml
     from evomerge.genome import GenomeLayout, Recipe
-    from evomerge.mergekit_config import run_merge as evomerge_merge
-    from evomerge.merger import load_merge_target
+    from evomerge.merge.mergekit import mergekit_yaml
+    from evomerge.merge.mergekit import run_merge as evomerge_merge
+    from evomerge.merge.merger import load_merge_target
 
     merge = {"method": method, **options}
     config = validate({"models": {"base": tiny_llamas["base"], "device": "cpu",

@@ -9,7 +9,7 @@ import yaml
 
 from evomerge.cli import main
 from evomerge.errors import ConfigError
-from evomerge.mergekit_config import evaluate_setting, layer_position, plan_merge, read_config
+from evomerge.merge.mergekit import evaluate_setting, layer_position, plan_merge, read_config
 
 TIES = {
     "merge_method": "ties", "base_model": "org/base",

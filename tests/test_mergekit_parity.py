@@ -22,7 +22,7 @@ import yaml
 
 from evomerge.cli import main
 from evomerge.merge import METHODS, get_method
-from evomerge.mergekit_config import MergekitConfig, ModelEntry, plan_merge
+from evomerge.merge.mergekit import MergekitConfig, ModelEntry, plan_merge
 
 TOLERANCE = 1e-5
 FAMILIES = ("llama", "qwen2")

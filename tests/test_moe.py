@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import REPO, write_config
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
-from conftest import REPO, write_config
 from evomerge.config import load_config
 from evomerge.errors import ConfigError, ModelMismatchError
 from evomerge.flops import CostModel
@@ -101,7 +101,7 @@ def test_different_experts_are_routed_and_not_averaged():
 
 
 def test_router_is_softmax_top_k_renormalised_with_temperature():
-    base, tokenizer = dense(), make_tokenizer()
+    base = dense()
     experts = [dense(seed=s) for s in (1, 2, 3)]
     upcycler = Upcycler(base, experts)
     gates = router_gates(base, "random", 3, seed=5)

@@ -7,8 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from evomerge.pareto import (ParetoArchive, default_reference, dominates, hypervolume_2d, non_dominated_sort,
-                             pareto_front)
+from evomerge.pareto import (
+    ParetoArchive,
+    default_reference,
+    dominates,
+    hypervolume_2d,
+    non_dominated_sort,
+    pareto_front,
+)
 
 # (quality up, flops down) staircase: each point trades quality for FLOPs, none dominates another
 STAIRCASE = [(0.2, 1.0), (0.5, 2.0), (0.7, 4.0), (0.8, 8.0)]

@@ -264,7 +264,7 @@ def test_router_picks_the_lowest_prefix_nll(env) -> None:
     from lm_eval.api.instance import Instance
 
     from evomerge.policies import PrefixRouter
-    from evomerge.policies.base import serve
+    from evomerge.policies.metering import serve
 
     k = 5
     members = env["members"]
@@ -312,7 +312,7 @@ def test_cascade_generation_escalates_exactly_the_unconfident(env) -> None:
     from lm_eval.api.instance import Instance
 
     from evomerge.policies import make_policy
-    from evomerge.policies.base import serve
+    from evomerge.policies.metering import serve
 
     members = env["members"][:2]
     prompts = [ex["prompt"] for s in ("add", "rev") for ex in eval_examples(s, 20)]

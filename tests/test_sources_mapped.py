@@ -10,8 +10,8 @@ import torch
 
 from evomerge.config import ModelsConfig
 from evomerge.genome import Recipe
-from evomerge.merger import Merger, load_merge_target
-from evomerge.sources import load_model, mapped_parameters
+from evomerge.merge.merger import Merger, load_merge_target
+from evomerge.models.sources import load_model, mapped_parameters
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import write_config
+
 from evomerge.config import load_config
 from evomerge.run_dir import SUBSAMPLE, RunDir
 from evomerge.search import search

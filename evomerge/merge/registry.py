@@ -35,7 +35,6 @@ import torch
 from evomerge.errors import MergeError
 
 
-
 @dataclass(frozen=True)
 class GeneSpec:
     """What a gene is, wherever it is read: config bounds, genome layout, mergekit in and out."""

@@ -22,9 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from evomerge.policies.base import Member, PolicyLM, PolicyStats
+from evomerge.policies.base import PolicyLM
 from evomerge.policies.blend import Blend
 from evomerge.policies.cascade import Cascade
+from evomerge.policies.members import Member
+from evomerge.policies.metering import PolicyStats
 from evomerge.policies.router import PrefixRouter
 
 __all__ = ["POLICIES", "Member", "PolicyLM", "PolicyStats", "Blend", "PrefixRouter", "Cascade",

@@ -15,7 +15,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from evomerge.policies.base import Member, PolicyLM, Unit, unit_key
+from evomerge.policies.base import PolicyLM, Unit, unit_key
+from evomerge.policies.members import Member
 
 __all__ = ["Blend", "normalize_probs"]
 

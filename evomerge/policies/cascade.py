@@ -26,7 +26,9 @@ import math
 import sys
 from typing import Any, Mapping, Sequence
 
-from evomerge.policies.base import Member, PolicyLM, Served, make_units, serve_units
+from evomerge.policies.base import PolicyLM, make_units, serve_units
+from evomerge.policies.members import Member
+from evomerge.policies.metering import Served
 
 __all__ = ["Cascade", "unit_confidence"]
 

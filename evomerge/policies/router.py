@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from evomerge.policies.base import Member, PolicyLM, Unit
+from evomerge.policies.base import PolicyLM, Unit
+from evomerge.policies.members import Member
 
 __all__ = ["PrefixRouter"]
 

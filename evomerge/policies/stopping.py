@@ -10,7 +10,7 @@ every string, every step, although greedy answers repeat from candidate to candi
 `StopStrings` answers exactly as those criteria do, step by step: the same windows, decoded by
 the same `batch_decode`, but only for rows not yet done for a string, and each distinct window
 decoded once per tokenizer (`decoded`, kept by the caller across calls). It also exposes
-`done_tracker`: per row, done for some string (what `policies.base.GenerationWatch` reads).
+`done_tracker`: per row, done for some string (what `policies.watch.GenerationWatch` reads).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from typing import Mapping
 import torch
 
 from evomerge.errors import ModelMismatchError
-from evomerge.sources import ARCH_FIELDS, TOKENIZER_FILES, _compare_shapes
+from evomerge.models.sources import ARCH_FIELDS, TOKENIZER_FILES, _compare_shapes
 
 logger = logging.getLogger(__name__)
 

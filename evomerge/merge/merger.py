@@ -19,7 +19,7 @@ import torch
 from evomerge.config import ModelsConfig
 from evomerge.errors import MergeError
 from evomerge.merge import get_method
-from evomerge.sources import load_model, source_parameters
+from evomerge.models.sources import load_model, source_parameters
 
 
 class TensorRecipe(Protocol):

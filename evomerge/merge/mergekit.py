@@ -1,4 +1,10 @@
-"""A mergekit merge config, run by evomerge's own merge methods, written as a Hugging Face folder.
+"""mergekit configs, read and written in one place.
+
+Writing (the end of this module): `mergekit_yaml` (a recipe as per-model parameters with layer
+filters) and `passthrough_yaml` (an unscaled layer path as `slices:`), which `evomerge export`
+puts beside every exported model.
+
+Reading: a mergekit merge config, run by evomerge's own merge methods, written as a Hugging Face folder.
 
     evomerge merge CONFIG.yaml --out DIR
 
@@ -48,21 +54,26 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
+import yaml
 
-from evomerge.config import ModelsConfig, _resolve_model, read_yaml
+from evomerge.config import ModelsConfig, RunConfig, _resolve_model, read_yaml
 from evomerge.errors import ConfigError, ModelMismatchError
-from evomerge.folders import Folder, check_folders, read_folder, same_tokenizer_files, write_folder
-from evomerge.genome import layer_index
+from evomerge.genome import ALL, EMBED_HEAD, Recipe, group_of, interpolate, layer_index
 from evomerge.merge import METHODS, MergeMethod, get_method
 from evomerge.merge.methods import passthrough
 from evomerge.merge.registry import GENES
+from evomerge.models.folders import Folder, check_folders, read_folder, same_tokenizer_files, write_folder
+
+if TYPE_CHECKING:
+    from evomerge.dataflow import LayerPath
 
 logger = logging.getLogger(__name__)
 
@@ -404,11 +415,7 @@ def _gradient(values: list[Any], t: float, where: str) -> Any:
     numbers = [_number(v) for v in values]
     if any(n is None for n in numbers):
         return values[int(t * (len(values) - 1))]
-    scaled = t * (len(values) - 1)
-    low = int(scaled)
-    high = min(len(values) - 1, low + 1)
-    frac = scaled - low
-    return (1 - frac) * numbers[low] + frac * numbers[high]
+    return interpolate(numbers, t)
 
 
 def _is_scalar(value: Any) -> bool:
@@ -495,7 +502,7 @@ def run_merge(config_path: str | Path, out: str | Path, *, force: bool = False, 
               device: str = "cpu") -> Path:
     """Merge (or stack) what a mergekit config describes and write a Hugging Face folder to `out`."""
     from evomerge.export import check_out, staged
-    from evomerge.sources import pick_device
+    from evomerge.models.sources import pick_device
 
     config = read_config(config_path)
     out = Path(out)
@@ -532,11 +539,11 @@ def run_merge(config_path: str | Path, out: str | Path, *, force: bool = False, 
 
 def _merge_folders(config: MergekitConfig, models: ModelsConfig, folders: list[Folder], out: Path, seed: int,
                    device: torch.device, config_path: str | Path) -> Path:
-    """The merge of local safetensors folders, file to file (`evomerge.folders`): every stored
+    """The merge of local safetensors folders, file to file (`evomerge.models.folders`): every stored
     floating tensor merged into a new tensor, the others taken from the skeleton."""
     from evomerge.export import staged
-    from evomerge.merger import Merger
-    from evomerge.sources import field_names, source_parameters
+    from evomerge.merge.merger import Merger
+    from evomerge.models.sources import field_names, source_parameters
 
     with _named_by_path(models):
         check_folders(folders, field_names(models))
@@ -567,7 +574,7 @@ def _merge_folders(config: MergekitConfig, models: ModelsConfig, folders: list[F
 def _output_tokenizer(config: MergekitConfig | LayerStack) -> str | None:
     """The folder whose tokenizer the output gets; None (with a warning, as mergekit) when no
     tokenizer_source is set and the skeleton has none."""
-    from evomerge.sources import has_tokenizer
+    from evomerge.models.sources import has_tokenizer
 
     if config.tokenizer_source is None and not has_tokenizer(config.skeleton):
         logger.warning("%s has no tokenizer: the merged folder gets none (set tokenizer_source to give it one)",
@@ -587,7 +594,7 @@ def _named_by_path(models: ModelsConfig) -> Iterator[None]:
 
 def _checked_sources(models: ModelsConfig, tokenizers: bool) -> Any:
     """`sources.check_sources`, its messages naming models by path."""
-    from evomerge.sources import check_sources
+    from evomerge.models.sources import check_sources
 
     with _named_by_path(models):
         return check_sources(models, tokenizers=tokenizers)
@@ -596,7 +603,7 @@ def _checked_sources(models: ModelsConfig, tokenizers: bool) -> Any:
 def _checked_tokenizer(config: MergekitConfig | LayerStack, models: ModelsConfig, path: str) -> Any:
     """The tokenizer of `path`, refused when it is not one of the merged models and encodes with
     another vocabulary than the skeleton's."""
-    from evomerge.sources import load_tokenizer
+    from evomerge.models.sources import load_tokenizer
 
     tokenizer = load_tokenizer(path, models)
     if path not in models.sources:
@@ -612,7 +619,7 @@ def _declared_dtype(declared: dict) -> str:
 
 def _merge(config: MergekitConfig, models: ModelsConfig, info: Any, seed: int, device: torch.device) -> torch.nn.Module:
     """The base (or first model) with every parameter overwritten by the merge, as a search's workers do it."""
-    from evomerge.merger import load_merge_target
+    from evomerge.merge.merger import load_merge_target
 
     plan = plan_merge(config, list(info.shapes), info.num_layers)  # every parameter resolved before loading
     logger.info("merging %d model(s) with %s", len(config.models), config.method.name)
@@ -627,7 +634,7 @@ def _stack(stack: LayerStack, models: ModelsConfig, source_layers: int, device: 
     slice's model and the final norm / head from the last one's."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    from evomerge.sources import load_model, torch_dtype
+    from evomerge.models.sources import load_model, torch_dtype
 
     for i, part in enumerate(stack.slices):
         if part.stop > source_layers:
@@ -686,3 +693,123 @@ def _check_vocabulary(tokenizer: Any, reference: Any, path: str, source: str) ->
     if tokenizer.get_vocab() != reference.get_vocab():
         raise ModelMismatchError(f"{source}: tokenizer_source: the tokenizer of {path} has another vocabulary "
                                  f"than the merged models; expected the same vocabulary")
+
+
+# -- writing: a recipe or a layer path as a mergekit config (what `evomerge export` writes) ---------
+
+def mergekit_yaml(recipe: Recipe, config: RunConfig, parameter_names: list[str], trial: int) -> str:
+    """A mergekit config for the recipe: per-model parameters as layer filters with a default."""
+    experts = list(config.models.experts)
+    layer_prefixes = _layer_prefixes(parameter_names, recipe.num_layers)
+    models: list[dict[str, Any]] = []
+    document: dict[str, Any] = {"merge_method": recipe.method}
+    if not get_method(recipe.method).per_expert:  # one shared value (slerp's t): base and its one expert
+        document["base_model"] = config.models.base
+        document["models"] = [{"model": config.models.base}, {"model": experts[0]}]
+        document["parameters"] = {"t": _values(recipe, "t", 0, layer_prefixes, parameter_names)}
+    else:
+        genes = next(iter(recipe.params.values()), {}).keys()
+        for index, path in enumerate(experts):
+            parameters = {gene: _values(recipe, gene, index, layer_prefixes, parameter_names) for gene in genes}
+            models.append({"model": path, "parameters": parameters} if parameters else {"model": path})
+        if get_method(recipe.method).needs_base:
+            document["base_model"] = config.models.base
+        document["models"] = models
+    document["dtype"] = config.models.dtype
+    # The exported folder carries the base's tokenizer; linear has no base_model to call "base".
+    document["tokenizer_source"] = "base" if "base_model" in document else config.models.base
+    header = f"# evomerge export of trial {trial} ({recipe.label or 'evolved'}), run seed {config.seed}\n"
+    if get_method(recipe.method).random:
+        header += (f"# {recipe.method} masks are random: mergekit draws its own, so its tensors match only in "
+                   "distribution\n")
+    return header + yaml.safe_dump(document, sort_keys=False)
+
+
+def _values(recipe: Recipe, gene: str, expert: int, layer_prefixes: dict[int, str],
+            parameter_names: list[str]) -> Any:
+    """A scalar when every group agrees, else `[{filter: 'model.layers.i.', value}, ..., {value}]`."""
+    if set(recipe.params) == {ALL}:
+        return recipe.params[ALL][gene][expert]
+    if recipe.modules is not None:
+        return prefix_filters(parameter_names, lambda name: recipe.params[recipe.group(name)][gene][expert])
+    entries = []
+    for index, prefix in sorted(layer_prefixes.items()):
+        group = group_of(prefix + "weight", recipe.granularity, recipe.num_layers)
+        entries.append({"filter": prefix, "value": recipe.params[group][gene][expert]})
+    entries.append({"value": recipe.params[EMBED_HEAD][gene][expert]})
+    return entries
+
+
+def prefix_filters(names: list[str], value_of: Callable[[str], float]) -> Any:
+    """mergekit filters giving each tensor its value: a scalar when all agree, else a list.
+
+    mergekit gives a tensor the value of the first entry whose filter is a substring of its name
+    (an entry without a filter matches all). Walking the dotted names as a tree, a subtree whose
+    tensors share one value is one entry (its prefix); a mixed one lists its exceptions first,
+    then its prefix with its most common value. The last entry (the root's) is the default.
+    A subtree whose most common value is its parent's needs no entry of its own. Every tensor is
+    checked to get its own value; if one would not, the entries are whole names, longest first.
+    """
+    values = {name: value_of(name) for name in names}
+    entries: list[tuple[str, float]] = []
+
+    def visit(prefix: str, members: list[str], inherited: float | None) -> None:
+        counts = Counter(values[name] for name in members)
+        best = max(counts.values())
+        common = inherited if counts.get(inherited) == best else next(v for v, c in counts.items() if c == best)
+        children: dict[str, list[str]] = {}
+        for name in members:
+            children.setdefault(name[len(prefix):].split(".")[0], []).append(name)
+        for component, group in children.items():
+            if all(values[name] == common for name in group):
+                continue
+            child = prefix + component
+            if group == [child]:
+                entries.append((child, values[child]))
+            else:
+                visit(child + ".", group, common)
+        if common != inherited:  # else the enclosing entry, which comes later, gives the same value
+            entries.append((prefix, common))
+
+    visit("", list(names), None)
+    if len(entries) == 1:
+        return entries[0][1]
+    for name, value in values.items():
+        if next(v for f, v in entries if f in name) != value:  # a filter matching elsewhere too
+            # whole names, longest first: a name is matched by no earlier entry but its own
+            entries = [*sorted(values.items(), key=lambda item: -len(item[0])), ("", entries[-1][1])]
+            break
+    return [{"filter": f, "value": v} for f, v in entries[:-1]] + [{"value": entries[-1][1]}]
+
+
+def _layer_prefixes(names: list[str], num_layers: int) -> dict[int, str]:
+    """Layer index -> tensor-name prefix that selects exactly that layer (e.g. 'model.layers.3.')."""
+    prefixes: dict[int, str] = {}
+    for name in names:
+        index = layer_index(name)
+        if index is not None and index < num_layers and index not in prefixes:
+            marker = f".{index}."
+            prefixes[index] = name[: name.index(marker) + len(marker)] if marker in name else f"{index}."
+    return prefixes
+
+
+def passthrough_yaml(flow: LayerPath, folders: Sequence[str | None], dtype: str, trial: int) -> str | None:
+    """A mergekit `passthrough` config of `slices:` reproducing an unscaled path; None when it cannot
+    (a scale other than 1, or a member without a folder such as the merged candidate)."""
+    if any(step.scale != 1.0 for step in flow.path) or any(folders[s.model] is None for s in flow.path):
+        return None
+    if folders[0] is None:
+        return None
+    # mergekit takes the embeddings from the first slice's model and the final norm and head from
+    # the last slice's: empty slices of the first model pin both to it.
+    slices: list[dict[str, Any]] = [{"sources": [{"model": folders[0], "layer_range": [0, 0]}]}]
+    for step in flow.path:
+        last = slices[-1]["sources"][0] if slices else None
+        if last is not None and last["model"] == folders[step.model] and last["layer_range"][1] == step.layer:
+            last["layer_range"][1] += 1
+        else:
+            slices.append({"sources": [{"model": folders[step.model], "layer_range": [step.layer, step.layer + 1]}]})
+    slices.append({"sources": [{"model": folders[0], "layer_range": [0, 0]}]})
+    document = {"slices": slices, "merge_method": passthrough.method.name, "dtype": dtype}
+    header = f"# evomerge export of trial {trial} (data-flow path of {len(flow.path)} layers)\n"
+    return header + yaml.safe_dump(document, sort_keys=False)

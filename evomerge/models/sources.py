@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -129,16 +129,33 @@ def _check_finite(field: str, folder: Path) -> None:
                     raise ModelMismatchError(f"{field}: tensor {key!r} in {file.name} has non-finite values (NaN or inf)")
 
 
+def shape_difference(reference: Mapping[str, Sequence[int]], other: Mapping[str, Sequence[int]],
+                     order: Sequence[str] | None = None) -> tuple[str, str] | None:
+    """The first tensor name where `other` differs from `reference`, and how: `missing` (only in
+    reference), `extra` (only in other) or `shape`; None when they agree. Names are checked in
+    `order` (default: sorted)."""
+    for name in order if order is not None else sorted(set(reference) | set(other)):
+        if name not in other:
+            return name, "missing"
+        if name not in reference:
+            return name, "extra"
+        if tuple(reference[name]) != tuple(other[name]):
+            return name, "shape"
+    return None
+
+
 def _compare_shapes(field: str, theirs: dict[str, tuple[int, ...]], ours: dict[str, tuple[int, ...]]) -> None:
-    for name in sorted(set(ours) | set(theirs)):
-        where = name.removeprefix("file:")
-        if name not in theirs:
-            raise ModelMismatchError(f"{field}: tensor {where!r} is missing (models.base has it)")
-        if name not in ours:
-            raise ModelMismatchError(f"{field}: extra tensor {where!r} (models.base has none)")
-        if theirs[name] != ours[name]:
-            raise ModelMismatchError(f"{field}: tensor {where!r} has shape {list(theirs[name])}, "
-                                     f"models.base has {list(ours[name])}")
+    difference = shape_difference(ours, theirs)
+    if difference is None:
+        return
+    name, how = difference
+    where = name.removeprefix("file:")
+    if how == "missing":
+        raise ModelMismatchError(f"{field}: tensor {where!r} is missing (models.base has it)")
+    if how == "extra":
+        raise ModelMismatchError(f"{field}: extra tensor {where!r} (models.base has none)")
+    raise ModelMismatchError(f"{field}: tensor {where!r} has shape {list(theirs[name])}, "
+                             f"models.base has {list(ours[name])}")
 
 
 def mapped_parameters(path: str, shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
