@@ -27,6 +27,21 @@ NO_POLICY = "none"  # policy.kind of a candidate served by its merged model alon
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+def _once(values: list[Any], what: str) -> list[Any]:
+    """`values` when none repeats, else a ValueError naming `what` repeats."""
+    if len(set(values)) != len(values):
+        raise ValueError(f"each {what} once (got {values})")
+    return values
+
+
+def _member_names(members: list[str]) -> list[str]:
+    """`members` when each is merged, base or expert:I (a policy's or a layer path's models)."""
+    for member in members:
+        if not (member in ("merged", "base") or re.fullmatch(r"expert:\d+", member)):
+            raise ValueError(f"expected merged, base or expert:I (got {member!r})")
+    return members
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -134,9 +149,7 @@ class MergeConfig(_Bounded):
     @field_validator("modules")
     @classmethod
     def _modules(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None and len(set(value)) != len(value):
-            raise ValueError(f"each module kind once (got {value})")
-        return value
+        return _once(value, "module kind") if value is not None else value
 
     @model_validator(mode="after")
     def _options_fit_method(self) -> MergeConfig:
@@ -261,9 +274,7 @@ class SearchConfig(_Frozen):
             return value
         if not all(math.isfinite(w) and w >= 0.0 for w in value):
             raise ValueError(f"expected finite weights >= 0 (got {value})")
-        if len(set(value)) != len(value):
-            raise ValueError(f"each weight once (got {value})")
-        return value
+        return _once(value, "weight")
 
     @model_validator(mode="after")
     def _tradeoffs_need_cma(self) -> SearchConfig:
@@ -310,12 +321,7 @@ class PolicyConfig(_Bounded):
     @field_validator("members")
     @classmethod
     def _members(cls, value: list[str]) -> list[str]:
-        for member in value:
-            if not (member in ("merged", "base") or re.fullmatch(r"expert:\d+", member)):
-                raise ValueError(f"expected merged, base or expert:I (got {member!r})")
-        if len(set(value)) != len(value):
-            raise ValueError(f"each member once (got {value})")
-        return value
+        return _once(_member_names(value), "member")
 
     @model_validator(mode="after")
     def _kind_fits_members(self) -> PolicyConfig:
@@ -387,12 +393,7 @@ class DataflowConfig(_Bounded):
             return value
         if not value:
             raise ValueError("expected one or more of merged, base, expert:I (got [])")
-        for member in value:
-            if not (member in ("merged", "base") or re.fullmatch(r"expert:\d+", member)):
-                raise ValueError(f"expected merged, base or expert:I (got {member!r})")
-        if len(set(value)) != len(value):
-            raise ValueError(f"each model once (got {value})")
-        return value
+        return _once(_member_names(value), "model")
 
     @classmethod
     def _gene_bounds(cls, gene: str, low: float, high: float) -> str | None:

@@ -35,7 +35,7 @@ import torch
 
 from evomerge.config import ModelsConfig, MoeConfig
 from evomerge.errors import ModelMismatchError
-from evomerge.models.sources import shape_difference
+from evomerge.models.sources import require_same_shapes
 
 GATE_MODES = ("hidden", "cheap_embed", "random")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -187,16 +187,11 @@ def check_same_tensors(dense: torch.nn.Module, moe: torch.nn.Module) -> None:
     ours = {n: p.shape for n, p in moe.named_parameters() if ".mlp." not in n}
     theirs = {n: p.shape for n, p in dense.named_parameters() if ".mlp." not in n}
     kind = moe.config.model_type
-    difference = shape_difference(theirs, ours, [*theirs, *(n for n in ours if n not in theirs)])  # dense order
-    if difference is None:
-        return
-    name, how = difference
-    if how == "missing":
-        raise ModelMismatchError(f"models.base: tensor {name!r} has no place in a {kind} mixture of experts")
-    if how == "extra":
-        raise ModelMismatchError(f"models.base: tensor {name!r} of the {kind} mixture is not in the dense model")
-    raise ModelMismatchError(f"models.base: tensor {name!r} has shape {list(theirs[name])}, the "
-                             f"{kind} mixture expects {list(ours[name])}")
+    require_same_shapes(theirs, ours, {
+        "missing": f"models.base: tensor {{name!r}} has no place in a {kind} mixture of experts",
+        "extra": f"models.base: tensor {{name!r}} of the {kind} mixture is not in the dense model",
+        "shape": f"models.base: tensor {{name!r}} has shape {{ours}}, the {kind} mixture expects {{theirs}}",
+    }, [*theirs, *(n for n in ours if n not in theirs)])  # in the dense model's order
 
 
 def check_upcyclable(models: ModelsConfig) -> None:

@@ -47,10 +47,8 @@ SLERP_NORM_EPS = 1e-8  # a vector with a norm at or below this is not normalized
 
 @register("linear", genes=("weight",), needs_base=False, streams=True,
           reference="https://arxiv.org/abs/2203.05482")
-def linear(
-    base: torch.Tensor, experts: Sequence[torch.Tensor], *, out: torch.Tensor, work: torch.dtype,
-    weight: list[float], normalize: bool = True,
-) -> torch.Tensor:
+def linear(base: torch.Tensor, experts: Sequence[torch.Tensor], *, out: torch.Tensor, work: torch.dtype,
+           weight: list[float], normalize: bool = True) -> torch.Tensor:
     """Model soup: sum_i w_i theta_i / sum_i w_i (without the division when normalize=False).
 
     `base` is not used. Weights one-hot (1, 0, ...) give that expert bit-exactly. With normalize
@@ -65,16 +63,8 @@ def linear(
 
 @register("task_arithmetic", genes=("weight",), needs_base=True, streams=True,
           reference="https://arxiv.org/abs/2212.04089")
-def task_arithmetic(
-    base: torch.Tensor,
-    experts: Sequence[torch.Tensor],
-    *,
-    out: torch.Tensor,
-    work: torch.dtype,
-    weight: list[float],
-    normalize: bool = False,
-    lambda_: float = 1.0,
-) -> torch.Tensor:
+def task_arithmetic(base: torch.Tensor, experts: Sequence[torch.Tensor], *, out: torch.Tensor, work: torch.dtype,
+                    weight: list[float], normalize: bool = False, lambda_: float = 1.0) -> torch.Tensor:
     """Task arithmetic: theta_base + lambda * sum_i w_i (theta_i - theta_base) [/ sum_i w_i].
 
     Computed as mergekit does (task vectors, weighted sum, normalize by sum w with |sum| < 1e-8
@@ -93,18 +83,9 @@ def task_arithmetic(
 
 @register("ties", genes=("weight", "density"), needs_base=True, streams=True,
           reference="https://arxiv.org/abs/2306.01708")
-def ties(
-    base: torch.Tensor,
-    experts: Sequence[torch.Tensor],
-    *,
-    out: torch.Tensor,
-    work: torch.dtype,
-    weight: list[float],
-    density: list[float],
-    normalize: bool = True,
-    rescale: bool | str = False,
-    lambda_: float = 1.0,
-) -> torch.Tensor:
+def ties(base: torch.Tensor, experts: Sequence[torch.Tensor], *, out: torch.Tensor, work: torch.dtype,
+         weight: list[float], density: list[float], normalize: bool = True, rescale: bool | str = False,
+         lambda_: float = 1.0) -> torch.Tensor:
     """TIES-Merging: trim each task vector to its top-density magnitudes, elect signs, disjoint mean.
 
     `rescale=True` rescales each trimmed task vector to its original L1 norm (mergekit's option).
@@ -124,20 +105,9 @@ def _mix_sparse(out: torch.Tensor, base: torch.Tensor, experts: Sequence[torch.T
     return mix_task_vectors_into(out, base, experts, weight, work, masks=masks, factors=factors, **mix)
 
 
-def _dare(
-    base: torch.Tensor,
-    experts: Sequence[torch.Tensor],
-    out: torch.Tensor,
-    work: torch.dtype,
-    weight: list[float],
-    density: list[float],
-    seed: int,
-    *,
-    consensus: bool,
-    normalize: bool,
-    rescale: bool | str,
-    lambda_: float,
-) -> torch.Tensor:
+def _dare(base: torch.Tensor, experts: Sequence[torch.Tensor], out: torch.Tensor, work: torch.dtype,
+          weight: list[float], density: list[float], seed: int, *, consensus: bool, normalize: bool,
+          rescale: bool | str, lambda_: float) -> torch.Tensor:
     """DARE: drop each delta entry with probability 1 - density and rescale the kept ones.
 
     `rescale=True` matches each dropped task vector's L1 norm to the original's, as mergekit
@@ -157,19 +127,9 @@ def _dare(
 
 @register("dare_ties", genes=("weight", "density"), needs_base=True, random=True, streams=True,
           reference="https://arxiv.org/abs/2311.03099")
-def dare_ties(
-    base: torch.Tensor,
-    experts: Sequence[torch.Tensor],
-    *,
-    out: torch.Tensor,
-    work: torch.dtype,
-    weight: list[float],
-    density: list[float],
-    seed: int,
-    normalize: bool = False,
-    rescale: bool | str = True,
-    lambda_: float = 1.0,
-) -> torch.Tensor:
+def dare_ties(base: torch.Tensor, experts: Sequence[torch.Tensor], *, out: torch.Tensor, work: torch.dtype,
+              weight: list[float], density: list[float], seed: int, normalize: bool = False,
+              rescale: bool | str = True, lambda_: float = 1.0) -> torch.Tensor:
     """DARE drop-and-rescale of each task vector, then TIES sign election and disjoint merge.
 
     `rescale`: True / 'l1' matches each task vector's L1 norm after the drop (mergekit's default),
@@ -181,19 +141,9 @@ def dare_ties(
 
 @register("dare_linear", genes=("weight", "density"), needs_base=True, random=True, streams=True,
           reference="https://arxiv.org/abs/2311.03099")
-def dare_linear(
-    base: torch.Tensor,
-    experts: Sequence[torch.Tensor],
-    *,
-    out: torch.Tensor,
-    work: torch.dtype,
-    weight: list[float],
-    density: list[float],
-    seed: int,
-    normalize: bool = False,
-    rescale: bool | str = True,
-    lambda_: float = 1.0,
-) -> torch.Tensor:
+def dare_linear(base: torch.Tensor, experts: Sequence[torch.Tensor], *, out: torch.Tensor, work: torch.dtype,
+                weight: list[float], density: list[float], seed: int, normalize: bool = False,
+                rescale: bool | str = True, lambda_: float = 1.0) -> torch.Tensor:
     """DARE drop-and-rescale of each task vector, then a plain weighted sum (no sign election).
 
     `rescale` as for dare_ties.
@@ -224,18 +174,9 @@ def slerp(base: torch.Tensor, experts: Sequence[torch.Tensor], *, out: torch.Ten
     return combine_into(out, [v0, v1], [s0, s1], work)
 
 
-def _breadcrumbs(
-    base: torch.Tensor,
-    experts: Sequence[torch.Tensor],
-    weight: list[float],
-    density: list[float],
-    gamma: list[float],
-    *,
-    consensus: bool,
-    normalize: bool,
-    rescale: bool | str,
-    lambda_: float,
-) -> torch.Tensor:
+def _breadcrumbs(base: torch.Tensor, experts: Sequence[torch.Tensor], weight: list[float], density: list[float],
+                 gamma: list[float], *, consensus: bool, normalize: bool, rescale: bool | str,
+                 lambda_: float) -> torch.Tensor:
     """Drop each task vector's largest (gamma) and smallest magnitudes, keep density, then mix."""
     mode = resolve_rescale(rescale, natural="l1")
     deltas = [
@@ -247,17 +188,9 @@ def _breadcrumbs(
 
 @register("breadcrumbs", genes=("weight", "density", "gamma"), needs_base=True, fixed=("gamma",),
           reference="https://arxiv.org/abs/2312.06795")
-def breadcrumbs(
-    base: torch.Tensor,
-    experts: Sequence[torch.Tensor],
-    *,
-    weight: list[float],
-    density: list[float],
-    gamma: list[float],
-    normalize: bool = False,
-    rescale: bool | str = False,
-    lambda_: float = 1.0,
-) -> torch.Tensor:
+def breadcrumbs(base: torch.Tensor, experts: Sequence[torch.Tensor], *, weight: list[float], density: list[float],
+                gamma: list[float], normalize: bool = False, rescale: bool | str = False,
+                lambda_: float = 1.0) -> torch.Tensor:
     """Model Breadcrumbs: outlier-and-small-magnitude masks on the task vectors, weighted sum.
 
     Per expert, the gamma share of largest |delta| and enough of the smallest are dropped to keep
@@ -270,17 +203,9 @@ def breadcrumbs(
 
 @register("breadcrumbs_ties", genes=("weight", "density", "gamma"), needs_base=True, fixed=("gamma",),
           reference="https://arxiv.org/abs/2312.06795")
-def breadcrumbs_ties(
-    base: torch.Tensor,
-    experts: Sequence[torch.Tensor],
-    *,
-    weight: list[float],
-    density: list[float],
-    gamma: list[float],
-    normalize: bool = False,
-    rescale: bool | str = False,
-    lambda_: float = 1.0,
-) -> torch.Tensor:
+def breadcrumbs_ties(base: torch.Tensor, experts: Sequence[torch.Tensor], *, weight: list[float],
+                     density: list[float], gamma: list[float], normalize: bool = False, rescale: bool | str = False,
+                     lambda_: float = 1.0) -> torch.Tensor:
     """Model Breadcrumbs masks, then TIES sign election and disjoint merge."""
     return _breadcrumbs(base, experts, weight, density, gamma, consensus=True,
                         normalize=normalize, rescale=rescale, lambda_=lambda_)
@@ -298,20 +223,9 @@ def cap_epsilon(genes: dict[str, list[float]]) -> dict[str, list[float]]:
     return genes
 
 
-def _della(
-    name: str,
-    base: torch.Tensor,
-    experts: Sequence[torch.Tensor],
-    weight: list[float],
-    density: list[float],
-    epsilon: list[float],
-    seed: int,
-    *,
-    consensus: bool,
-    normalize: bool,
-    rescale: bool | str,
-    lambda_: float,
-) -> torch.Tensor:
+def _della(name: str, base: torch.Tensor, experts: Sequence[torch.Tensor], weight: list[float], density: list[float],
+           epsilon: list[float], seed: int, *, consensus: bool, normalize: bool, rescale: bool | str,
+           lambda_: float) -> torch.Tensor:
     """MagPrune each task vector (expert i's mask from the stream seeded by (seed, i)), then mix."""
     mode = resolve_rescale(rescale, natural="l1")
     deltas = []
@@ -323,21 +237,11 @@ def _della(
     return merge_task_vectors(base, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
 
 
-@register("della", genes=("weight", "density", "epsilon"), needs_base=True, random=True,
-          fixed=("epsilon",), adjust=cap_epsilon,
-          reference="https://arxiv.org/abs/2406.11617")
-def della(
-    base: torch.Tensor,
-    experts: Sequence[torch.Tensor],
-    *,
-    weight: list[float],
-    density: list[float],
-    epsilon: list[float],
-    seed: int,
-    normalize: bool = True,
-    rescale: bool | str = True,
-    lambda_: float = 1.0,
-) -> torch.Tensor:
+@register("della", genes=("weight", "density", "epsilon"), needs_base=True, random=True, fixed=("epsilon",),
+          adjust=cap_epsilon, reference="https://arxiv.org/abs/2406.11617")
+def della(base: torch.Tensor, experts: Sequence[torch.Tensor], *, weight: list[float], density: list[float],
+          epsilon: list[float], seed: int, normalize: bool = True, rescale: bool | str = True,
+          lambda_: float = 1.0) -> torch.Tensor:
     """DELLA: MagPrune (keep probability density +/- epsilon by magnitude rank within each row),
     rescale, TIES sign election, disjoint merge.
 
@@ -349,21 +253,11 @@ def della(
                   normalize=normalize, rescale=rescale, lambda_=lambda_)
 
 
-@register("della_linear", genes=("weight", "density", "epsilon"), needs_base=True, random=True,
-          fixed=("epsilon",), adjust=cap_epsilon,
-          reference="https://arxiv.org/abs/2406.11617")
-def della_linear(
-    base: torch.Tensor,
-    experts: Sequence[torch.Tensor],
-    *,
-    weight: list[float],
-    density: list[float],
-    epsilon: list[float],
-    seed: int,
-    normalize: bool = False,
-    rescale: bool | str = True,
-    lambda_: float = 1.0,
-) -> torch.Tensor:
+@register("della_linear", genes=("weight", "density", "epsilon"), needs_base=True, random=True, fixed=("epsilon",),
+          adjust=cap_epsilon, reference="https://arxiv.org/abs/2406.11617")
+def della_linear(base: torch.Tensor, experts: Sequence[torch.Tensor], *, weight: list[float], density: list[float],
+                 epsilon: list[float], seed: int, normalize: bool = False, rescale: bool | str = True,
+                 lambda_: float = 1.0) -> torch.Tensor:
     """DELLA's MagPrune and rescale, then a plain weighted sum (no sign election)."""
     return _della("della_linear", base, experts, weight, density, epsilon, seed, consensus=False,
                   normalize=normalize, rescale=rescale, lambda_=lambda_)
@@ -435,15 +329,9 @@ def _nuslerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor, *, row_wise: 
 
 @register("nuslerp", genes=("weight",), needs_base=True, min_experts=2, max_experts=2,
           reference="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md#nuslerp-nuslerp")
-def nuslerp(
-    base: torch.Tensor,
-    experts: Sequence[torch.Tensor],
-    *,
-    weight: list[float],
-    nuslerp_flatten: bool = True,
-    nuslerp_row_wise: bool = False,
-    relative_to_base: bool = True,
-) -> torch.Tensor:
+def nuslerp(base: torch.Tensor, experts: Sequence[torch.Tensor], *, weight: list[float],
+            nuslerp_flatten: bool = True, nuslerp_row_wise: bool = False,
+            relative_to_base: bool = True) -> torch.Tensor:
     """mergekit's NuSLERP: slerp between two experts' task vectors at t = w1 / (w0 + w1).
 
     |w0 + w1| < 1e-6 gives t = 0.5. `nuslerp_flatten=False` slerps per column (per row with
@@ -460,15 +348,8 @@ def nuslerp(
 
 @register("multislerp", genes=("weight",), needs_base=True,
           reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea")
-def multislerp(
-    base: torch.Tensor,
-    experts: Sequence[torch.Tensor],
-    *,
-    weight: list[float],
-    normalize_weights: bool = True,
-    eps: float = 1e-8,
-    relative_to_base: bool = True,
-) -> torch.Tensor:
+def multislerp(base: torch.Tensor, experts: Sequence[torch.Tensor], *, weight: list[float],
+               normalize_weights: bool = True, eps: float = 1e-8, relative_to_base: bool = True) -> torch.Tensor:
     """Barycentric interpolation on the hypersphere (mergekit's multislerp) of the task vectors.
 
     The flattened vectors are projected onto the unit sphere, mapped into the tangent space at

@@ -129,33 +129,26 @@ def _check_finite(field: str, folder: Path) -> None:
                     raise ModelMismatchError(f"{field}: tensor {key!r} in {file.name} has non-finite values (NaN or inf)")
 
 
-def shape_difference(reference: Mapping[str, Sequence[int]], other: Mapping[str, Sequence[int]],
-                     order: Sequence[str] | None = None) -> tuple[str, str] | None:
-    """The first tensor name where `other` differs from `reference`, and how: `missing` (only in
-    reference), `extra` (only in other) or `shape`; None when they agree. Names are checked in
-    `order` (default: sorted)."""
+def require_same_shapes(reference: Mapping[str, Sequence[int]], other: Mapping[str, Sequence[int]],
+                        messages: Mapping[str, str], order: Sequence[str] | None = None) -> None:
+    """Raise ModelMismatchError at the first tensor name where `other` differs from `reference`:
+    `messages["missing"]` (only in reference), `["extra"]` (only in other) or `["shape"]`, each
+    formatted with `name` (without a `file:` prefix), `ours` (reference's shape) and `theirs`
+    (other's). Names are checked in `order` (default: sorted)."""
     for name in order if order is not None else sorted(set(reference) | set(other)):
-        if name not in other:
-            return name, "missing"
-        if name not in reference:
-            return name, "extra"
-        if tuple(reference[name]) != tuple(other[name]):
-            return name, "shape"
-    return None
+        how = "missing" if name not in other else "extra" if name not in reference else (
+            "shape" if tuple(reference[name]) != tuple(other[name]) else None)
+        if how is not None:
+            shown = name.removeprefix("file:")
+            raise ModelMismatchError(messages[how].format(name=shown, ours=list(reference.get(name, ())),
+                                                          theirs=list(other.get(name, ()))))
 
 
 def _compare_shapes(field: str, theirs: dict[str, tuple[int, ...]], ours: dict[str, tuple[int, ...]]) -> None:
-    difference = shape_difference(ours, theirs)
-    if difference is None:
-        return
-    name, how = difference
-    where = name.removeprefix("file:")
-    if how == "missing":
-        raise ModelMismatchError(f"{field}: tensor {where!r} is missing (models.base has it)")
-    if how == "extra":
-        raise ModelMismatchError(f"{field}: extra tensor {where!r} (models.base has none)")
-    raise ModelMismatchError(f"{field}: tensor {where!r} has shape {list(theirs[name])}, "
-                             f"models.base has {list(ours[name])}")
+    require_same_shapes(ours, theirs, {
+        "missing": f"{field}: tensor {{name!r}} is missing (models.base has it)",
+        "extra": f"{field}: extra tensor {{name!r}} (models.base has none)",
+        "shape": f"{field}: tensor {{name!r}} has shape {{theirs}}, models.base has {{ours}}"})
 
 
 def mapped_parameters(path: str, shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype) -> dict[str, torch.Tensor] | None:

@@ -20,6 +20,7 @@ The evaluation data of the demo tasks (``evals/demo``) is generated here too
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
@@ -79,25 +80,20 @@ def _word(rng: random.Random, lo: int, hi: int) -> str:
 
 
 # Each generator returns (prompt, answer); the model sees prompt + answer + "\n".
-def _add(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(10, 99), rng.randint(10, 99)
+def _add(rng: random.Random, small: bool = False) -> tuple[str, str]:
+    """Two-digit sums; `small`: a number below 100 and a digit, in either order."""
+    a, b = (rng.randint(0, 99), rng.randint(0, 9)) if small else (rng.randint(10, 99), rng.randint(10, 99))
+    if small and rng.random() < 0.5:
+        a, b = b, a
     return f"{a}+{b}=", str(a + b)
 
 
-def _rev(rng: random.Random) -> tuple[str, str]:
-    w = _word(rng, 4, 6)
-    return f"rev {w}=", w[::-1]
-
-
-def _sort(rng: random.Random) -> tuple[str, str]:
-    w = _word(rng, 4, 6)
-    return f"sort {w}=", "".join(sorted(w))
-
-
-# Related skills that only the base model sees.
-def _copy(rng: random.Random) -> tuple[str, str]:
-    w = _word(rng, 2, 7)
-    return f"cp {w}=", w
+def _on_word(op: str, answer: Callable[[str], str], lo: int, hi: int) -> Callable[[random.Random], tuple[str, str]]:
+    """A generator of `op WORD=` prompts over words of lo..hi letters, answered by `answer(word)`."""
+    def generate(rng: random.Random) -> tuple[str, str]:
+        w = _word(rng, lo, hi)
+        return f"{op} {w}=", answer(w)
+    return generate
 
 
 def _sub(rng: random.Random) -> tuple[str, str]:
@@ -105,38 +101,28 @@ def _sub(rng: random.Random) -> tuple[str, str]:
     return f"{a}-{b}=", str(a - b)
 
 
-def _next(rng: random.Random) -> tuple[str, str]:
-    w = _word(rng, 2, 7)
-    return f"nx {w}=", "".join(_LETTERS[(_LETTERS.index(c) + 1) % 26] for c in w)
+def _reverse(w: str) -> str:
+    return w[::-1]
 
 
-def _add_small(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(0, 99), rng.randint(0, 9)
-    if rng.random() < 0.5:
-        a, b = b, a
-    return f"{a}+{b}=", str(a + b)
+def _sorted(w: str) -> str:
+    return "".join(sorted(w))
 
 
-def _rev_short(rng: random.Random) -> tuple[str, str]:
-    w = _word(rng, 1, 3)
-    return f"rev {w}=", w[::-1]
-
-
-def _sort_short(rng: random.Random) -> tuple[str, str]:
-    w = _word(rng, 1, 3)
-    return f"sort {w}=", "".join(sorted(w))
+def _shifted(w: str) -> str:
+    return "".join(_LETTERS[(_LETTERS.index(c) + 1) % 26] for c in w)
 
 
 GENERATORS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "add": _add,
-    "rev": _rev,
-    "sort": _sort,
-    "copy": _copy,
+    "rev": _on_word("rev", _reverse, 4, 6),
+    "sort": _on_word("sort", _sorted, 4, 6),
+    "copy": _on_word("cp", str, 2, 7),  # related skills that only the base model sees: copy, sub, next
     "sub": _sub,
-    "next": _next,
-    "add_small": _add_small,
-    "rev_short": _rev_short,
-    "sort_short": _sort_short,
+    "next": _on_word("nx", _shifted, 2, 7),
+    "add_small": functools.partial(_add, small=True),
+    "rev_short": _on_word("rev", _reverse, 1, 3),
+    "sort_short": _on_word("sort", _sorted, 1, 3),
 }
 
 
@@ -158,18 +144,8 @@ class Recipe:
     #: Sampling weights of the base pre-training mix (task name -> weight): related
     #: skills (copy, next letter, short reversal/sorting, small sums) plus the demo
     #: skills themselves at a low rate, so the base knows every prompt format.
-    base_mix: dict = field(
-        default_factory=lambda: {
-            "copy": 1.0,
-            "next": 1.0,
-            "add_small": 1.5,
-            "rev_short": 1.0,
-            "sort_short": 1.0,
-            "add": 0.25,
-            "rev": 0.05,
-            "sort": 0.05,
-        }
-    )
+    base_mix: dict = field(default_factory=lambda: {"copy": 1.0, "next": 1.0, "add_small": 1.5, "rev_short": 1.0,
+                                                    "sort_short": 1.0, "add": 0.25, "rev": 0.05, "sort": 0.05})
     expert_steps: int = 150
     expert_lr: float = 8e-4
     expert_batch: int = 64
@@ -179,18 +155,8 @@ class Recipe:
     expert_consistency: float = 1.0
     expert_replay_batch: int = 24
     #: Sampling weights of the replayed prompts (the expert's own skill is left out).
-    replay_mix: dict = field(
-        default_factory=lambda: {
-            "add": 1.0,
-            "rev": 1.0,
-            "sort": 1.0,
-            "copy": 0.3,
-            "next": 0.3,
-            "add_small": 0.3,
-            "rev_short": 0.3,
-            "sort_short": 0.3,
-        }
-    )
+    replay_mix: dict = field(default_factory=lambda: {"add": 1.0, "rev": 1.0, "sort": 1.0, "copy": 0.3, "next": 0.3,
+                                                      "add_small": 0.3, "rev_short": 0.3, "sort_short": 0.3})
     weight_decay: float = 0.0
     #: Router models (SmallTalk LM, arXiv 2410.03529): one tiny LM per skill trained on that
     #: skill's prompts, plus one on the mix of all of them, for `prefix_router` scorers.
