@@ -28,6 +28,7 @@ demo: install
 	$(VENV)/bin/evomerge demo
 
 test: install
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 test-fast: install

@@ -1,7 +1,7 @@
 """Overhead per candidate: where one candidate's wall time goes on the demo zoo.
 
 Runs the worker's own code (`CandidateRunner`, the demo search's config) in this process on a
-few candidates and splits each one's time into merge, load into the model, lm-eval setup,
+few candidates and splits each one's time into merge (straight into the model), lm-eval setup,
 forward passes, serving (batching, tokenisation and the generation loop between forwards),
 scoring, and journaling (appending the trial's record to a run journal, fsynced, as the driver
 does). The phases come from the journal's `seconds` (evomerge.clock times forward calls with
@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import time
 
+import harness
 import numpy as np
 
-import harness
-
 GOAL = 0.15
-PHASES = ("merge", "load", "eval_setup", "forward", "serving", "scoring", "journal")
+PHASES = ("merge", "eval_setup", "forward", "serving", "scoring", "journal")
 
 
 def candidates(config, count: int, seed: int = 0):

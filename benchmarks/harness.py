@@ -35,7 +35,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     parse = argparse.ArgumentParser(description=description)
     parse.add_argument("--quick", action="store_true", help="tiny sizes, runs in seconds (what the tests run)")
     parse.add_argument("--results", type=Path, default=None,
-                       help=f"RESULTS.md to update (default: {RESULTS.relative_to(REPO)} for a full run, none with --quick)")
+                       help=f"RESULTS.md to update (default: {RESULTS.relative_to(REPO)} for a full run, "
+                            "none with --quick)")
     return parse
 
 

@@ -43,13 +43,12 @@ def build_models(work: Path, sizes: dict[str, int], count: int) -> list[Path]:
 def measure(paths: list[Path], eager: bool) -> dict[str, float]:
     """In this (fresh) process: RSS after imports and peak RSS over two merges, in bytes."""
     import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from evomerge.config import ModelsConfig
     from evomerge.genome import Recipe
     from evomerge.merge.merger import Merger, load_merge_target
     from evomerge.models.sources import load_model
-
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):  # imports the architecture's modules, allocates nothing
         AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(paths[0]))

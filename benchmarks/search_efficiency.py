@@ -110,7 +110,8 @@ def main() -> None:
         bests = [f"{best_quality(journals[strategy, seed]):.4f}" for seed in seeds]
         mean = ("> " if censored[strategy] else "") + f"{means[strategy]:.1f}"
         rows.append([strategy, *per_seed, f"**{mean}**", ", ".join(bests)])
-    lines = [f"{s}: mean {('>= ' if censored[s] else '')}{means[s]:.1f} evaluations to {target:.4f}" for s in strategies]
+    lines = [f"{s}: mean {('>= ' if censored[s] else '')}{means[s]:.1f} evaluations to {target:.4f}"
+             for s in strategies]
     print("\n".join(lines))
 
     verdict_line = ""
@@ -127,7 +128,8 @@ def main() -> None:
 
     body = (f"The demo search (`search_spaces/demo.yaml`: per-layer task arithmetic, 3 experts, 3 tasks, "
             f"eval.limit {limit or 100}, population {search.get('population', 8)}, {search['generations']} "
-            f"generations; {budget} trials per run with the 5 references) on {'the quick' if args.quick else 'the demo'} "
+            f"generations; {budget} trials per run with the 5 references) on "
+            f"{'the quick' if args.quick else 'the demo'} "
             f"zoo, 2 Ray workers, once per strategy{' and dispatch mode' if len(dispatches) > 1 else ''} and "
             f"seed. Target: "
             + (f"{TARGET_SHARE:.0%} of the best quality any run found ({best:.4f}) = {target:.4f}"

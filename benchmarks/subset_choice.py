@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 import harness
+import numpy as np
 from subsample import spearman
 
 GOAL = 0.9

@@ -25,13 +25,11 @@ GOAL = 1.7
 
 def timed_search(config, run_dir: Path) -> tuple[float, int, float]:
     """(wall seconds, trials, idle share) of one search with started workers."""
-    from evomerge.run_dir import RunDir
-    from evomerge.search import search
-    from evomerge.workers import WorkerPool
-
     from evomerge.genome import reference_recipes
-    from evomerge.search import genome_layout
+    from evomerge.run_dir import RunDir
+    from evomerge.search import genome_layout, search
     from evomerge.trial import Trial
+    from evomerge.workers import WorkerPool
 
     layout = genome_layout(config)
     pool = WorkerPool(config)
@@ -101,7 +99,8 @@ def main() -> None:
     body = (f"The demo search (`search_spaces/demo.yaml`, CMA-ES population "
             f"{search.get('population', 8)}, {generations} generation(s) including the 5 references, "
             f"eval.limit {'8' if args.quick else '100'}) on {'the quick' if args.quick else 'the demo'} zoo, "
-            f"one local Ray cluster of 2 CPUs, workers started and warmed by one trial before the clock; runs alternate 1 and 2 "
+            f"one local Ray cluster of 2 CPUs, workers started and warmed by one trial before the clock; "
+            f"runs alternate 1 and 2 "
             f"workers and the faster run of each counts.\n\n"
             + harness.table(rows, ["workers", "wall s", "trials/min", "idle", "trials"])
             + f"\n\n**2 workers / 1 worker: {ratio:.2f}x** (goal >= {GOAL}x): {harness.verdict(ratio, GOAL)}. "

@@ -132,10 +132,10 @@ def setup_logging(verbose: bool) -> None:
 
 
 def log_to_run_dir(run_dir: Path) -> None:
-    from evomerge.run_dir import RunDir
+    from evomerge.run_dir import LOG, RunDir
 
     RunDir(run_dir)  # refuses run files that link outside the run directory, before any write
-    handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
+    handler = logging.FileHandler(run_dir / LOG, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("evomerge").addHandler(handler)
 

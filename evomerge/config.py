@@ -21,8 +21,6 @@ from evomerge.merge import METHODS, get_method
 from evomerge.merge.registry import GENES
 from evomerge.policies import POLICIES
 
-MODULE_KINDS = ("attention", "mlp", "norm", "embed")
-DTYPES = ("float32", "bfloat16", "float16")
 NO_POLICY = "none"  # policy.kind of a candidate served by its merged model alone
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -176,11 +174,6 @@ class MergeConfig(_Bounded):
     def evolved_extra_genes(self) -> tuple[str, ...]:
         """This method's fixed genes that evolve after all (set to `evolve`)."""
         return tuple(gene for gene in get_method(self.method).fixed if getattr(self, gene) == "evolve")
-
-    @property
-    def block_size(self) -> int | None:
-        """Layers per group for `block:N`, None for global and layer."""
-        return int(self.granularity.split(":")[1]) if self.granularity.startswith("block:") else None
 
 
 class TaskSpec(_Frozen):
@@ -454,7 +447,8 @@ class RunConfig(_Frozen):
                 raise ValueError(f"dataflow: search.stages is {self.stages}; add dfs to search it")
             return
         if self.dataflow is None:
-            raise ValueError("dataflow: search.stages has dfs but there is no dataflow block (e.g. dataflow: {repeats: 1})")
+            raise ValueError("dataflow: search.stages has dfs but there is no dataflow block "
+                             "(e.g. dataflow: {repeats: 1})")
         for member in self.dataflow.models or []:
             if member.startswith("expert:") and int(member.split(":")[1]) >= experts:
                 raise ValueError(f"dataflow.models: {member} but there are {experts} experts "

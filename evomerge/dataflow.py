@@ -228,7 +228,8 @@ def check_models(models: Sequence[torch.nn.Module], names: Sequence[str]) -> Non
     for model, name in zip(models[1:], names[1:]):
         for key in ("model_type", "hidden_size"):
             if getattr(model.config, key, None) != getattr(first, key, None):
-                raise ModelMismatchError(f"dataflow.models: {name} has config.{key} {getattr(model.config, key, None)!r}"
+                raise ModelMismatchError(f"dataflow.models: {name} has config.{key} "
+                                         f"{getattr(model.config, key, None)!r}"
                                          f" but {names[0]} has {getattr(first, key, None)!r}")
 
 

@@ -2,7 +2,8 @@
 
 The folder is the exact artifact: it is merged with the same code the workers ran, so
 reloading it and evaluating it reproduces the journaled quality (a data-flow path is written
-as an ordinary model of the first member's architecture, evomerge/dataflow.py `materialize`). The mergekit YAML expresses
+as an ordinary model of the first member's architecture, evomerge/dataflow.py `materialize`).
+The mergekit YAML (written by evomerge/merge/mergekit.py `mergekit_yaml`) expresses
 per-layer coefficients as tensor-name filters (`model.layers.3.` -> value) with a final
 default for embeddings, norm and head; per-module recipes (merge.modules) as the shortest
 dotted-prefix filters that give every tensor its value. Random-drop methods (dare_*, della*)

@@ -239,7 +239,8 @@ class GenomeLayout:
         policy_values = [float(v) for gene, v in zip(self.genes, x) if gene.group == POLICY]
         moe = decode_moe(self.moe, {g.name: float(v) for g, v in zip(self.genes, x) if g.group == MOE})
         if self.moe is not None and self.moe.attention == "base":  # attention etc. from the base itself
-            return Recipe(task_arithmetic.method.name, "global", self.num_layers, {ALL: {"weight": [0.0] * self.num_experts}},
+            zeros = {ALL: {"weight": [0.0] * self.num_experts}}
+            return Recipe(task_arithmetic.method.name, "global", self.num_layers, zeros,
                           label, decode_policy(self.policy, policy_values), moe)
         return Recipe(self.method, self.granularity, self.num_layers, params, label,
                       decode_policy(self.policy, policy_values), moe, self.modules)
@@ -342,14 +343,16 @@ def policy_genes(policy: PolicyConfig | None) -> tuple[Gene, ...]:
     """Genes of a routing policy, appended after the merge genes (its class's `genes`)."""
     if policy is None or not policy.routes:
         return ()
-    return tuple(Gene(POLICY, i, name, low, high) for i, (name, low, high) in enumerate(POLICIES[policy.kind].genes(policy)))
+    specs = POLICIES[policy.kind].genes(policy)
+    return tuple(Gene(POLICY, i, name, low, high) for i, (name, low, high) in enumerate(specs))
 
 
 def decode_policy(policy: PolicyConfig | None, values: list[float]) -> dict[str, Any] | None:
     """The policy of a candidate from its policy genes (each in [0, 1])."""
     if policy is None or not policy.routes:
         return None
-    return {"kind": policy.kind, "members": list(policy.members), "params": POLICIES[policy.kind].decode(policy, values)}
+    params = POLICIES[policy.kind].decode(policy, values)
+    return {"kind": policy.kind, "members": list(policy.members), "params": params}
 
 
 MOE = "moe"
@@ -391,7 +394,8 @@ def reference_recipes(num_experts: int, num_layers: int) -> list[Recipe]:
     recipes = [Recipe(task_arithmetic.method.name, "global", num_layers, {ALL: {"weight": zeros}}, label="base")]
     for i in range(num_experts):
         one_hot = [1.0 if j == i else 0.0 for j in range(num_experts)]
-        recipes.append(Recipe(linear.method.name, "global", num_layers, {ALL: {"weight": one_hot}}, label=f"expert:{i}"))
+        recipes.append(Recipe(linear.method.name, "global", num_layers, {ALL: {"weight": one_hot}},
+                              label=f"expert:{i}"))
     if num_experts > 1:
         recipes.append(Recipe(linear.method.name, "global", num_layers, {ALL: {"weight": [1.0] * num_experts}},
                               label="uniform"))

@@ -207,7 +207,8 @@ def format_markdown(summary: dict[str, Any], plots: list[str] = ()) -> str:
         rows.append(("**best evolved**", summary["best_evolved"]))
     for name, row in rows:
         if row["state"] != "complete":
-            lines.append(f"| {name} | {row['trial']} | failed: {row['error']} | | " + " | ".join("" for _ in tasks) + " |")
+            lines.append(f"| {name} | {row['trial']} | failed: {row['error']} | | "
+                         + " | ".join("" for _ in tasks) + " |")
             continue
         flops = "-" if row.get("flops") is None else f"{row['flops']:.4g}"
         lines.append(f"| {name} | {row['trial']} | {row['quality']:.4f} | {flops} | "
@@ -224,7 +225,8 @@ def format_markdown(summary: dict[str, Any], plots: list[str] = ()) -> str:
         for e in summary["pareto"]:
             policy = (e.get("policy") or {}).get("kind", NO_POLICY)
             served = ", ".join(f"{member} {share:.0%}" for member, share in (e.get("served") or {}).items())
-            lines.append(f"| {e['trial']} | {e['label'] or ''} | {e['quality']:.4f} | {e['flops']:.5g} | {policy} | {served} |")
+            lines.append(f"| {e['trial']} | {e['label'] or ''} | {e['quality']:.4f} | {e['flops']:.5g} "
+                         f"| {policy} | {served} |")
     gap = summary.get("routellm")
     if gap is not None:
         lines += ["", "## Cascade (RouteLLM metrics)", "",

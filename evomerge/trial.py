@@ -46,7 +46,7 @@ class TrialResult:
     metrics: dict[str, float] = field(default_factory=dict)
     flops: float | None = None  # forward FLOPs per evaluated example
     served: dict[str, float] = field(default_factory=dict)  # share of requests per policy member
-    # merge, load, eval_setup, forward, serving, scoring (evomerge.clock), eval, total
+    # merge, eval_setup, forward, serving, scoring (evomerge.clock), eval, total
     seconds: dict[str, float] = field(default_factory=dict)
     worker: str = ""
     error: str | None = None

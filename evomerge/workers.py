@@ -77,7 +77,7 @@ class CandidateRunner:
     def run(self, trial: Trial) -> TrialResult:
         start = time.perf_counter()
         try:
-            load = self.merger.merge_into(self.model, trial.recipe)
+            self.merger.merge_into(self.model, trial.recipe)
             evaluator = self.evaluator
             if trial.recipe.moe is not None:
                 from evomerge.moe import upcycle_candidate
@@ -107,7 +107,7 @@ class CandidateRunner:
         return TrialResult(trial.id, TrialState.COMPLETE, quality=value,
                            metrics={name: s.value for name, s in evaluation.scores.items()},
                            flops=evaluation.flops_per_example, served=evaluation.served,
-                           seconds={"merge": merged - start - load, "load": load, **evaluation.seconds,
+                           seconds={"merge": merged - start, **evaluation.seconds,
                                     "eval": done - merged, "total": done - start},
                            worker=self.name)
 

@@ -42,7 +42,7 @@ def test_relative_paths_resolve_against_the_config_folder(config_dir: Path, monk
     assert config.models.experts == [str(config_dir / "zoo/a"), str(config_dir / "zoo/b")]
     assert config.eval.include_path == [str(config_dir / "tasks")]
     assert config.merge.bound("weight") == (0.0, 1.0) and config.merge.bound("density") == (0.1, 1.0)
-    assert config.merge.block_size == 2
+    assert config.merge.granularity == "block:2"
 
 
 def test_overrides_apply_before_validation(config_dir: Path) -> None:

@@ -37,7 +37,8 @@ def test_search_runs_through_ray_and_lm_eval(finished_run) -> None:
     references = 1 + num_experts + 1
     assert len(records) == references + 2 * 4
     assert all(r["state"] == "complete" for r in records), [r["error"] for r in records]
-    assert {r["label"] for r in records if r["label"]} == {"base", "uniform", *[f"expert:{i}" for i in range(num_experts)]}
+    experts = [f"expert:{i}" for i in range(num_experts)]
+    assert {r["label"] for r in records if r["label"]} == {"base", "uniform", *experts}
     assert len({r["worker"] for r in records}) == 2  # both actors served trials
     for r in records:
         assert 0.0 <= r["quality"] <= 1.0 and set(r["metrics"]) == set(summary["tasks"])

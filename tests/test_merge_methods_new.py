@@ -182,7 +182,8 @@ def test_della_masks_identical_on_cpu_and_cuda() -> None:
 
 def test_della_refuses_epsilon_outside_the_density_range() -> None:
     base, experts = tensors((10,), 2)
-    with pytest.raises(MergeError, match=r"della: expert 1: density 0.1 and epsilon 0.15: expected density - epsilon > 0"):
+    with pytest.raises(MergeError,
+                       match=r"della: expert 1: density 0.1 and epsilon 0.15: expected density - epsilon > 0"):
         ours("della", base, experts, weight=[1, 1], density=[0.5, 0.1], epsilon=[0.15, 0.15])
     with pytest.raises(ValueError):  # mergekit refuses the same values
         mergekit("della", base, experts, weight=[1, 1], density=[0.5, 0.1], epsilon=[0.15, 0.15])

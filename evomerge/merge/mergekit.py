@@ -318,7 +318,8 @@ def _model_path(value: Any, folder: Path, source: str, field_name: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{source}: {field_name}: expected a model folder or Hugging Face id (got {value!r})")
     if "+" in value and not Path(value).exists():
-        raise ConfigError(f"{source}: {field_name}: LoRA references ({value!r}) are not supported; merge the adapter first")
+        raise ConfigError(f"{source}: {field_name}: LoRA references ({value!r}) are not supported; "
+                          f"merge the adapter first")
     if Path(value).expanduser().is_dir():
         folder = Path.cwd()
     problems: list[str] = []
@@ -393,7 +394,8 @@ def evaluate_setting(setting: Any, tensor: str, t: float, where: str) -> Any:
     if _is_scalar(setting):
         return setting
     if not isinstance(setting, list):
-        raise ConfigError(f"{where}: expected a value, a list of values or a list of {{filter, value}} (got {setting!r})")
+        raise ConfigError(f"{where}: expected a value, a list of values or a list of {{filter, value}} "
+                          f"(got {setting!r})")
     if not setting:
         return None
     if all(_is_scalar(item) for item in setting):

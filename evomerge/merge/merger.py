@@ -36,11 +36,6 @@ def tensor_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
-def parameters_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Detached copies of a model's parameters (tied weights once), as merge sources."""
-    return {name: param.detach().clone() for name, param in model.named_parameters()}
-
-
 class Merger:
     def __init__(self, base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]], seed: int):
         self.base = dict(base)
@@ -72,17 +67,12 @@ class Merger:
             yield name, merged
 
     @torch.inference_mode()
-    def merge_into(self, model: torch.nn.Module, recipe: TensorRecipe) -> float:
-        """Overwrite every parameter of `model` with the recipe's merge, in place. Raises MergeError
-        naming a tensor.
-
-        Returns the seconds spent loading into the model apart from merging: 0, since every
-        method writes its result straight into the parameter (kept for the journal's phases).
-        """
+    def merge_into(self, model: torch.nn.Module, recipe: TensorRecipe) -> None:
+        """Overwrite every parameter of `model` with the recipe's merge, in place (every method
+        writes its result straight into the parameter). Raises MergeError naming a tensor."""
         params = {name: param.data for name, param in model.named_parameters()}
         for _ in self.merged(recipe, list(params), into=params):
             pass
-        return 0.0
 
 
 def load_merge_target(models: ModelsConfig, seed: int, device: torch.device,

@@ -66,7 +66,6 @@ GENES: dict[str, GeneSpec] = {spec.name: spec for spec in (
     GeneSpec("t", False, (0.0, 1.0), None, (0.0, 1.0, True)),
 )}
 GENE_NAMES = tuple(GENES)
-PER_EXPERT_GENES = tuple(name for name, spec in GENES.items() if spec.per_expert)
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,8 @@ def check_sources(models: ModelsConfig, tokenizers: bool = True) -> SourceInfo:
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=models.trust_remote_code)
         except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad folder
-            raise ModelMismatchError(f"{field}: cannot read the model config of {path!r} ({_first_line(exc)})") from None
+            raise ModelMismatchError(f"{field}: cannot read the model config of {path!r} "
+                                     f"({_first_line(exc)})") from None
         try:
             tokenizer = (AutoTokenizer.from_pretrained(path, trust_remote_code=models.trust_remote_code)
                          if tokenizers else None)
@@ -126,7 +127,8 @@ def _check_finite(field: str, folder: Path) -> None:
             for key in handle.keys():
                 tensor = handle.get_tensor(key)
                 if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                    raise ModelMismatchError(f"{field}: tensor {key!r} in {file.name} has non-finite values (NaN or inf)")
+                    raise ModelMismatchError(f"{field}: tensor {key!r} in {file.name} has non-finite values "
+                                             f"(NaN or inf)")
 
 
 def require_same_shapes(reference: Mapping[str, Sequence[int]], other: Mapping[str, Sequence[int]],
@@ -151,7 +153,8 @@ def _compare_shapes(field: str, theirs: dict[str, tuple[int, ...]], ours: dict[s
         "shape": f"{field}: tensor {{name!r}} has shape {{theirs}}, models.base has {{ours}}"})
 
 
-def mapped_parameters(path: str, shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+def mapped_parameters(path: str, shapes: Mapping[str, tuple[int, ...]],
+                      dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
     """The named tensors of a local safetensors folder, memory-mapped rather than read.
 
     safetensors' `get_tensor` returns a CPU tensor backed by a private mapping of the file, so a

@@ -399,12 +399,16 @@ def _consistency_loss(model, teacher, ids: torch.Tensor, labels: torch.Tensor) -
     return torch.nn.functional.kl_div(logp, target, log_target=True, reduction="batchmean")
 
 
-def _train(model, sampler: _Sampler, *, steps: int, lr: float, batch: int, warmup: int, weight_decay: float, name: str, optimizer: str = "adamw", teacher=None, replay: "_Sampler | None" = None, replay_batch: int = 0, consistency: float = 0.0) -> dict:
+def _train(model, sampler: _Sampler, *, steps: int, lr: float, batch: int, warmup: int, weight_decay: float,
+           name: str, optimizer: str = "adamw", teacher=None, replay: _Sampler | None = None, replay_batch: int = 0,
+           consistency: float = 0.0) -> dict:
     model.train()
     if optimizer == "adamw":
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trained, lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
     elif optimizer == "sgd":
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9, weight_decay=weight_decay)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(trained, lr=lr, momentum=0.9, weight_decay=weight_decay)
     else:
         raise ValueError(f"optimizer: unknown {optimizer!r}")
 
