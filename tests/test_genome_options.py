@@ -241,3 +241,37 @@ def test_config_accepts_the_new_fields() -> None:
 def test_config_errors_name_the_field(merge: dict, experts: int, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         validate(raw(merge, experts))
+
+
+@pytest.fixture
+def registered_method():
+    """A method registered by a test alone (removed again): one decorated function, nothing else."""
+    from evomerge.merge import METHODS, register
+
+    @register("test_tempered_sum", genes=("weight", "gamma"), needs_base=True, fixed=("gamma",), max_experts=2,
+              reference="https://example.org/tempered")
+    def tempered_sum(base, experts, *, weight, gamma, lambda_: float = 1.0):
+        return base + lambda_ * sum(w * (1 - g) * (e - base) for w, g, e in zip(weight, gamma, experts))
+
+    yield "test_tempered_sum"
+    del METHODS["test_tempered_sum"]
+
+
+def test_a_registered_method_is_searchable_and_exported_without_other_changes(registered_method: str) -> None:
+    from evomerge.merge.mergekit import mergekit_yaml
+
+    config = validate(raw({"method": registered_method}))
+    assert config.merge.fixed_genes() == {"gamma": 0.01}  # GENES["gamma"].default
+    layout = GenomeLayout.build(config.merge.method, "global", 4, 2, BOUNDS, fixed=config.merge.fixed_genes())
+    assert [(g.name, g.expert) for g in layout.genes] == [("weight", 0), ("weight", 1)]
+    recipe = layout.decode(np.full(layout.size, 0.5))
+    assert recipe.params["all"] == {"weight": [0.75, 0.75], "gamma": [0.01, 0.01]}
+    evolved = validate(raw({"method": registered_method, "gamma": "evolve"})).merge
+    assert evolved.evolved_extra_genes() == ("gamma",) and evolved.fixed_genes() == {}
+    names = ["model.layers.0.mlp.weight", "lm_head.weight"]
+    text = mergekit_yaml(recipe, config, names, trial=0)
+    assert "merge_method: test_tempered_sum" in text and "gamma: 0.01" in text
+    with pytest.raises(ConfigError, match="merge.method: test_tempered_sum merges at most 2 expert"):
+        validate(raw({"method": registered_method}, experts=3))
+    with pytest.raises(ConfigError, match="merge.epsilon: only della and della_linear use epsilon"):
+        validate(raw({"method": registered_method, "epsilon": 0.1}))
