@@ -1,4 +1,4 @@
-"""Command line: search | resume | report | export | merge | zoo | demo, each a thin call into the package.
+"""Command line: search | resume | report | export | serve | merge | zoo | demo, each a thin call into the package.
 
 Exit codes: 0 success, 2 user or usage error (one line on stderr naming what is wrong), 1 internal failure
 (one line; -v adds the traceback), 130 Ctrl-C.
@@ -86,6 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--force", action="store_true", help="write into a non-empty folder")
     cmd.add_argument("--verify", action="store_true", help="re-evaluate the exported folder and compare")
     cmd.set_defaults(func=cmd_export)
+
+    cmd = commands.add_parser("serve", help="serve an export over an OpenAI-compatible HTTP API")
+    cmd.add_argument("export_dir", type=Path, help="a folder `evomerge export` wrote (model or policy.json)")
+    cmd.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    cmd.add_argument("--port", type=int, default=8000)
+    cmd.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    cmd.add_argument("--max-tokens", type=int, default=256, help="largest max_tokens a request may ask for")
+    cmd.add_argument("--max-prompt-tokens", type=int, default=2048, help="longest prompt, in tokens")
+    cmd.add_argument("--max-concurrent", type=int, default=64, help="requests in flight; more get HTTP 429")
+    cmd.add_argument("--max-batch", type=int, default=16, help="prompts answered together")
+    cmd.set_defaults(func=cmd_serve)
 
     cmd = commands.add_parser("merge", help="run a mergekit merge config with evomerge's methods; write an HF folder")
     cmd.add_argument("config", type=Path, help="mergekit YAML (merge_method, base_model, models, parameters, ...)")
@@ -203,6 +214,20 @@ def _scaled_path(record: dict) -> bool:
 
     dataflow = (record.get("recipe") or {}).get("dataflow")
     return bool(dataflow) and any(step.scale != 1.0 for step in path_of(dataflow))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from evomerge.serve import Limits, serve
+
+    for name in ("port", "max_tokens", "max_prompt_tokens", "max_concurrent", "max_batch"):
+        value = getattr(args, name)
+        if value < (0 if name == "port" else 1):
+            raise EvomergeError(f"--{name.replace('_', '-')}: {value}, expected a positive number")
+    serve(args.export_dir, args.host, args.port, Limits(max_tokens=args.max_tokens,
+                                                        max_prompt_tokens=args.max_prompt_tokens,
+                                                        max_concurrent=args.max_concurrent,
+                                                        max_batch=args.max_batch), device=args.device)
+    return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
