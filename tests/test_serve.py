@@ -192,3 +192,23 @@ def test_concurrent_clients_are_batched_and_all_answered(servers) -> None:
     assert health["rejected"] == before["rejected"] and health["errors"] == before["errors"]
     batches = health["batches"] - before["batches"]
     assert batches < clients * each and health["largest_batch"] > 1
+
+
+@pytest.mark.parametrize("kind", ["plain", "routed"])
+def test_every_export_has_a_model_card(exports, kind) -> None:
+    """README.md in Hugging Face's format: huggingface_hub parses its metadata, the body has the scores."""
+    from huggingface_hub import ModelCard
+
+    from evomerge.run_dir import RunDir
+
+    folder = exports[kind]
+    card = ModelCard.load(folder / "README.md")
+    config = RunDir.open(folder.parent / "run").config()
+    assert card.data.base_model == [config.models.base, *config.models.experts]
+    assert {"merge", "evomerge", "task_arithmetic"} <= set(card.data.tags)
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
+    recipe = json.loads((folder / "recipe.json").read_text())
+    assert f"| **this model** (evolved) | {recipe['trial']} | {recipe['quality']:.4f} |" in card.text
+    assert f"evomerge export {folder.parent / 'run'} --trial {recipe['trial']}" in card.text
+    if kind == "routed":
+        assert "prefix-router" in card.data.tags and "policies.load" in card.text
