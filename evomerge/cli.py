@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--run-dir", type=Path, default=Path("runs/demo"),
                      help="output folder; an existing demo run is resumed (and just reported if finished)")
     cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    cmd.add_argument("--build-zoo", action="store_true",
+                     help="train the demo zoo (about two minutes) instead of copying the shipped one")
     cmd.set_defaults(func=cmd_demo)
     return parser
 
@@ -256,6 +258,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
                             f"or pass --config path/to/search_spaces/demo.yaml")
     raw = read_yaml(args.config)
     zoo_dir = (args.config.resolve().parent / str(raw.get("models", {}).get("base", ""))).parent
+    if not (zoo_dir / "zoo.json").is_file() and not args.build_zoo:
+        from evomerge.zoo.shipped import install_shipped_zoo
+
+        logger.info("copying the shipped demo zoo to %s (`evomerge demo --build-zoo` trains it instead)", zoo_dir)
+        install_shipped_zoo(zoo_dir)
     if not (zoo_dir / "zoo.json").is_file():
         logger.info("building the demo zoo in %s (about two minutes)", zoo_dir)
         build_zoo(zoo_dir)

@@ -124,7 +124,8 @@ def recipe_lines(recipe: dict[str, Any]) -> list[str]:
             for i, value in enumerate(values):
                 genes.setdefault((gene, i), []).append(float(value))
     if genes:
-        lines += [f"{len(params)} parameter group(s).", "", "| gene | expert | mean | min | max |", "|---|---|---|---|---|"]
+        lines += [f"{len(params)} parameter group(s).", "", "| gene | expert | mean | min | max |",
+                  "|---|---|---|---|---|"]
         for (gene, i), values in sorted(genes.items()):
             who = "all" if gene == "t" else f"expert:{i}"
             lines.append(f"| {gene} | {who} | {statistics.fmean(values):.4g} | {min(values):.4g} | {max(values):.4g} |")

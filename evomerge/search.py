@@ -196,8 +196,9 @@ def next_stage_layout(run: RunDir, config: RunConfig, stage: str) -> DataflowLay
 
 
 def run_stage(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLayout, index: int,
-              window: tuple[int, int], workers: Workers, tracker: Tracker = Tracker()) -> None:
-    """Generations window[0] .. window[1] - 1 of stage `index`."""
+              window: tuple[int, int], workers: Workers, tracker: Tracker | None = None) -> None:
+    """Generations window[0] .. window[1] - 1 of stage `index` (`tracker`: logs each generation)."""
+    tracker = tracker or Tracker()
     stage = config.stages[index]
     strategy = make_strategy(stage_search(config, stage), layout.size, seed=config.seed + index)
     (generation, stop), next_id = window, 0

@@ -146,9 +146,9 @@ class Engine:
         """One policy call for every job (PolicyServer.generate's requests, in order)."""
         from lm_eval.api.instance import Instance
 
-        requests = [Instance("generate_until", {}, (job.prompt, {"until": list(job.stop), "max_gen_toks": job.max_tokens,
-                                                                "do_sample": False}), i, ("generate", i, 1))
-                    for i, job in enumerate(jobs)]
+        requests = [Instance("generate_until", {}, (job.prompt, {"until": list(job.stop),
+                                                                "max_gen_toks": job.max_tokens, "do_sample": False}),
+                             i, ("generate", i, 1)) for i, job in enumerate(jobs)]
         with self.lock:
             self.policy.stats.reset()
             texts = self.policy.generate_until(requests)
