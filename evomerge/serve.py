@@ -317,13 +317,6 @@ def create_app(engine: Engine, limits: Limits = Limits()) -> Any:
         if max_tokens > limits.max_tokens:
             raise RequestError(400, f"max_tokens: {max_tokens} is over this server's limit of {limits.max_tokens}",
                                "max_tokens")
-        room = min(limits.max_prompt_tokens, engine.context - max_tokens)
-        for i, prompt in enumerate(prompts):
-            count = engine.prompt_tokens(prompt)
-            if count > room:
-                raise RequestError(400, f"prompt{f'[{i}]' if len(prompts) > 1 else ''}: {count} tokens, at most "
-                                        f"{room} here (context {engine.context}, max_tokens {max_tokens}, prompt "
-                                        f"limit {limits.max_prompt_tokens})", "prompt")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if batcher.counts["in_flight"] >= limits.max_concurrent:
             batcher.counts["rejected"] += 1
@@ -332,7 +325,18 @@ def create_app(engine: Engine, limits: Limits = Limits()) -> Any:
         batcher.counts["requests"] += 1
         batcher.counts["in_flight"] += 1
         try:
+            # counted on the inference thread: a fast tokenizer is not to be used by two threads at once
+            counts = await asyncio.get_running_loop().run_in_executor(
+                batcher.executor, lambda: [engine.prompt_tokens(p) for p in prompts])
+            room = min(limits.max_prompt_tokens, engine.context - max_tokens)
+            for i, count in enumerate(counts):
+                if count > room:
+                    raise RequestError(400, f"prompt{f'[{i}]' if len(prompts) > 1 else ''}: {count} tokens, at "
+                                            f"most {room} here (context {engine.context}, max_tokens {max_tokens}, "
+                                            f"prompt limit {limits.max_prompt_tokens})", "prompt")
             answers = await asyncio.gather(*(batcher.submit(p, max_tokens, stop) for p in prompts))
+        except RequestError:
+            raise
         except Exception as exc:  # noqa: BLE001 - the batch failed; say so, keep serving
             batcher.counts["errors"] += 1
             raise RequestError(500, f"generation failed: {type(exc).__name__}: {exc}", kind="server_error") from exc
