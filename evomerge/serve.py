@@ -11,6 +11,8 @@ Endpoints (the subset of OpenAI's API that a completion model has):
   GET  /v1/models            the one model this server has
   GET  /health               status, the model's kind and members, counters (served, batches, ...)
 
+`stream: true` is answered as one server-sent event holding the whole answer, then `[DONE]`.
+
 Every response carries `usage` (prompt, completion and total tokens, plus `flops`: the forward
 FLOPs spent, routing and every consulted member included, evomerge/flops.py) and an `evomerge`
 field: the policy kind, and per choice the member that served it and its FLOPs.
@@ -29,6 +31,7 @@ OpenAI's shape, naming the field; the server keeps serving. It binds 127.0.0.1 u
 
 
 import asyncio  # no `from __future__ import annotations`: FastAPI reads the handlers' annotations at run time
+import json
 import logging
 import threading
 import time
@@ -174,8 +177,6 @@ class Engine:
 
 def member_names(folder: Path, count: int) -> list[str]:
     """The members' names as the run called them (merged, expert:0, ...), from recipe.json."""
-    import json
-
     try:
         policy = json.loads((folder / "recipe.json").read_text(encoding="utf-8"))["recipe"].get("policy") or {}
         names = list(policy.get("members") or [])
@@ -286,7 +287,7 @@ def create_app(engine: Engine, limits: Limits = Limits()) -> Any:
                                             "owned_by": "evomerge", "kind": engine.kind, "members": engine.members}]}
 
     @app.post("/v1/completions")
-    async def completions(request: Request) -> JSONResponse:
+    async def completions(request: Request) -> Any:
         body = parse(CompletionBody, await read_json(request))
         prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
         if not prompts:
@@ -299,16 +300,33 @@ def create_app(engine: Engine, limits: Limits = Limits()) -> Any:
         answers = await run(prompts, body)
         choices = [{"index": i, "text": a.text, "logprobs": None, "finish_reason": a.finish_reason}
                    for i, a in enumerate(answers)]
+        if body.stream:
+            return stream(response("text_completion", "cmpl", choices, answers))
         return JSONResponse(response("text_completion", "cmpl", choices, answers))
 
     @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> JSONResponse:
+    async def chat(request: Request) -> Any:
         body = parse(ChatBody, await read_json(request))
         prompt = engine.chat_prompt(body.messages)
         answers = await run([prompt], body)
+        if body.stream:
+            choices = [{"index": i, "delta": {"role": "assistant", "content": a.text}, "logprobs": None,
+                        "finish_reason": a.finish_reason} for i, a in enumerate(answers)]
+            return stream(response("chat.completion.chunk", "chatcmpl", choices, answers))
         choices = [{"index": i, "message": {"role": "assistant", "content": a.text},
                     "logprobs": None, "finish_reason": a.finish_reason} for i, a in enumerate(answers)]
         return JSONResponse(response("chat.completion", "chatcmpl", choices, answers))
+
+    def stream(chunk: dict[str, Any]) -> Any:
+        """`stream: true`: the whole answer as one server-sent event, then [DONE] (the answer is
+        generated in one batched call; tokens are not sent as they are decoded)."""
+        from fastapi.responses import StreamingResponse
+
+        async def events():
+            yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     async def run(prompts: list[str], body: _Body) -> list[Answer]:
         """Check the request against the limits, queue its prompts, wait for their answers."""
@@ -349,8 +367,6 @@ def create_app(engine: Engine, limits: Limits = Limits()) -> Any:
         if body.model is not None and body.model != engine.model_id:
             raise RequestError(404, f"model: {body.model!r} is not served here (this server has "
                                     f"{engine.model_id!r}: GET /v1/models)", "model", "not_found_error")
-        if body.stream:
-            raise RequestError(400, "stream: streaming is not supported; send stream=false", "stream")
         if body.n != 1:
             raise RequestError(400, f"n: {body.n}; greedy decoding gives one answer per prompt (n=1)", "n")
         if body.temperature not in (None, 0.0):
@@ -371,8 +387,6 @@ def create_app(engine: Engine, limits: Limits = Limits()) -> Any:
 
 
 async def read_json(request: Any) -> Any:
-    import json
-
     raw = await request.body()
     try:
         return json.loads(raw)

@@ -163,13 +163,19 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(servers) -> None:
 
 
 def test_chat_goes_through_the_chat_template(servers) -> None:
-    """/v1/chat/completions answers what the completion endpoint gives for the rendered prompt."""
+    """/v1/chat/completions answers what the completion endpoint gives for the rendered prompt;
+    `stream: true` gives the same answer as server-sent events."""
     client = servers["plain"].client()
     chat = client.chat.completions.create(model="plain", messages=[{"role": "user", "content": "12+34="}],
                                           max_tokens=6, stop=["\n"])
     plain = client.completions.create(model="plain", prompt="12+34=", max_tokens=6, stop=["\n"])
     assert chat.choices[0].message.content == plain.choices[0].text
     assert chat.model_extra["evomerge"]["served_by"] == ["merged"]
+    streamed = list(client.chat.completions.create(model="plain", messages=[{"role": "user", "content": "12+34="}],
+                                                   max_tokens=6, stop=["\n"], stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == plain.choices[0].text
+    streamed = list(client.completions.create(model="plain", prompt="12+34=", max_tokens=6, stop=["\n"], stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == plain.choices[0].text
 
 
 def test_concurrent_clients_are_batched_and_all_answered(servers) -> None:
