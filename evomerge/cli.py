@@ -252,15 +252,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from evomerge.config import load_config, read_yaml
     from evomerge.search import resume, search
     from evomerge.zoo import build_zoo
+    from evomerge.zoo.shipped import SHIPPED, install_shipped_zoo
 
     if not args.config.is_file():
         raise EvomergeError(f"--config: {args.config} not found; run `evomerge demo` from the repository root "
                             f"or pass --config path/to/search_spaces/demo.yaml")
     raw = read_yaml(args.config)
     zoo_dir = (args.config.resolve().parent / str(raw.get("models", {}).get("base", ""))).parent
-    if not (zoo_dir / "zoo.json").is_file() and not args.build_zoo:
-        from evomerge.zoo.shipped import install_shipped_zoo
-
+    if not (zoo_dir / "zoo.json").is_file() and not args.build_zoo and (SHIPPED / "zoo.json").is_file():
         logger.info("copying the shipped demo zoo to %s (`evomerge demo --build-zoo` trains it instead)", zoo_dir)
         install_shipped_zoo(zoo_dir)
     if not (zoo_dir / "zoo.json").is_file():
@@ -274,6 +273,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         summary = search(load_config(args.config, args.overrides), args.run_dir, on_created=log_to_run_dir)
     print(_text(summary))
     print(f"\nexport the best trial: evomerge export {args.run_dir} --out {args.run_dir}/export --verify")
+    print(f"then serve it:         evomerge serve {args.run_dir}/export")
     return 0
 
 
