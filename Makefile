@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,optuna,report]'
+	$(PY) -m pip install -q -e '.[test,optuna,report,serve,track]'
 	touch $@
 
 demo: install

@@ -1,4 +1,4 @@
-"""Command line: search | resume | report | export | merge | zoo | demo, each a thin call into the package.
+"""Command line: search | resume | report | export | serve | merge | zoo | demo, each a thin call into the package.
 
 Exit codes: 0 success, 2 user or usage error (one line on stderr naming what is wrong), 1 internal failure
 (one line; -v adds the traceback), 130 Ctrl-C.
@@ -87,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--verify", action="store_true", help="re-evaluate the exported folder and compare")
     cmd.set_defaults(func=cmd_export)
 
+    cmd = commands.add_parser("serve", help="serve an export over an OpenAI-compatible HTTP API")
+    cmd.add_argument("export_dir", type=Path, help="a folder `evomerge export` wrote (model or policy.json)")
+    cmd.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    cmd.add_argument("--port", type=int, default=8000)
+    cmd.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    cmd.add_argument("--max-tokens", type=int, default=256, help="largest max_tokens a request may ask for")
+    cmd.add_argument("--max-prompt-tokens", type=int, default=2048, help="longest prompt, in tokens")
+    cmd.add_argument("--max-concurrent", type=int, default=64, help="requests in flight; more get HTTP 429")
+    cmd.add_argument("--max-batch", type=int, default=16, help="prompts answered together")
+    cmd.set_defaults(func=cmd_serve)
+
     cmd = commands.add_parser("merge", help="run a mergekit merge config with evomerge's methods; write an HF folder")
     cmd.add_argument("config", type=Path, help="mergekit YAML (merge_method, base_model, models, parameters, ...)")
     cmd.add_argument("--out", type=Path, required=True, help="target folder (must be empty unless --force)")
@@ -105,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--run-dir", type=Path, default=Path("runs/demo"),
                      help="output folder; an existing demo run is resumed (and just reported if finished)")
     cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    cmd.add_argument("--build-zoo", action="store_true",
+                     help="train the demo zoo (about two minutes) instead of copying the shipped one")
     cmd.set_defaults(func=cmd_demo)
     return parser
 
@@ -205,6 +218,20 @@ def _scaled_path(record: dict) -> bool:
     return bool(dataflow) and any(step.scale != 1.0 for step in path_of(dataflow))
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from evomerge.serve import Limits, serve
+
+    for name in ("port", "max_tokens", "max_prompt_tokens", "max_concurrent", "max_batch"):
+        value = getattr(args, name)
+        if value < (0 if name == "port" else 1):
+            raise EvomergeError(f"--{name.replace('_', '-')}: {value}, expected a positive number")
+    serve(args.export_dir, args.host, args.port, Limits(max_tokens=args.max_tokens,
+                                                        max_prompt_tokens=args.max_prompt_tokens,
+                                                        max_concurrent=args.max_concurrent,
+                                                        max_batch=args.max_batch), device=args.device)
+    return 0
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from evomerge.merge.mergekit import run_merge
 
@@ -225,12 +252,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from evomerge.config import load_config, read_yaml
     from evomerge.search import resume, search
     from evomerge.zoo import build_zoo
+    from evomerge.zoo.shipped import SHIPPED, install_shipped_zoo
 
     if not args.config.is_file():
         raise EvomergeError(f"--config: {args.config} not found; run `evomerge demo` from the repository root "
                             f"or pass --config path/to/search_spaces/demo.yaml")
     raw = read_yaml(args.config)
     zoo_dir = (args.config.resolve().parent / str(raw.get("models", {}).get("base", ""))).parent
+    if not (zoo_dir / "zoo.json").is_file() and not args.build_zoo and (SHIPPED / "zoo.json").is_file():
+        logger.info("copying the shipped demo zoo to %s (`evomerge demo --build-zoo` trains it instead)", zoo_dir)
+        install_shipped_zoo(zoo_dir)
     if not (zoo_dir / "zoo.json").is_file():
         logger.info("building the demo zoo in %s (about two minutes)", zoo_dir)
         build_zoo(zoo_dir)
@@ -242,6 +273,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         summary = search(load_config(args.config, args.overrides), args.run_dir, on_created=log_to_run_dir)
     print(_text(summary))
     print(f"\nexport the best trial: evomerge export {args.run_dir} --out {args.run_dir}/export --verify")
+    print(f"then serve it:         evomerge serve {args.run_dir}/export")
     return 0
 
 

@@ -400,6 +400,16 @@ class WorkersConfig(_Frozen):
     ray_address: str | None = None
 
 
+class TrackingConfig(_Frozen):
+    """Log the run to experiment trackers (evomerge/tracking.py); nothing leaves the machine unless
+    `tracking_uri` names a server."""
+
+    report_to: list[Literal["mlflow"]] = Field(default_factory=list)
+    tracking_uri: str | None = None  # default: sqlite:///RUN/mlflow.db (artifacts in RUN/mlflow-artifacts)
+    experiment: str | None = None  # default: the run's name
+    run_name: str | None = None  # default: the run directory's name
+
+
 class RunConfig(_Frozen):
     name: str = Field(default="run", pattern=r"^[\w.-]+$")
     seed: int = Field(default=0, ge=0, lt=2**32)
@@ -411,6 +421,7 @@ class RunConfig(_Frozen):
     moe: MoeConfig | None = None  # set: every candidate is upcycled into a mixture of experts
     dataflow: DataflowConfig | None = None  # the data-flow space of a dfs stage (search.stages)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _method_fits_models(self) -> RunConfig:

@@ -1,4 +1,4 @@
-"""A trial -> a Hugging Face model folder, a mergekit YAML and the recipe JSON.
+"""A trial -> a Hugging Face model folder, a mergekit YAML, the recipe JSON and a model card (README.md).
 
 The folder is the exact artifact: it is merged with the same code the workers ran, so
 reloading it and evaluating it reproduces the journaled quality (a data-flow path is written
@@ -27,6 +27,7 @@ from evomerge.errors import ConfigError
 from evomerge.genome import Recipe
 from evomerge.merge.mergekit import mergekit_yaml
 from evomerge.merge.merger import load_merge_target
+from evomerge.model_card import write_model_card
 from evomerge.models.sources import load_model, load_tokenizer, pick_device
 from evomerge.run_dir import RunDir
 from evomerge.trial import TrialState, best
@@ -54,6 +55,7 @@ def export(run_dir: str | Path, out: str | Path, trial_id: int | None = None, fo
                        for name in policy["members"]]
             scorers = [copy_member(path, staging / "members", f"scorer-{i}")
                        for i, path in enumerate(config.policy.scorers or [])] if router else None
+        write_model_card(staging, run, config, record, name=out.name)
     if policy is not None:  # written after the move: the folders are final
         from evomerge.policies import save_policy
 

@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 # Config fields a resumed run may change: the budget, not what a trial means.
-RESUMABLE_CHANGES = ("search.generations", "dataflow.generations", "workers.", "eval.limit", "eval.batch_size")
+RESUMABLE_CHANGES = ("search.generations", "dataflow.generations", "workers.", "eval.limit", "eval.batch_size",
+                     "tracking.")
 CONFIG, GENOME, JOURNAL, CHECKPOINT, SUMMARY, LOG, LOCK = (
     "config.yaml", "genome.json", "journal.jsonl", "checkpoint.pkl", "summary.json", "run.log", "driver.lock")
 SUBSAMPLE = "subsample.jsonl"

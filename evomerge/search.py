@@ -36,11 +36,13 @@ from evomerge.errors import EvalError, ResumeError
 from evomerge.evaluate import check_tasks
 from evomerge.genome import GenomeLayout, Recipe, reference_recipes
 from evomerge.models.sources import check_sources
+from evomerge.pareto import ParetoArchive
 from evomerge.racing import fitness, race
 from evomerge.report import summarize
 from evomerge.run_dir import JOURNAL, SUBSAMPLE, Checkpoint, RunDir, write_atomic
 from evomerge.strategies import make_strategy
-from evomerge.trial import Trial, TrialResult, best, record, result_from_record
+from evomerge.tracking import Tracker, open_tracker
+from evomerge.trial import Trial, TrialResult, TrialState, best, record, result_from_record
 
 logger = logging.getLogger(__name__)
 
@@ -132,21 +134,26 @@ def run_loop(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLayo
     checkpoint = run.load_checkpoint()
     stop = 0
     workers = Workers(config, pool)
+    tracker = Tracker()
     run.lock()
     try:
         run.repair_journal()
+        tracker = open_tracker(run, config)
         for index, stage in enumerate(config.stages):
             start, stop = stop, stop + stage_search(config, stage).generations
             if checkpoint is not None and checkpoint.stage > index:
                 continue
             if index > 0:
                 layout = next_stage_layout(run, config, stage)
-            run_stage(run, config, layout, index, (start, stop), workers)
+            run_stage(run, config, layout, index, (start, stop), workers, tracker)
             checkpoint = run.load_checkpoint()
+        summary = summarize(run.records(), config)
+        tracker.finish(summary, run)
     finally:
+        tracker.close()  # a run stopped early: its tracker run is marked KILLED until a resume continues it
         workers.close()  # whatever stopped the run: no worker outlives it
         run.unlock()
-    return summarize(run.records(), config)
+    return summary
 
 
 class Workers:
@@ -183,8 +190,9 @@ def next_stage_layout(run: RunDir, config: RunConfig, stage: str) -> DataflowLay
 
 
 def run_stage(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLayout, index: int,
-              window: tuple[int, int], workers: Workers) -> None:
-    """Generations window[0] .. window[1] - 1 of stage `index`."""
+              window: tuple[int, int], workers: Workers, tracker: Tracker | None = None) -> None:
+    """Generations window[0] .. window[1] - 1 of stage `index` (`tracker`: logs each generation)."""
+    tracker = tracker or Tracker()
     stage = config.stages[index]
     strategy = make_strategy(stage_search(config, stage), layout.size, seed=config.seed + index)
     (generation, stop), next_id = window, 0
@@ -235,6 +243,7 @@ def run_stage(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLay
         run.save_checkpoint(Checkpoint(generation, next_id, strategy.get_state(), stage=index, ahead=ahead))
         summary = summarize(run.records(), config)
         run.write_summary(summary)
+        tracker.generation(summary, run.records())
         latest = summary["generations"][-1]
         logger.info("generation %d: best %.4f (best so far %.4f), %d failed", latest["generation"],
                     latest["best_quality"], latest["best_so_far"], latest["failed"])
@@ -288,7 +297,8 @@ def evaluate(pool: Pool, trials: list[Trial], journal: dict[int, dict], run: Run
 
     later = [trial for trial in then if trial.id not in journal]
     wanted = {trial.id for trial in todo}
-    best = max((r.quality for r in results.values() if r.ok), default=None)
+    front = front_of(run.records())  # the bar shows the best quality so far and the front's size
+    best = max([r.quality for r in results.values() if r.ok] + [e.quality for e in front.front()], default=None)
     with tqdm(total=len(trials), initial=len(results), desc=f"generation {generation}", unit="trial",
               leave=False, dynamic_ncols=True, disable=None) as bar:
         for trial, result in pool.run(todo, later):
@@ -302,9 +312,20 @@ def evaluate(pool: Pool, trials: list[Trial], journal: dict[int, dict], run: Run
             results[trial.id] = result
             if result.ok:
                 best = result.quality if best is None else max(best, result.quality)
-            bar.set_postfix(best=f"{best:.4f}" if best is not None else "-")
+                if file == JOURNAL and entry["state"] == TrialState.COMPLETE.value and entry.get("flops") is not None:
+                    front.add(trial.id, result.quality, entry["flops"])
+            bar.set_postfix(best=f"{best:.4f}" if best is not None else "-", front=len(front.front()))
             bar.update(1)
     return results
+
+
+def front_of(records) -> ParetoArchive:
+    """The Pareto archive (quality vs FLOPs) of the complete (full-limit) records."""
+    archive = ParetoArchive(worst_quality=None)
+    for r in records:
+        if r["state"] == TrialState.COMPLETE.value and r.get("flops") is not None:
+            archive.add(r["trial"], r["quality"], r["flops"])
+    return archive
 
 
 def losses(results: list[TrialResult], generation: int) -> list[float]:

@@ -21,12 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fakes import FakePool, make_config  # noqa: E402
-
 from evomerge.config import validate  # noqa: E402
 from evomerge.genome import GenomeLayout  # noqa: E402
 from evomerge.run_dir import CHECKPOINT, JOURNAL, Checkpoint, RunDir  # noqa: E402
 from evomerge.search import run_loop  # noqa: E402
+
+from fakes import FakePool, make_config  # noqa: E402
 
 BOUNDS = {"weight": (0.0, 1.5), "density": (0.1, 1.0), "t": (0.0, 1.0)}
 

@@ -13,7 +13,6 @@ import pytest
 import torch
 import yaml
 from conftest import REPO, write_config
-from fakes import FakePool, make_config
 
 from evomerge.config import load_config, validate
 from evomerge.dataflow import DataflowLayout, LayerPath, Step, layer_list_path, materialize, path_of
@@ -24,6 +23,8 @@ from evomerge.merge.mergekit import passthrough_yaml
 from evomerge.run_dir import RunDir, canonical
 from evomerge.search import run_loop
 from evomerge.trial import TrialResult, TrialState
+
+from fakes import FakePool, make_config
 
 VOCAB, HIDDEN, FFN, HEADS, KV_HEADS, LAYERS = 50, 32, 64, 4, 2, 3
 

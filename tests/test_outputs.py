@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fakes import FakePool, make_config
 from test_search_loop import start
 
 from evomerge.cli import _scaled_path
@@ -13,6 +12,8 @@ from evomerge.export import staged
 from evomerge.report import format_text, summarize
 from evomerge.run_dir import RunDir
 from evomerge.search import run_loop
+
+from fakes import FakePool, make_config
 
 
 def test_a_staged_folder_is_moved_into_place_whole(tmp_path: Path) -> None:

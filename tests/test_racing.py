@@ -10,7 +10,6 @@ import math
 from pathlib import Path
 
 import pytest
-from fakes import FakePool, make_config
 
 from evomerge.config import validate
 from evomerge.errors import ConfigError, EvalError
@@ -19,6 +18,8 @@ from evomerge.racing import fitness, promoted
 from evomerge.run_dir import SUBSAMPLE, RunDir, canonical
 from evomerge.search import run_loop
 from evomerge.trial import Trial, TrialResult, TrialState
+
+from fakes import FakePool, make_config
 
 BOUNDS = {"weight": (0.0, 1.5), "density": (0.1, 1.0), "t": (0.0, 1.0)}
 SUBSET_ERROR = 0.05  # a subset score is the full one plus up to this much, per trial

@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-from fakes import FakePool, make_config
 
 from evomerge.config import validate
 from evomerge.errors import EvalError
@@ -12,6 +11,8 @@ from evomerge.genome import GenomeLayout
 from evomerge.report import summarize
 from evomerge.run_dir import RunDir, canonical
 from evomerge.search import run_loop
+
+from fakes import FakePool, make_config
 
 BOUNDS = {"weight": (0.0, 1.5), "density": (0.1, 1.0), "t": (0.0, 1.0)}
 

@@ -116,7 +116,15 @@ def read_policy(path: str | os.PathLike) -> tuple[dict[str, Any], list[Path], li
 
 
 def load(path: str | os.PathLike, device: str = "cpu", batch_size: int | str = 16) -> PolicyServer:
-    """Load a policy file written by ``save_policy`` with its member (and scorer) models."""
+    """Load a policy file written by ``save_policy`` with its member (and scorer) models; or an
+    export folder: its ``policy.json`` when it has one, else the folder's model served alone
+    (kind ``model``: a merged, MoE or layer-path export)."""
+    path = Path(path)
+    if path.is_dir() and not (path / "policy.json").is_file():
+        alone = Member.from_folder(path, name="merged", device=device, batch_size=batch_size)
+        return PolicyServer(Blend([alone]), "model", {})
+    if path.is_dir():
+        path = path / "policy.json"
     record, member_folders, scorer_folders = read_policy(path)
 
     def members(folders: list[Path]) -> list[Member]:
