@@ -7,9 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import write_config
 
 from evomerge.cli import main
+
+from conftest import write_config
 
 pytestmark = pytest.mark.slow
 

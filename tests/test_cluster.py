@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_config
 
 from evomerge.run_dir import RunDir
+
+from conftest import write_config
 
 pytestmark = pytest.mark.slow
 

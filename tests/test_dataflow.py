@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO, write_config
 
 from evomerge.config import load_config, validate
 from evomerge.dataflow import DataflowLayout, LayerPath, Step, layer_list_path, materialize, path_of
@@ -24,6 +23,7 @@ from evomerge.run_dir import RunDir, canonical
 from evomerge.search import run_loop
 from evomerge.trial import TrialResult, TrialState
 
+from conftest import REPO, write_config
 from fakes import FakePool, make_config
 
 VOCAB, HIDDEN, FFN, HEADS, KV_HEADS, LAYERS = 50, 32, 64, 4, 2, 3

@@ -5,13 +5,14 @@ or expert) on every task, and that dominates every source model."""
 from __future__ import annotations
 
 import pytest
-from conftest import REPO
 
 from evomerge.config import load_config
 from evomerge.pareto import dominates
 from evomerge.run_dir import RunDir
 from evomerge.search import search
 from evomerge.zoo import SKILLS, build_zoo
+
+from conftest import REPO
 
 pytestmark = pytest.mark.slow
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import write_config
 
 from evomerge.config import load_config
 from evomerge.genome import Recipe
 from evomerge.trial import Trial, TrialState
 from evomerge.workers import CandidateRunner
+
+from conftest import write_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, write_config
 
 from evomerge.cli import main
 from evomerge.config import load_config
@@ -18,6 +17,8 @@ from evomerge.run_dir import RunDir, canonical
 from evomerge.search import search
 from evomerge.trial import Trial, TrialState
 from evomerge.workers import WorkerPool
+
+from conftest import REPO, write_config
 
 pytestmark = pytest.mark.slow
 

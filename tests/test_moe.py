@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, write_config
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
@@ -20,6 +19,8 @@ from evomerge.flops import CostModel
 from evomerge.genome import GenomeLayout
 from evomerge.moe import Upcycler, router_gates, upcycle
 from evomerge.zoo import make_tokenizer
+
+from conftest import REPO, write_config
 
 SEQ = 24
 PROMPTS = [["12+34=", "5+6="], ["rev abc=", "rev hello="], ["sort cab=", "sort zyx="]]

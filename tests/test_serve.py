@@ -12,11 +12,12 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import openai
 import pytest
+
 from conftest import REPO, write_config
 
 pytestmark = pytest.mark.slow
-import openai
 
 PROMPTS = ["12+34=", "rev abc=", "sort dcba=", "7+5=", "rev hello="]
 

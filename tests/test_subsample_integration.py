@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_config
 
 from evomerge.config import load_config
 from evomerge.run_dir import SUBSAMPLE, RunDir
 from evomerge.search import search
+
+from conftest import write_config
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
