@@ -16,7 +16,7 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,11 @@ class Evaluation:
     flops_per_example: float  # forward FLOPs (evomerge.flops conventions) per evaluated document
     served: dict[str, float]  # share of requests each member served
     seconds: dict[str, float]  # eval_setup, forward, serving, scoring (see evomerge.clock)
+    # per task, from lm-eval's sample-level results (evomerge/samples.py): which documents were
+    # scored (doc id, doc hash), their scores (encoded) and the standard error of the task's metric
+    documents: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
+    per_doc: dict[str, Any] = field(default_factory=dict)
+    stderr: dict[str, float | None] = field(default_factory=dict)
 
 
 def task_manager(eval_config: EvalConfig):
@@ -293,13 +298,32 @@ class Evaluator:
         self.clock.reset()
         start = time.perf_counter()
         results = evaluate(lm=lm, task_dict=self.tasks, limit=self.config.limit if limit is None else limit,
-                           bootstrap_iters=0, log_samples=False, verbosity="ERROR")
+                           bootstrap_iters=0, log_samples=True, verbosity="ERROR")
         seconds = self.clock.split(start, time.perf_counter())
         scores = {task.name: read_score(results, task) for task in self.config.tasks}
         stats = lm.stats
         documents = sum(int(n.get("effective", 0)) for n in results.get("n-samples", {}).values()) or 1
         served = {name: count / max(stats.requests, 1) for name, count in zip(names, stats.served)}
-        return Evaluation(scores, stats.flops / documents, served, seconds)
+        return Evaluation(scores, stats.flops / documents, served, seconds, **per_document(results, self.config.tasks,
+                                                                                            scores))
+
+
+def per_document(results: dict[str, Any], tasks: list[TaskSpec], scores: dict[str, TaskScore]) -> dict[str, Any]:
+    """Evaluation's documents, per_doc and stderr fields from lm-eval's logged samples (a task whose
+    metric is not a mean of per-document scores, a perplexity say, has none: stderr None)."""
+    from evomerge import samples
+
+    documents, per_doc, errors = {}, {}, {}
+    for task in tasks:
+        found = samples.from_lm_eval(results.get("samples") or {}, task.name, task.metric, task.filter,
+                                     scores[task.name].value)
+        if found is None:
+            errors[task.name] = None
+            continue
+        documents[task.name], values = found
+        per_doc[task.name] = samples.encode(values)
+        errors[task.name] = samples.stderr(values)
+    return {"documents": documents, "per_doc": per_doc, "stderr": errors}
 
 
 def read_score(results: dict[str, Any], task: TaskSpec) -> TaskScore:

@@ -91,7 +91,7 @@ def resume(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), for
            pool: Pool | None = None) -> dict:
     """Continue a run from its checkpoint and journal, with budget changes from `overrides`."""
     run = RunDir.open(run_dir)
-    config = run.config()
+    config = before = run.config()
     if overrides:
         run.lock()  # no config change under another driver's feet
         try:
@@ -99,7 +99,8 @@ def resume(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), for
         except BaseException:
             run.unlock()
             raise
-    return run_loop(run, config, genome_layout(config), pool)
+    # a forced eval.limit change: the references are scored again on the new documents
+    return run_loop(run, config, genome_layout(config), pool, rescore=config.eval.limit != before.eval.limit)
 
 
 def dataflow_layout(config: RunConfig, num_layers: int, merge: Recipe) -> DataflowLayout:
@@ -129,7 +130,7 @@ def best_of_stage(records: list[dict], stage: str) -> dict | None:
 
 
 def run_loop(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLayout,
-             pool: Pool | None = None) -> dict:
+             pool: Pool | None = None, rescore: bool = False) -> dict:
     """Every stage of `config.stages` in order (`layout` is the first's), from the checkpoint if any.
 
     Generations are numbered across stages; a stage after the first starts from a fresh
@@ -148,7 +149,7 @@ def run_loop(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLayo
                 continue
             if index > 0:
                 layout = next_stage_layout(run, config, stage)
-            run_stage(run, config, layout, index, (start, stop), workers)
+            run_stage(run, config, layout, index, (start, stop), workers, rescore=rescore)
             checkpoint = run.load_checkpoint()
     finally:
         workers.close()  # whatever stopped the run: no worker outlives it
@@ -189,7 +190,7 @@ def next_stage_layout(run: RunDir, config: RunConfig, stage: str) -> DataflowLay
 
 
 def run_stage(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLayout, index: int,
-              window: tuple[int, int], workers: Workers) -> None:
+              window: tuple[int, int], workers: Workers, rescore: bool = False) -> None:
     """Generations window[0] .. window[1] - 1 of stage `index`."""
     stage = config.stages[index]
     strategy = make_strategy(stage_search(config, stage), layout.size, seed=config.seed + index)
@@ -223,6 +224,9 @@ def run_stage(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLay
         upcoming = [Trial(next_id + k, generation + 1, layout.decode(np.array(genome)), tuple(genome), stage=stage)
                     for k, genome in enumerate(ahead)] if ahead is not None and generation + 1 < stop else []
         retry = stalled(run, config, trials, candidates, upcoming) if first else set()
+        if first and generation > window[0]:  # references scored on other documents than the run's now
+            stale = stale_references(run, config, stage, window[0], rescore)
+            trials, retry = stale + trials, retry | {trial.id for trial in stale}
         for trial_id in retry:  # evaluated again: the old lines are superseded
             journal.pop(trial_id, None)
         first = False
@@ -241,9 +245,37 @@ def run_stage(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLay
         run.save_checkpoint(Checkpoint(generation, next_id, strategy.get_state(), stage=index, ahead=ahead))
         summary = summarize(run.records(), config)
         run.write_summary(summary)
-        latest = summary["generations"][-1]
-        logger.info("generation %d: best %.4f (best so far %.4f), %d failed", latest["generation"],
-                    latest["best_quality"], latest["best_so_far"], latest["failed"])
+        logger.info(generation_line(summary))
+
+
+def generation_line(summary: dict) -> str:
+    """The log line of a finished generation: its best evolved trial beside the best source."""
+    latest = summary["generations"][-1]
+    reference = summary.get("best_reference") or {}
+    source = (f"best source {reference['quality']:.4f} ({reference['label']}, trial {reference['trial']})"
+              if reference.get("quality") is not None else "no source scored")
+    best = "-" if latest["best_quality"] is None else f"{latest['best_quality']:.4f}"
+    so_far = "-" if latest["best_so_far"] is None else f"{latest['best_so_far']:.4f}"
+    return f"generation {latest['generation']}: best evolved {best} (so far {so_far}), {source}, {latest['failed']} failed"
+
+
+def stale_references(run: RunDir, config: RunConfig, stage: str, generation: int, rescore: bool) -> list[Trial]:
+    """A stage's journaled references whose sample's limit is not the run's eval.limit (or all of
+    them with `rescore`: a resume that changed eval.limit), to be scored again so that the sources
+    stay comparable with the trials to come (evomerge/samples.py)."""
+    if not config.search.references:
+        return []
+    stale = []
+    for r in run.records():
+        if r["label"] is None or r.get("stage", "ps") != stage or r["generation"] != generation:
+            continue
+        limit = (r.get("sample") or {}).get("limit", config.eval.limit if not rescore else object())
+        if rescore or limit != config.eval.limit:
+            stale.append(Trial(r["trial"], r["generation"], Recipe.from_json(r["recipe"]), stage=stage))
+    if stale:
+        logger.warning("scoring the %d references again on eval.limit %s (they were scored on other documents)",
+                       len(stale), config.eval.limit)
+    return stale
 
 
 def stage_references(layout: GenomeLayout | DataflowLayout) -> list[Recipe]:
