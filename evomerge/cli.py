@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, NoReturn
@@ -23,20 +24,54 @@ DEMO_CONFIG = Path("search_spaces/demo.yaml")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # a usage error exits here: one line, code 2
     setup_logging(args.verbose)
-    return run(args.func, args)
+    return run(args.func, args, process=argv is None)
 
 
-def run(handler: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
-    """Call a command's handler and map what it raises to an exit code and one line on stderr."""
+RUN_PATH: Path | None = None  # the run directory the command works on, once known (for the interrupt message)
+
+
+def interrupted(process: bool = False) -> int:
+    """Ctrl-C: stop Ray cleanly (a second Ctrl-C meanwhile is ignored), say how to go on, exit 130.
+
+    A terminal's Ctrl-C reaches Ray's own processes too (the same process group): left to the
+    interpreter's exit, the driver's Ray client then crashed (SIGSEGV) on its dead raylet. So Ray
+    is shut down here, and the process ends with os._exit once stderr and the logs are flushed
+    (only when `process`: called in-process, by a test say, it just returns 130)."""
+    where = (f"the run directory is intact: `evomerge resume {RUN_PATH}` continues it" if RUN_PATH is not None
+             else "no run directory was written yet")
+    print(f"evomerge: interrupted; {where}", file=sys.stderr)
+    if not process:
+        return 130
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        try:
+            ray.shutdown()
+        except Exception:  # noqa: BLE001 - the interrupt is what the user asked for; exit regardless
+            pass
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if ray is not None:
+        os._exit(130)  # no interpreter teardown under Ray's threads
+    return 130
+
+
+def remember_run(path: Path) -> None:
+    global RUN_PATH
+    RUN_PATH = Path(path)
+
+
+def run(handler: Callable[[argparse.Namespace], int | None], args: argparse.Namespace, process: bool = False) -> int:
+    """Call a command's handler and map what it raises to an exit code and one line on stderr.
+    `process`: this is the command-line process itself (an interrupt then ends it, see `interrupted`)."""
     try:
         return handler(args) or 0
     except EvomergeError as exc:
         print(f"evomerge: error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("evomerge: interrupted; the run directory is intact: `evomerge resume RUN` continues it",
-              file=sys.stderr)
-        return 130
+        return interrupted(process)
     except Exception as exc:  # noqa: BLE001 - the last resort: an internal failure
         # The traceback goes to run.log (when a run directory is open); to stderr only with -v.
         logger.error("internal error", exc_info=True, extra={TRACEBACK_ONLY: True})
@@ -146,7 +181,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     run_dir = args.run_dir or Path("runs") / config.name
-    summary = search(config, run_dir, on_created=log_to_run_dir)
+    summary = search(config, run_dir, on_created=lambda path: (remember_run(path), log_to_run_dir(path)))
     print(_text(summary))
     return 0
 
@@ -155,6 +190,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from evomerge.search import resume
 
     if (args.run_dir / "config.yaml").is_file():
+        remember_run(args.run_dir)
         log_to_run_dir(args.run_dir)
     print(_text(resume(args.run_dir, args.overrides, force=args.force)))
     return 0
@@ -236,10 +272,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         build_zoo(zoo_dir)
     if (args.run_dir / "config.yaml").is_file():
         logger.info("%s holds a demo run already: resuming it (a finished run is only reported)", args.run_dir)
+        remember_run(args.run_dir)
         log_to_run_dir(args.run_dir)
         summary = resume(args.run_dir)
     else:
-        summary = search(load_config(args.config, args.overrides), args.run_dir, on_created=log_to_run_dir)
+        summary = search(load_config(args.config, args.overrides), args.run_dir,
+                         on_created=lambda path: (remember_run(path), log_to_run_dir(path)))
     print(_text(summary))
     print(f"\nexport the best trial: evomerge export {args.run_dir} --out {args.run_dir}/export --verify")
     return 0

@@ -327,6 +327,9 @@ def evaluate(pool: Pool, trials: list[Trial], journal: dict[int, dict], run: Run
     later = [trial for trial in then if trial.id not in journal]
     wanted = {trial.id for trial in todo}
     best = max((r.quality for r in results.values() if r.ok), default=None)
+    known = {trial.id: trial.label for trial in trials}
+    evolved = max((r.quality for i, r in results.items() if r.ok and known[i] is None), default=None)
+    source = max((r.quality for i, r in results.items() if r.ok and known[i] is not None), default=None)
     with tqdm(total=len(trials), initial=len(results), desc=f"generation {generation}", unit="trial",
               leave=False, dynamic_ncols=True, disable=None) as bar:
         for trial, result in pool.run(todo, later):
@@ -340,9 +343,20 @@ def evaluate(pool: Pool, trials: list[Trial], journal: dict[int, dict], run: Run
             results[trial.id] = result
             if result.ok:
                 best = result.quality if best is None else max(best, result.quality)
+                if trial.label is None:
+                    evolved = result.quality if evolved is None else max(evolved, result.quality)
+                else:
+                    source = result.quality if source is None else max(source, result.quality)
             bar.set_postfix(best=f"{best:.4f}" if best is not None else "-")
             bar.update(1)
+            logger.info("trial %d done (%s, %d/%d of generation %d): %s; best evolved %s, best source %s",
+                        trial.id, trial.label or "evolved", len(results), len(trials), generation,
+                        f"quality {result.quality:.4f}" if result.ok else "failed", _num(evolved), _num(source))
     return results
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def losses(results: list[TrialResult], generation: int) -> list[float]:
