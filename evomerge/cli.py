@@ -216,11 +216,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from evomerge.export import evaluate_folder, export
+    from evomerge.export import best_evolved, evaluate_folder, export
     from evomerge.run_dir import RunDir
 
     record = export(args.run_dir, args.out, trial_id=args.trial, force=args.force)
     print(f"exported trial {record['trial']} (quality {record['quality']:.4f}) to {args.out}")
+    if args.trial is None and record["label"] is not None:
+        print(reference_note(record, best_evolved(RunDir.open(args.run_dir)), args))
     if args.verify:
         reproduced = evaluate_folder(RunDir.open(args.run_dir).config(), args.out, limit=record.get("limit"))
         same = reproduced == record["quality"]
@@ -228,6 +230,16 @@ def cmd_export(args: argparse.Namespace) -> int:
               f"{'' if same or not _scaled_path(record) else _SCALED_PATH_NOTE})")
         return 0 if same else 1
     return 0
+
+
+def reference_note(record: dict, evolved: dict | None, args: argparse.Namespace) -> str:
+    """Says that the best trial is a reference (a source or the uniform merge), and offers the best evolved one."""
+    kind = "the uniform merge of the experts" if record["label"] == "uniform" else "an unchanged source model"
+    note = f"note: trial {record['trial']} is the reference {record['label']} ({kind}), not an evolved candidate"
+    if evolved is None:
+        return note + "; no evolved trial has completed"
+    return (note + f"; the best evolved trial is {evolved['trial']} (quality {evolved['quality']:.4f}): "
+            f"evomerge export {args.run_dir} --out DIR --trial {evolved['trial']}")
 
 
 _SCALED_PATH_NOTE = ("; a scaled layer path is exported with its scales folded into the layers' output "

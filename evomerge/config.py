@@ -8,6 +8,7 @@ whose message is one line: `file: field: problem; field: problem`.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from pathlib import Path
@@ -17,6 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 MERGE_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "breadcrumbs",
                  "breadcrumbs_ties", "della", "della_linear", "model_stock", "nuslerp", "multislerp", "passthrough")
@@ -480,7 +483,23 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     for override in overrides:
         apply_override(raw, override)
     config = validate(raw, source=_shown(str(path)))
+    for warning in ignored_settings(raw):
+        logger.warning("%s: %s", _shown(str(path)), warning)
     return resolve_paths(config, path.resolve().parent, source=_shown(str(path)))
+
+
+CMA_ONLY = ("sigma0", "x0")  # settings only CMA-ES reads (tradeoffs is refused outside cma)
+
+
+def ignored_settings(raw: dict[str, Any]) -> list[str]:
+    """Settings the config gives that its strategy ignores (each one line, for a warning)."""
+    search = raw.get("search") if isinstance(raw.get("search"), dict) else {}
+    strategy = search.get("strategy", "cma")
+    warnings = [f"search.{name}: set to {search[name]!r}, but strategy {strategy} ignores it (CMA-ES settings)"
+                for name in CMA_ONLY if name in search and strategy != "cma"]
+    if search.get("dispatch") == "steady" and strategy == "cma":
+        warnings.append("search.dispatch: steady is ignored by strategy cma (each generation waits for the last)")
+    return warnings
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from evomerge.merge import get_method
 from evomerge.merger import load_merge_target
 from evomerge.racing import full_fidelity
 from evomerge.report import best_trial
+from evomerge.samples import comparable
 from evomerge.run_dir import RunDir
 from evomerge.sources import load_model, load_tokenizer, pick_device
 
@@ -159,10 +160,16 @@ def move_into(staging: Path, out: Path) -> None:
     staging.rmdir()
 
 
+def best_evolved(run: RunDir) -> dict[str, Any] | None:
+    """The best completed evolved trial (not a source nor the uniform merge) on the run's current sample."""
+    compared, _ = comparable(full_fidelity(list(run.finished().values())))
+    return best_trial([r for r in compared if r["label"] is None])
+
+
 def pick_trial(run: RunDir, trial_id: int | None) -> dict[str, Any]:
     records = run.finished()
     if trial_id is None:
-        record = best_trial(full_fidelity(list(records.values())))
+        record = best_trial(comparable(full_fidelity(list(records.values())))[0])
         if record is None:
             raise ConfigError(f"{run.path}: no completed trial to export yet")
         return record
