@@ -631,7 +631,9 @@ def _resolve_model(value: str, folder: Path, field: str, problems: list[str]) ->
     if candidate.exists():
         problems.append(f"{field}: {str(candidate.resolve())!r} is a file, expected a model folder")
         return value
-    looks_local = value.startswith((".", "/", "~")) or value.count("/") > 1
+    # a folder-like path (or one whose first part is a local folder) is never looked up on the hub
+    looks_local = (value.startswith((".", "/", "~")) or value.count("/") > 1 or value.endswith("/")
+                   or ("/" in value and (folder / value.split("/")[0]).expanduser().is_dir()))
     if looks_local or not _HF_ID.match(value):
         problems.append(f"{field}: no such model folder {str(candidate.resolve())!r}")
     return value

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -58,8 +59,11 @@ class Pool(Protocol):
 def genome_layout(config: RunConfig) -> GenomeLayout | DataflowLayout:
     """Check the sources can be merged and the tasks load (before any worker starts) and lay out
     the first stage's genome."""
+    start = time.perf_counter()
     sources = check_sources(config.models)
+    checked = time.perf_counter()
     check_tasks(config.eval)
+    logger.info("checks: sources %.1f s, tasks %.1f s", checked - start, time.perf_counter() - checked)
     if config.stages[0] == "dfs":
         base = replace(reference_recipes(len(config.models.experts), sources.num_layers)[0], label=None)
         return dataflow_layout(config, sources.num_layers, base)

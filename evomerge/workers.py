@@ -171,7 +171,10 @@ class WorkerPool:
     def __init__(self, config: RunConfig):
         import ray
 
+        start = time.perf_counter()
         self._connected = start_ray(config.workers)
+        logger.info("Ray %s in %.1f s; starting %d workers (each loads the models and tasks)",
+                    "started" if self._connected else "joined", time.perf_counter() - start, config.workers.count)
         self._config = config
         threads = max(1, int(config.workers.cpus_per_worker))
         self._actor_class = ray.remote(CandidateRunner).options(
