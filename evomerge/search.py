@@ -331,9 +331,10 @@ def evaluate(pool: Pool, trials: list[Trial], journal: dict[int, dict], run: Run
     later = [trial for trial in then if trial.id not in journal]
     wanted = {trial.id for trial in todo}
     best = max((r.quality for r in results.values() if r.ok), default=None)
-    known = {trial.id: trial.label for trial in trials}
-    evolved = max((r.quality for i, r in results.items() if r.ok and known[i] is None), default=None)
-    source = max((r.quality for i, r in results.items() if r.ok and known[i] is not None), default=None)
+    # the live best of the run so far (journaled trials, full fidelity), evolved and references apart
+    seen = [r for r in journal.values() if r["state"] == "complete" and r.get("fidelity", "full") == "full"]
+    evolved = max((r["quality"] for r in seen if r["label"] is None), default=None)
+    source = max((r["quality"] for r in seen if r["label"] is not None), default=None)
     with tqdm(total=len(trials), initial=len(results), desc=f"generation {generation}", unit="trial",
               leave=False, dynamic_ncols=True, disable=None) as bar:
         for trial, result in pool.run(todo, later):
@@ -345,6 +346,8 @@ def evaluate(pool: Pool, trials: list[Trial], journal: dict[int, dict], run: Run
                 journal[trial.id] = entry
                 continue
             results[trial.id] = result
+            if file == JOURNAL:  # what the run has journaled, for the live best of later calls
+                journal[trial.id] = entry
             if result.ok:
                 best = result.quality if best is None else max(best, result.quality)
                 if trial.label is None:

@@ -5,6 +5,7 @@ a real run (Ray, lm-eval, the quick zoo)."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -171,3 +172,43 @@ def test_records_round_trip(tmp_path: Path) -> None:
     assert back == result
     bare = record(Trial(3, 0, recipe), TrialResult(3, TrialState.FAILED, error="x"))
     assert "sample" not in bare and "per_doc" not in bare  # failed lines read as before
+
+
+def test_each_trial_logs_progress_with_the_live_best(tmp_path, caplog) -> None:
+    from evomerge.genome import GenomeLayout
+    from evomerge.search import run_loop
+    from tests.crash_driver import BOUNDS
+    from tests.fakes import FakePool
+
+    config = make_config(generations=2)
+    layout = GenomeLayout.build("task_arithmetic", "layer", 3, 2, BOUNDS)
+    run = RunDir.create(tmp_path / "run", config, layout.describe())
+    with caplog.at_level(logging.INFO, logger="evomerge.search"):
+        run_loop(run, config, layout, FakePool())
+    done = [r.getMessage() for r in caplog.records if " done (" in r.getMessage()]
+    assert len(done) == len(run.records())  # one line per trial, as each result arrives
+    best_source = max(r["quality"] for r in run.records() if r["label"] is not None)
+    assert done[0].endswith("best source -")  # nothing finished before the first trial
+    later = [m for m in done if "of generation 1)" in m]
+    assert later and all(m.endswith(f"best source {best_source:.4f}") for m in later)  # the run's, not the generation's
+    generation = [r.getMessage() for r in caplog.records if r.getMessage().startswith("generation 1:")]
+    assert generation and f"best source {best_source:.4f}" in generation[0]
+
+
+def test_costs_that_differ_little_are_printed_apart() -> None:
+    config = make_config()
+    records = [line(0, 0.5, docs(50), "base", flops=1.8979e7), line(5, 0.6, docs(60), flops=1.9020e7),
+               line(6, 0.55, docs(55), flops=1.8990e7)]
+    text = format_text(summarize(records, config))
+    assert "1.8979e+07" in text and "1.902e+07" in text and "1.9e+07 " not in text
+    assert flat_cost(records)
+
+
+def test_plots_quality_per_trial_when_costs_are_flat(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    from evomerge.report import plot
+
+    config = make_config()
+    records = [line(0, 0.5, docs(50), "base", flops=1.8979e7), line(5, 0.6, docs(60), flops=1.9020e7)]
+    written = plot(summarize(records, config), records, tmp_path)
+    assert all(path.stat().st_size > 0 for path in written)
