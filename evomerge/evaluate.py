@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import ast
 import copy
+import dataclasses
 import functools
 import logging
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +48,9 @@ class Evaluation:
     seconds: dict[str, float]  # eval_setup, forward, serving, scoring (see evomerge.clock)
     # per task, from lm-eval's sample-level results (evomerge/samples.py): which documents were
     # scored (doc id, doc hash), their scores (encoded) and the standard error of the task's metric
-    documents: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
-    per_doc: dict[str, Any] = field(default_factory=dict)
-    stderr: dict[str, float | None] = field(default_factory=dict)
+    documents: dict[str, list[tuple[int, str]]] = dataclasses.field(default_factory=dict)
+    per_doc: dict[str, Any] = dataclasses.field(default_factory=dict)
+    stderr: dict[str, float | None] = dataclasses.field(default_factory=dict)
 
 
 def task_manager(eval_config: EvalConfig):

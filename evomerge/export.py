@@ -30,8 +30,8 @@ from evomerge.merge import get_method
 from evomerge.merger import load_merge_target
 from evomerge.racing import full_fidelity
 from evomerge.report import best_trial
-from evomerge.samples import comparable
 from evomerge.run_dir import RunDir
+from evomerge.samples import comparable
 from evomerge.sources import load_model, load_tokenizer, pick_device
 
 logger = logging.getLogger(__name__)

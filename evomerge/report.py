@@ -222,7 +222,8 @@ def format_text(summary: dict[str, Any]) -> str:
             points.setdefault((e["quality"], e["flops"]), []).append(e["trial"])
         for (value, flops), trials in points.items():
             same = f"  (+{len(trials) - 1} trials at the same point)" if len(trials) > 1 else ""
-            lines.append(f"  trial {trials[0]:>4}  quality {value:.4f}  FLOPs/ex {flops:.{flops_digits(summary)}g}{same}")
+            shown = f"{flops:.{flops_digits(summary)}g}"
+            lines.append(f"  trial {trials[0]:>4}  quality {value:.4f}  FLOPs/ex {shown}{same}")
     gap = summary.get("routellm")
     if gap is not None:
         lines += ["", f"cascade {gap['weak']} -> {gap['strong']}: " + (

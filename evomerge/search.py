@@ -260,7 +260,8 @@ def generation_line(summary: dict) -> str:
               if reference.get("quality") is not None else "no source scored")
     best = "-" if latest["best_quality"] is None else f"{latest['best_quality']:.4f}"
     so_far = "-" if latest["best_so_far"] is None else f"{latest['best_so_far']:.4f}"
-    return f"generation {latest['generation']}: best evolved {best} (so far {so_far}), {source}, {latest['failed']} failed"
+    return (f"generation {latest['generation']}: best evolved {best} (so far {so_far}), {source}, "
+            f"{latest['failed']} failed")
 
 
 def stale_references(run: RunDir, config: RunConfig, stage: str, generation: int, rescore: bool) -> list[Trial]:

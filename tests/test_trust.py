@@ -162,8 +162,8 @@ def test_generation_line_names_the_best_source() -> None:
 
 
 def test_records_round_trip(tmp_path: Path) -> None:
-    from evomerge.trial import Trial, TrialResult, TrialState, record, result_from_record
     from evomerge.genome import Recipe
+    from evomerge.trial import Trial, TrialResult, TrialState, record, result_from_record
 
     result = TrialResult(3, TrialState.COMPLETE, quality=0.5, metrics={"t": 0.5}, sample={"limit": 4, "hash": "x"},
                          stderr={"t": 0.1, "quality": 0.1}, per_doc={"t": "0101"})
