@@ -100,8 +100,10 @@ def comparable(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
     """(records scored on the run's current sample, the others). Lines written before evomerge
     recorded samples (no `sample` field) cannot tell: they count as scored on the current one."""
     current = current_key(records)
-    same = [r for r in records if key(r) in (current, LEGACY) or r.get("state") != "complete"]
-    return same, [r for r in records if r not in same]
+    same, other = [], []
+    for r in records:
+        (same if key(r) in (current, LEGACY) or r.get("state") != "complete" else other).append(r)
+    return same, other
 
 
 # -- paired comparison ------------------------------------------------------------------------
@@ -132,8 +134,10 @@ def paired_test(a: dict[str, Any], b: dict[str, Any], weights: dict[str, float],
     rng = np.random.default_rng(seed)
     draws = np.zeros(resamples)
     for task, d in diffs.items():
-        picks = rng.integers(0, len(d), size=(resamples, len(d)))
-        draws += scale[task] * d[picks].mean(axis=1)
+        step = max(1, 2_000_000 // len(d))  # resamples per chunk: a few MB of indices at a time
+        for start in range(0, resamples, step):
+            picks = rng.integers(0, len(d), size=(min(step, resamples - start), len(d)))
+            draws[start:start + len(picks)] += scale[task] * d[picks].mean(axis=1)
     low, high = (float(v) for v in np.quantile(draws, [0.025, 0.975]))
     return {"trial": a["trial"], "versus": b["trial"], "versus_label": b.get("label"), "delta": delta,
             "stderr": math.sqrt(variance), "interval": [low, high],
