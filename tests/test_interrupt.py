@@ -49,13 +49,13 @@ def test_ctrl_c_exits_130_and_resumes(tmp_path: Path, zoo) -> None:
     run = tmp_path / "run"
     expected = f"evomerge: interrupted; the run directory is intact: `evomerge resume {run}` continues it"
 
-    # 1. right after Ray starts (the SIGSEGV of issue 19), 2. during a resume's Ray start,
-    # 3. after the resume's first trial is journaled
+    # 1. the run directory just written, before Ray starts; 2. right after Ray starts (the SIGSEGV of
+    # issue 19); 3. after the first trial of a resume is journaled
     code, err = interrupt(command("search", str(config), "--run-dir", str(run)),
-                          lambda line: "Started a local Ray instance" in line)
+                          lambda line: f"run {run}: stages" in line)
     assert code == 130, err
     assert expected in err
-    code, err = interrupt(command("resume", str(run)), lambda line: "Started a local Ray instance" in line, 0.3)
+    code, err = interrupt(command("resume", str(run)), lambda line: "Started a local Ray instance" in line)
     assert code == 130, err
     assert expected in err
     code, err = interrupt(command("resume", str(run)), lambda line: " done (" in line)
