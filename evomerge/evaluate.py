@@ -147,6 +147,7 @@ def check_tasks(eval_config: EvalConfig) -> None:
     task (metrics and filters included) is reported at once, in one line."""
     manager, unknown = find_tasks(eval_config)
     problems = [str(unknown)] if unknown else []
+    beside: list[str] = []  # tasks whose relative data_files only the YAML's folder holds
     for task in eval_config.tasks:
         entry = manager.task_index.get(task.name)
         if entry is None:
@@ -162,6 +163,8 @@ def check_tasks(eval_config: EvalConfig) -> None:
             problems.append(f"eval.tasks.{task.name}: data file(s) {', '.join(map(repr, missing))} not found "
                             f"(data_files are read relative to the task YAML's folder {str(folder)!r})")
             continue
+        if yaml_relative_data_files(entry):
+            beside.append(task.name)
         try:
             loaded = manager.load([task_spec(manager, task.name)])
         except Exception as exc:  # noqa: BLE001 - whatever lm-eval or datasets raise, named by task
@@ -174,24 +177,39 @@ def check_tasks(eval_config: EvalConfig) -> None:
         leaf = loaded["tasks"].get(task.name)
         if leaf is not None:
             problems += metric_problems(task, leaf.config)
+    if beside and not problems:
+        logger.info("tasks %s: relative data_files read from each task YAML's folder; plain lm-eval reads them "
+                    "from the working directory: run it from that folder, or give absolute paths, to reproduce "
+                    "these scores with it", ", ".join(beside))
     if len(problems) == 1:
         raise EvalError(problems[0])
     if problems:
         raise EvalError(f"{len(problems)} task errors: " + "; ".join(problems))
 
 
+def _relative_data_files(entry: Any) -> tuple[Path | None, list[str]]:
+    config, yaml_path = getattr(entry, "cfg", None), getattr(entry, "yaml_path", None)
+    if not isinstance(config, dict) or yaml_path is None or entry_kind(entry) == "group":
+        return None, []
+    files = (config.get("dataset_kwargs") or {}).get("data_files")
+    names = list(files.values()) if isinstance(files, dict) else files if isinstance(files, list) else [files]
+    flat = [n for name in names for n in (name if isinstance(name, list) else [name])]
+    return Path(yaml_path).parent, [name for name in flat if isinstance(name, str) and "://" not in name
+                                    and not Path(name).is_absolute()]
+
+
+def yaml_relative_data_files(entry: Any) -> list[str]:
+    """Relative data_files that evomerge reads beside the task YAML but plain lm-eval (which reads
+    them from the working directory) would not find."""
+    folder, names = _relative_data_files(entry)
+    return [name for name in names if (folder / name).exists() and not Path(name).exists()]
+
+
 def missing_data_files(entry: Any) -> list[str]:
     """A local task's relative data_files found neither beside its YAML nor in the working
     directory, as the paths evomerge looked at (beside the YAML)."""
-    config, yaml_path = getattr(entry, "cfg", None), getattr(entry, "yaml_path", None)
-    if not isinstance(config, dict) or yaml_path is None or entry_kind(entry) == "group":
-        return []
-    files = (config.get("dataset_kwargs") or {}).get("data_files")
-    names = list(files.values()) if isinstance(files, dict) else files if isinstance(files, list) else [files]
-    folder = Path(yaml_path).parent
-    flat = [n for name in names for n in (name if isinstance(name, list) else [name])]
-    return [str(folder / name) for name in flat if isinstance(name, str) and "://" not in name
-            and not Path(name).is_absolute() and not (folder / name).exists() and not Path(name).exists()]
+    folder, names = _relative_data_files(entry)
+    return [str(folder / name) for name in names if not (folder / name).exists() and not Path(name).exists()]
 
 
 def metric_problems(task: TaskSpec, config: Any) -> list[str]:

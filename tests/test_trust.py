@@ -212,3 +212,21 @@ def test_plots_quality_per_trial_when_costs_are_flat(tmp_path) -> None:
     records = [line(0, 0.5, docs(50), "base", flops=1.8979e7), line(5, 0.6, docs(60), flops=1.9020e7)]
     written = plot(summarize(records, config), records, tmp_path)
     assert all(path.stat().st_size > 0 for path in written)
+
+
+def test_export_names_a_reference_and_offers_the_best_evolved(tmp_path) -> None:
+    import argparse
+
+    from evomerge.cli import reference_note
+    from evomerge.export import best_evolved, pick_trial
+
+    config = make_config()
+    run = RunDir.create(tmp_path / "run", config, [])
+    for record in [line(0, 0.4, docs(40), "base"), line(2, 0.7, docs(70), "expert:1"), line(19, 0.65, docs(65)),
+                   line(20, 0.6, docs(60))]:
+        run.append(record)
+    chosen, evolved = pick_trial(run, None), best_evolved(run)
+    assert chosen["trial"] == 2 and evolved["trial"] == 19
+    note = reference_note(chosen, evolved, argparse.Namespace(run_dir=run.path))
+    assert note == (f"note: trial 2 is the reference expert:1 (an unchanged source model), not an evolved candidate; "
+                    f"the best evolved trial is 19 (quality 0.6500): evomerge export {run.path} --out DIR --trial 19")

@@ -73,3 +73,14 @@ def test_merge_records_its_seed(zoo, tmp_path, capsys) -> None:
     copied = (tmp_path / "out" / "mergekit.yaml").read_text()
     assert "# evomerge merge --seed 3" in copied
     assert yaml.safe_load(copied) == yaml.safe_load(config.read_text())  # still the same config for mergekit
+
+
+def test_relative_data_files_say_how_plain_lm_eval_reads_them(tmp_path, caplog, monkeypatch) -> None:
+    from evomerge.config import EvalConfig
+    from evomerge.evaluate import check_tasks
+
+    monkeypatch.chdir(tmp_path)  # not the task folder: plain lm-eval would not find demo_add.jsonl here
+    config = EvalConfig(include_path=[str(DEMO_TASKS)], tasks=[{"name": "demo_add", "metric": "exact_match"}])
+    with caplog.at_level(logging.INFO, logger="evomerge.evaluate"):
+        check_tasks(config)
+    assert "tasks demo_add: relative data_files read from each task YAML's folder" in caplog.text
