@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, NoReturn
@@ -23,20 +24,54 @@ DEMO_CONFIG = Path("search_spaces/demo.yaml")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # a usage error exits here: one line, code 2
     setup_logging(args.verbose)
-    return run(args.func, args)
+    return run(args.func, args, process=argv is None)
 
 
-def run(handler: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
-    """Call a command's handler and map what it raises to an exit code and one line on stderr."""
+RUN_PATH: Path | None = None  # the run directory the command works on, once known (for the interrupt message)
+
+
+def interrupted(process: bool = False) -> int:
+    """Ctrl-C: stop Ray cleanly (a second Ctrl-C meanwhile is ignored), say how to go on, exit 130.
+
+    A terminal's Ctrl-C reaches Ray's own processes too (the same process group): left to the
+    interpreter's exit, the driver's Ray client then crashed (SIGSEGV) on its dead raylet. So Ray
+    is shut down here, and the process ends with os._exit once stderr and the logs are flushed
+    (only when `process`: called in-process, by a test say, it just returns 130)."""
+    where = (f"the run directory is intact: `evomerge resume {RUN_PATH}` continues it" if RUN_PATH is not None
+             else "no run directory was written yet")
+    print(f"evomerge: interrupted; {where}", file=sys.stderr)
+    if not process:
+        return 130
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        try:
+            ray.shutdown()
+        except Exception:  # noqa: BLE001 - the interrupt is what the user asked for; exit regardless
+            pass
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if ray is not None:
+        os._exit(130)  # no interpreter teardown under Ray's threads
+    return 130
+
+
+def remember_run(path: Path) -> None:
+    global RUN_PATH
+    RUN_PATH = Path(path)
+
+
+def run(handler: Callable[[argparse.Namespace], int | None], args: argparse.Namespace, process: bool = False) -> int:
+    """Call a command's handler and map what it raises to an exit code and one line on stderr.
+    `process`: this is the command-line process itself (an interrupt then ends it, see `interrupted`)."""
     try:
         return handler(args) or 0
     except EvomergeError as exc:
         print(f"evomerge: error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("evomerge: interrupted; the run directory is intact: `evomerge resume RUN` continues it",
-              file=sys.stderr)
-        return 130
+        return interrupted(process)
     except Exception as exc:  # noqa: BLE001 - the last resort: an internal failure
         # The traceback goes to run.log (when a run directory is open); to stderr only with -v.
         logger.error("internal error", exc_info=True, extra={TRACEBACK_ONLY: True})
@@ -159,7 +194,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     run_dir = args.run_dir or Path("runs") / config.name
-    summary = search(config, run_dir, on_created=log_to_run_dir)
+    summary = search(config, run_dir, on_created=lambda path: (remember_run(path), log_to_run_dir(path)))
     print(_text(summary))
     return 0
 
@@ -168,6 +203,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from evomerge.search import resume
 
     if (args.run_dir / "config.yaml").is_file():
+        remember_run(args.run_dir)
         log_to_run_dir(args.run_dir)
     print(_text(resume(args.run_dir, args.overrides, force=args.force)))
     return 0
@@ -193,11 +229,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from evomerge.export import evaluate_folder, export
+    from evomerge.export import best_evolved, evaluate_folder, export
     from evomerge.run_dir import RunDir
 
     record = export(args.run_dir, args.out, trial_id=args.trial, force=args.force)
     print(f"exported trial {record['trial']} (quality {record['quality']:.4f}) to {args.out}")
+    if args.trial is None and record["label"] is not None:
+        print(reference_note(record, best_evolved(RunDir.open(args.run_dir)), args))
     if args.verify:
         reproduced = evaluate_folder(RunDir.open(args.run_dir).config(), args.out, limit=record.get("limit"))
         same = reproduced == record["quality"]
@@ -205,6 +243,16 @@ def cmd_export(args: argparse.Namespace) -> int:
               f"{'' if same or not _scaled_path(record) else _SCALED_PATH_NOTE})")
         return 0 if same else 1
     return 0
+
+
+def reference_note(record: dict, evolved: dict | None, args: argparse.Namespace) -> str:
+    """Says that the best trial is a reference (a source or the uniform merge), and offers the best evolved one."""
+    kind = "the uniform merge of the experts" if record["label"] == "uniform" else "an unchanged source model"
+    note = f"note: trial {record['trial']} is the reference {record['label']} ({kind}), not an evolved candidate"
+    if evolved is None:
+        return note + "; no evolved trial has completed"
+    return (note + f"; the best evolved trial is {evolved['trial']} (quality {evolved['quality']:.4f}): "
+            f"evomerge export {args.run_dir} --out DIR --trial {evolved['trial']}")
 
 
 _SCALED_PATH_NOTE = ("; a scaled layer path is exported with its scales folded into the layers' output "
@@ -267,10 +315,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         build_zoo(zoo_dir)
     if (args.run_dir / "config.yaml").is_file():
         logger.info("%s holds a demo run already: resuming it (a finished run is only reported)", args.run_dir)
+        remember_run(args.run_dir)
         log_to_run_dir(args.run_dir)
         summary = resume(args.run_dir)
     else:
-        summary = search(load_config(args.config, args.overrides), args.run_dir, on_created=log_to_run_dir)
+        summary = search(load_config(args.config, args.overrides), args.run_dir,
+                         on_created=lambda path: (remember_run(path), log_to_run_dir(path)))
     print(_text(summary))
     print(f"\nexport the best trial: evomerge export {args.run_dir} --out {args.run_dir}/export --verify")
     print(f"then serve it:         evomerge serve {args.run_dir}/export")

@@ -8,6 +8,7 @@ whose message is one line: `file: field: problem; field: problem`.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from pathlib import Path
@@ -20,6 +21,8 @@ from evomerge.errors import ConfigError
 from evomerge.merge import METHODS, get_method
 from evomerge.merge.registry import GENES
 from evomerge.policies import POLICIES
+
+logger = logging.getLogger(__name__)
 
 NO_POLICY = "none"  # policy.kind of a candidate served by its merged model alone
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -495,7 +498,23 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     for override in overrides:
         apply_override(raw, override)
     config = validate(raw, source=_shown(str(path)))
+    for warning in ignored_settings(raw):
+        logger.warning("%s: %s", _shown(str(path)), warning)
     return resolve_paths(config, path.resolve().parent, source=_shown(str(path)))
+
+
+CMA_ONLY = ("sigma0", "x0")  # settings only CMA-ES reads (tradeoffs is refused outside cma)
+
+
+def ignored_settings(raw: dict[str, Any]) -> list[str]:
+    """Settings the config gives that its strategy ignores (each one line, for a warning)."""
+    search = raw.get("search") if isinstance(raw.get("search"), dict) else {}
+    strategy = search.get("strategy", "cma")
+    warnings = [f"search.{name}: set to {search[name]!r}, but strategy {strategy} ignores it (CMA-ES settings)"
+                for name in CMA_ONLY if name in search and strategy != "cma"]
+    if search.get("dispatch") == "steady" and strategy == "cma":
+        warnings.append("search.dispatch: steady is ignored by strategy cma (each generation waits for the last)")
+    return warnings
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -627,7 +646,9 @@ def _resolve_model(value: str, folder: Path, field: str, problems: list[str]) ->
     if candidate.exists():
         problems.append(f"{field}: {str(candidate.resolve())!r} is a file, expected a model folder")
         return value
-    looks_local = value.startswith((".", "/", "~")) or value.count("/") > 1
+    # a folder-like path (or one whose first part is a local folder) is never looked up on the hub
+    looks_local = (value.startswith((".", "/", "~")) or value.count("/") > 1 or value.endswith("/")
+                   or ("/" in value and (folder / value.split("/")[0]).expanduser().is_dir()))
     if looks_local or not _HF_ID.match(value):
         problems.append(f"{field}: no such model folder {str(candidate.resolve())!r}")
     return value

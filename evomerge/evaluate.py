@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import ast
 import copy
+import dataclasses
+import functools
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,23 +46,71 @@ class Evaluation:
     flops_per_example: float  # forward FLOPs (evomerge.flops conventions) per evaluated document
     served: dict[str, float]  # share of requests each member served
     seconds: dict[str, float]  # eval_setup, forward, serving, scoring (see evomerge.clock)
+    # per task, from lm-eval's sample-level results (evomerge/samples.py): which documents were
+    # scored (doc id, doc hash), their scores (encoded) and the standard error of the task's metric
+    documents: dict[str, list[tuple[int, str]]] = dataclasses.field(default_factory=dict)
+    per_doc: dict[str, Any] = dataclasses.field(default_factory=dict)
+    stderr: dict[str, float | None] = dataclasses.field(default_factory=dict)
 
 
 def task_manager(eval_config: EvalConfig):
     """A TaskManager over our include paths; lm-eval's default index only when a task needs it."""
+    manager, unknown = find_tasks(eval_config)
+    if unknown:
+        raise unknown
+    return manager
+
+
+def find_tasks(eval_config: EvalConfig) -> tuple[Any, EvalError | None]:
+    """The TaskManager, and the error naming the configured tasks it does not know (None: all known)."""
     from lm_eval.tasks import TaskManager
 
     names = [task.name for task in eval_config.tasks]
     if eval_config.include_path:
         local = TaskManager(include_path=eval_config.include_path, include_defaults=False)
-        if all(name in local.all_tasks for name in names):
-            return local
+        missing = [name for name in names if name not in local.all_tasks]
+        if not missing:
+            return local, None
+        if not any(builtin_mentions(name) for name in missing):  # lm-eval's own index would not have them
+            return local, unknown_tasks(missing, local.all_tasks)
     manager = TaskManager(include_path=eval_config.include_path or None, include_defaults=True)
     unknown = [name for name in names if name not in manager.all_tasks]
-    if unknown:
-        raise EvalError(f"eval.tasks: unknown lm-eval task(s) {', '.join(unknown)}; "
-                        f"not in eval.include_path nor in lm-eval's own tasks")
-    return manager
+    return manager, unknown_tasks(unknown, manager.all_tasks) if unknown else None
+
+
+def builtin_mentions(name: str) -> bool:
+    """Whether any of lm-eval's own task YAMLs mentions `name` (a text scan, a few times faster than
+    building lm-eval's task index: a name mentioned nowhere is no lm-eval task)."""
+    pattern = re.compile(rf"(?<![\w.-]){re.escape(name)}(?![\w.-])")
+    return any(pattern.search(text) for text in _builtin_texts())
+
+
+def builtin_names() -> set[str]:
+    """task, group and tag names of lm-eval's own YAMLs (a text scan; for suggestions only)."""
+    pattern = re.compile(r"^(?:task|group|tag):\s*['\"]?([^\s'\"#]+)", re.M)
+    return {name for text in _builtin_texts() for name in pattern.findall(text)}
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin_texts() -> tuple[str, ...]:
+    import lm_eval
+
+    return tuple(path.read_text(encoding="utf-8", errors="ignore")
+                 for path in sorted((Path(lm_eval.__file__).parent / "tasks").rglob("*.yaml")))
+
+
+def unknown_tasks(unknown: list[str], known: Any) -> EvalError:
+    """The error for unknown task names, with the close matches among the known and lm-eval's tasks."""
+    import difflib
+
+    names = sorted(set(known) | builtin_names())
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+        hints.append(f"{name} (did you mean {', '.join(close)}?)" if close else name)
+    local = ", ".join(sorted(known)[:12]) + (", ..." if len(known) > 12 else "")
+    return EvalError(f"eval.tasks: unknown lm-eval task(s) {'; '.join(hints)}; not in eval.include_path "
+                     f"({local or 'none'}) nor in lm-eval's own tasks")
 
 
 def task_spec(manager: Any, name: str) -> str | dict[str, Any]:
@@ -91,14 +142,29 @@ def entry_kind(entry: Any) -> str | None:
 
 def check_tasks(eval_config: EvalConfig) -> None:
     """Load the configured tasks as a worker will, before any worker starts, so that a missing
-    data file or a bad task YAML is one line naming the task (a worker that cannot load them
-    cannot start). Refuses tags: lm-eval reports no score for a tag, only for its tasks."""
-    manager = task_manager(eval_config)
+    data file or a bad task YAML is named by task (a worker that cannot load them cannot start).
+    Refuses tags: lm-eval reports no score for a tag, only for its tasks. Every problem of every
+    task (metrics and filters included) is reported at once, in one line."""
+    manager, unknown = find_tasks(eval_config)
+    problems = [str(unknown)] if unknown else []
+    beside: list[str] = []  # tasks whose relative data_files only the YAML's folder holds
     for task in eval_config.tasks:
-        kind = entry_kind(manager.task_index.get(task.name))
+        entry = manager.task_index.get(task.name)
+        if entry is None:
+            continue  # unknown: named above
+        kind = entry_kind(entry)
         if kind == "tag":
-            raise EvalError(f"eval.tasks.{task.name}: an lm-eval tag, which has no score of its own; name its "
+            problems.append(f"eval.tasks.{task.name}: an lm-eval tag, which has no score of its own; name its "
                             f"tasks, or a group with an aggregate_metric_list")
+            continue
+        missing = missing_data_files(entry)
+        if missing:
+            folder = Path(getattr(entry, "yaml_path")).parent
+            problems.append(f"eval.tasks.{task.name}: data file(s) {', '.join(map(repr, missing))} not found "
+                            f"(data_files are read relative to the task YAML's folder {str(folder)!r})")
+            continue
+        if yaml_relative_data_files(entry):
+            beside.append(task.name)
         try:
             loaded = manager.load([task_spec(manager, task.name)])
         except Exception as exc:  # noqa: BLE001 - whatever lm-eval or datasets raise, named by task
@@ -106,23 +172,59 @@ def check_tasks(eval_config: EvalConfig) -> None:
             hint = ("; the data_files of a group's tasks resolve against the working directory (lm-eval's rule): "
                     "give absolute paths there, or name the tasks themselves"
                     if kind == "group" else "")
-            raise EvalError(f"eval.tasks.{task.name}: lm-eval could not load it: {reason}{hint}") from None
+            problems.append(f"eval.tasks.{task.name}: lm-eval could not load it: {reason}{hint}")
+            continue
         leaf = loaded["tasks"].get(task.name)
         if leaf is not None:
-            _check_metric(task, leaf.config)
+            problems += metric_problems(task, leaf.config)
+    if beside and not problems:
+        logger.info("tasks %s: relative data_files read from each task YAML's folder; plain lm-eval reads them "
+                    "from the working directory: run it from that folder, or give absolute paths, to reproduce "
+                    "these scores with it", ", ".join(beside))
+    if len(problems) == 1:
+        raise EvalError(problems[0])
+    if problems:
+        raise EvalError(f"{len(problems)} task errors: " + "; ".join(problems))
 
 
-def _check_metric(task: TaskSpec, config: Any) -> None:
+def _relative_data_files(entry: Any) -> tuple[Path | None, list[str]]:
+    config, yaml_path = getattr(entry, "cfg", None), getattr(entry, "yaml_path", None)
+    if not isinstance(config, dict) or yaml_path is None or entry_kind(entry) == "group":
+        return None, []
+    files = (config.get("dataset_kwargs") or {}).get("data_files")
+    names = list(files.values()) if isinstance(files, dict) else files if isinstance(files, list) else [files]
+    flat = [n for name in names for n in (name if isinstance(name, list) else [name])]
+    return Path(yaml_path).parent, [name for name in flat if isinstance(name, str) and "://" not in name
+                                    and not Path(name).is_absolute()]
+
+
+def yaml_relative_data_files(entry: Any) -> list[str]:
+    """Relative data_files that evomerge reads beside the task YAML but plain lm-eval (which reads
+    them from the working directory) would not find."""
+    folder, names = _relative_data_files(entry)
+    return [name for name in names if (folder / name).exists() and not Path(name).exists()]
+
+
+def missing_data_files(entry: Any) -> list[str]:
+    """A local task's relative data_files found neither beside its YAML nor in the working
+    directory, as the paths evomerge looked at (beside the YAML)."""
+    folder, names = _relative_data_files(entry)
+    return [str(folder / name) for name in names if not (folder / name).exists() and not Path(name).exists()]
+
+
+def metric_problems(task: TaskSpec, config: Any) -> list[str]:
     """The configured metric and filter among those a task's YAML lists (when it lists them: the
     defaults of an output type are lm-eval's to know)."""
+    problems = []
     metrics = [m.get("metric") for m in getattr(config, "metric_list", None) or [] if isinstance(m, dict)]
     if metrics and all(isinstance(m, str) for m in metrics) and task.metric not in metrics:
-        raise EvalError(f"eval.tasks.{task.name}.metric: {task.metric!r} is not among the task's metrics: "
+        problems.append(f"eval.tasks.{task.name}.metric: {task.metric!r} is not among the task's metrics: "
                         f"{', '.join(metrics)}")
     filters = [f.get("name") for f in getattr(config, "filter_list", None) or [] if isinstance(f, dict)]
     if filters and task.filter not in filters:
-        raise EvalError(f"eval.tasks.{task.name}.filter: {task.filter!r} is not among the task's filters: "
+        problems.append(f"eval.tasks.{task.name}.filter: {task.filter!r} is not among the task's filters: "
                         f"{', '.join(map(str, filters))}")
+    return problems
 
 
 def _loaded_config(yaml_path: Any) -> dict[str, Any]:
@@ -293,13 +395,32 @@ class Evaluator:
         self.clock.reset()
         start = time.perf_counter()
         results = evaluate(lm=lm, task_dict=self.tasks, limit=self.config.limit if limit is None else limit,
-                           bootstrap_iters=0, log_samples=False, verbosity="ERROR")
+                           bootstrap_iters=0, log_samples=True, verbosity="ERROR")
         seconds = self.clock.split(start, time.perf_counter())
         scores = {task.name: read_score(results, task) for task in self.config.tasks}
         stats = lm.stats
         documents = sum(int(n.get("effective", 0)) for n in results.get("n-samples", {}).values()) or 1
         served = {name: count / max(stats.requests, 1) for name, count in zip(names, stats.served)}
-        return Evaluation(scores, stats.flops / documents, served, seconds)
+        return Evaluation(scores, stats.flops / documents, served, seconds, **per_document(results, self.config.tasks,
+                                                                                            scores))
+
+
+def per_document(results: dict[str, Any], tasks: list[TaskSpec], scores: dict[str, TaskScore]) -> dict[str, Any]:
+    """Evaluation's documents, per_doc and stderr fields from lm-eval's logged samples (a task whose
+    metric is not a mean of per-document scores, a perplexity say, has none: stderr None)."""
+    from evomerge import samples
+
+    documents, per_doc, errors = {}, {}, {}
+    for task in tasks:
+        found = samples.from_lm_eval(results.get("samples") or {}, task.name, task.metric, task.filter,
+                                     scores[task.name].value)
+        if found is None:
+            errors[task.name] = None
+            continue
+        documents[task.name], values = found
+        per_doc[task.name] = samples.encode(values)
+        errors[task.name] = samples.stderr(values)
+    return {"documents": documents, "per_doc": per_doc, "stderr": errors}
 
 
 def read_score(results: dict[str, Any], task: TaskSpec) -> TaskScore:

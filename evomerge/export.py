@@ -30,6 +30,7 @@ from evomerge.merge.merger import load_merge_target
 from evomerge.model_card import write_model_card
 from evomerge.models.sources import load_model, load_tokenizer, pick_device
 from evomerge.run_dir import RunDir
+from evomerge.samples import ranked
 from evomerge.trial import TrialState, best
 
 logger = logging.getLogger(__name__)
@@ -162,10 +163,15 @@ def move_into(staging: Path, out: Path) -> None:
     staging.rmdir()
 
 
+def best_evolved(run: RunDir) -> dict[str, Any] | None:
+    """The best completed evolved trial (not a source nor the uniform merge) on the run's current sample."""
+    return best([r for r in ranked(list(run.finished().values())) if r["label"] is None])
+
+
 def pick_trial(run: RunDir, trial_id: int | None) -> dict[str, Any]:
     records = run.finished()
     if trial_id is None:
-        record = best(list(records.values()))
+        record = best(ranked(list(records.values())))
         if record is None:
             raise ConfigError(f"{run.path}: no completed trial to export yet")
         return record

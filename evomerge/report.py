@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
+from evomerge import samples
 from evomerge.config import NO_POLICY, RunConfig
 from evomerge.pareto import ParetoArchive, pareto_front
 from evomerge.policies.cascade import Cascade
@@ -16,16 +18,23 @@ def summarize(records: list[dict[str, Any]], config: RunConfig) -> dict[str, Any
     # With eval.subsample, candidates held back after the subset are PRUNED, with no full-limit
     # quality (evomerge/racing.py): they are counted, but never ranked or put on the front.
     everything, records = records, [r for r in records if r["state"] != TrialState.PRUNED.value]
+    # Qualities compare only on the same documents: trials scored on another sample (an eval.limit
+    # changed with --force) are counted, never ranked (evomerge/samples.py).
+    records, elsewhere = samples.comparable(records)
     by_id = {r["trial"]: r for r in records}
     best_overall, best_evolved = best(records), best([r for r in records if r["label"] is None])
+    best_reference = best([r for r in records if r["label"] is not None])
     references = [_brief(r) for r in sorted(records, key=lambda r: r["trial"]) if r["label"] is not None]
     generations = []
-    best_so_far = None
+    best_so_far = best_source = None
     # Reference point of the hypervolume: (worst quality seen, 1.1 x largest FLOPs seen); both
     # only move towards worse values as trials arrive, so the hypervolume never decreases.
     archive = ParetoArchive(worst_quality=None)
     for generation in sorted({r["generation"] for r in everything}):
         members = [r for r in records if r["generation"] == generation]
+        sources = [r["quality"] for r in members if r["state"] == "complete" and r["label"] is not None]
+        if sources:
+            best_source = max(sources) if best_source is None else max(best_source, max(sources))
         everyone = [r for r in everything if r["generation"] == generation]
         scored = [r["quality"] for r in members if r["state"] == "complete" and r["label"] is None]
         if scored:
@@ -40,6 +49,7 @@ def summarize(records: list[dict[str, Any]], config: RunConfig) -> dict[str, Any
             "best_quality": max(scored) if scored else None,
             "mean_quality": sum(scored) / len(scored) if scored else None,
             "best_so_far": best_so_far,
+            "best_reference": best_source,  # the best reference (source or uniform merge) so far
             "hypervolume": archive.hypervolume() if len(archive) else None,
         })
         if len(everyone) > len(members):
@@ -51,19 +61,46 @@ def summarize(records: list[dict[str, Any]], config: RunConfig) -> dict[str, Any
         "tasks": [task.name for task in config.eval.tasks],
         "best": _brief(best_overall) if best_overall else None,
         "best_evolved": _brief(best_evolved) if best_evolved else None,
+        "best_reference": _brief(best_reference) if best_reference else None,
+        "weights": {task.name: task.weight for task in config.eval.tasks},
+        "sample": _sample(records),
+        "significance": significance(best_evolved, best_reference, config),
         "references": references,
         "generations": generations,
         "pareto": [_front_entry(by_id[e.trial_id]) for e in archive.front()],
         "hypervolume": archive.hypervolume() if len(archive) else None,
         "failures": [{"trial": r["trial"], "error": r["error"]} for r in everything if r["state"] == "failed"],
     }
-    if len(everything) > len(records):
-        summary["subset_only"] = len(everything) - len(records)
+    if len(everything) > len(records) + len(elsewhere):
+        summary["subset_only"] = len(everything) - len(records) - len(elsewhere)
+    if elsewhere:
+        summary["other_sample"] = {"trials": len(elsewhere),
+                                   "limits": sorted({str((r.get("sample") or {}).get("limit")) for r in elsewhere})}
     if config.eval.subsample is not None:
         summary["subsample"] = agreement(records)
     if config.policy.kind == Cascade.kind and len(config.policy.members) == 2:
         summary["routellm"] = cascade_gap(records, *config.policy.members)
     return summary
+
+
+def significance(evolved: dict[str, Any] | None, reference: dict[str, Any] | None,
+                 config: RunConfig) -> dict[str, Any]:
+    """The paired test of the best evolved trial against the best reference (evomerge/samples.py),
+    or {"reason"} when it cannot be made."""
+    if evolved is None or reference is None:
+        return {"reason": "no complete " + ("evolved" if evolved is None else "reference") + " trial"}
+    weights = {task.name: task.weight for task in config.eval.tasks}
+    directions = (evolved.get("sample") or {}).get("higher_is_better") or {}
+    signs = {name: 1.0 if directions.get(name, True) else -1.0 for name in weights}
+    test = samples.paired_test(evolved, reference, weights, signs)
+    return test if test is not None else {"reason": "no per-document results for both on the same documents "
+                                                    "(a perplexity task, or a journal older than this evomerge)"}
+
+
+def _sample(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    key = samples.current_key(records)
+    return next(({k: v for k, v in r["sample"].items() if k != "higher_is_better"}
+                 for r in records if samples.key(r) == key and key != samples.LEGACY), None)
 
 
 def cascade_gap(records: list[dict[str, Any]], weak: str, strong: str) -> dict[str, Any]:
@@ -125,13 +162,15 @@ def cpt(curve: list[tuple[float, float]], weak: float, strong: float, fraction: 
 def _front_entry(record: dict[str, Any]) -> dict[str, Any]:
     return {"trial": record["trial"], "label": record["label"], "quality": record["quality"],
             "flops": record["flops"], "served": record.get("served", {}),
+            "stderr": (record.get("stderr") or {}).get("quality"),
             "policy": record["recipe"].get("policy")}
 
 
 def _brief(record: dict[str, Any]) -> dict[str, Any]:
     return {"trial": record["trial"], "label": record["label"], "generation": record["generation"],
             "state": record["state"], "quality": record.get("quality"), "metrics": record.get("metrics", {}),
-            "flops": record.get("flops"), "recipe": record["recipe"], "error": record.get("error")}
+            "flops": record.get("flops"), "recipe": record["recipe"], "error": record.get("error"),
+            "stderr": record.get("stderr") or {}}
 
 
 def format_text(summary: dict[str, Any]) -> str:
@@ -142,9 +181,11 @@ def format_text(summary: dict[str, Any]) -> str:
                      f"(not promoted): left out of best, means and the Pareto front")
     if summary.get("subsample"):
         lines.append(subset_agreement_line(summary["subsample"]))
+    lines += sample_lines(summary)
     lines.append("")
     # one space before every column, so that wide values (a perplexity in the thousands) stay apart
-    header = f"{'':<22}{'trial':>6} {'quality':>9} {'FLOPs/ex':>9}" + "".join(f" {t[:12]:>12}" for t in tasks)
+    header = (f"{'':<22}{'trial':>6} {'quality':>9} {'± s.e.':>7} {'FLOPs/ex':>10}"
+              + "".join(f" {t[:16]:>16}" for t in tasks))
     lines.append(header)
     rows = [(r["label"], r) for r in summary["references"]]
     if summary["best_evolved"]:
@@ -153,13 +194,19 @@ def format_text(summary: dict[str, Any]) -> str:
         if row["state"] != "complete":
             lines.append(f"{name:<22}{row['trial']:>6}   FAILED  {row['error']}")
             continue
-        flops = "-" if row.get("flops") is None else f"{row['flops']:.3g}"
-        lines.append(f"{name:<22}{row['trial']:>6} {row['quality']:>9.4f} {flops:>9}"
-                     + "".join(f" {row['metrics'].get(t, float('nan')):>12.4f}" for t in tasks))
-    lines += ["", f"{'generation':>10} {'trials':>7} {'failed':>7} {'best':>9} {'mean':>9} {'best so far':>12}"]
+        flops = "-" if row.get("flops") is None else f"{row['flops']:.{flops_digits(summary)}g}"
+        errors = row.get("stderr") or {}
+        lines.append(f"{name:<22}{row['trial']:>6} {row['quality']:>9.4f} {_se(errors.get('quality')):>7} {flops:>10}"
+                     + "".join(f" {_pm(row['metrics'].get(t, float('nan')), errors.get(t)):>16}" for t in tasks))
+    lines.append(samples.significance_line(summary.get("significance") if "delta" in (summary.get("significance")
+                                                                                 or {}) else None,
+                                           (summary.get("significance") or {}).get("reason", "")))
+    lines += ["", f"{'generation':>10} {'trials':>7} {'failed':>7} {'best':>9} {'mean':>9} {'best so far':>12}"
+                  f" {'best source':>12}"]
     for g in summary["generations"]:
         lines.append(f"{g['generation']:>10} {g['trials']:>7} {g['failed']:>7} {_num(g['best_quality']):>9}"
-                     f" {_num(g['mean_quality']):>9} {_num(g['best_so_far']):>12}")
+                     f" {_num(g['mean_quality']):>9} {_num(g['best_so_far']):>12}"
+                     f" {_num(g.get('best_reference')):>12}")
     if summary["pareto"]:
         lines += ["", f"Pareto front (quality up, FLOPs per example down), hypervolume {summary['hypervolume']:.4g}:"]
         points: dict[tuple[float, float], list[int]] = {}  # trials with the same point shown once
@@ -167,7 +214,8 @@ def format_text(summary: dict[str, Any]) -> str:
             points.setdefault((e["quality"], e["flops"]), []).append(e["trial"])
         for (value, flops), trials in points.items():
             same = f"  (+{len(trials) - 1} trials at the same point)" if len(trials) > 1 else ""
-            lines.append(f"  trial {trials[0]:>4}  quality {value:.4f}  FLOPs/ex {flops:.5g}{same}")
+            shown = f"{flops:.{flops_digits(summary)}g}"
+            lines.append(f"  trial {trials[0]:>4}  quality {value:.4f}  FLOPs/ex {shown}{same}")
     gap = summary.get("routellm")
     if gap is not None:
         lines += ["", f"cascade {gap['weak']} -> {gap['strong']}: " + (
@@ -200,7 +248,10 @@ def format_markdown(summary: dict[str, Any], plots: list[str] = ()) -> str:
              f"{summary['trials']} trials, {summary['failed']} failed"
              + (f", {summary['subset_only']} scored on the subset only" if summary.get("subset_only") else "") + "."
              + (" " + _sentence(subset_agreement_line(summary["subsample"])) if summary.get("subsample") else ""),
-             "", "| | trial | quality | FLOPs / example | " + " | ".join(tasks) + " |",
+             "", *sample_lines(summary),
+             "", "Task weights (quality is their weighted mean): "
+             + ", ".join(f"{t} {w:g}" for t, w in (summary.get("weights") or {}).items()) + ".",
+             "", "| | trial | quality ± s.e. | FLOPs / example | " + " | ".join(tasks) + " |",
              "|---|---|---|---|" + "---|" * len(tasks)]
     rows = [(r["label"], r) for r in summary["references"]]
     if summary["best_evolved"]:
@@ -210,23 +261,28 @@ def format_markdown(summary: dict[str, Any], plots: list[str] = ()) -> str:
             lines.append(f"| {name} | {row['trial']} | failed: {row['error']} | | "
                          + " | ".join("" for _ in tasks) + " |")
             continue
-        flops = "-" if row.get("flops") is None else f"{row['flops']:.4g}"
-        lines.append(f"| {name} | {row['trial']} | {row['quality']:.4f} | {flops} | "
-                     + " | ".join(f"{row['metrics'].get(t, float('nan')):.4f}" for t in tasks) + " |")
-    lines += ["", "## Generations", "", "| generation | trials | failed | best | mean | best so far | hypervolume |",
-              "|---|---|---|---|---|---|---|"]
+        flops = "-" if row.get("flops") is None else f"{row['flops']:.{flops_digits(summary)}g}"
+        errors = row.get("stderr") or {}
+        lines.append(f"| {name} | {row['trial']} | {_pm(row['quality'], errors.get('quality'))} | {flops} | "
+                     + " | ".join(_pm(row['metrics'].get(t, float('nan')), errors.get(t)) for t in tasks) + " |")
+    test = summary.get("significance") or {}
+    lines += ["", samples.significance_line(test if "delta" in test else None, test.get("reason", ""))]
+    lines += ["", "## Generations", "",
+              "| generation | trials | failed | best | mean | best so far | best source | hypervolume |",
+              "|---|---|---|---|---|---|---|---|"]
     for g in summary["generations"]:
         volume = "-" if g["hypervolume"] is None else f"{g['hypervolume']:.4g}"
         lines.append(f"| {g['generation']} | {g['trials']} | {g['failed']} | {_num(g['best_quality'])} | "
-                     f"{_num(g['mean_quality'])} | {_num(g['best_so_far'])} | {volume} |")
+                     f"{_num(g['mean_quality'])} | {_num(g['best_so_far'])} | {_num(g.get('best_reference'))} | "
+                     f"{volume} |")
     if summary["pareto"]:
         lines += ["", "## Pareto front (quality vs forward FLOPs per example)", "",
                   "| trial | label | quality | FLOPs / example | policy | served |", "|---|---|---|---|---|---|"]
         for e in summary["pareto"]:
             policy = (e.get("policy") or {}).get("kind", NO_POLICY)
             served = ", ".join(f"{member} {share:.0%}" for member, share in (e.get("served") or {}).items())
-            lines.append(f"| {e['trial']} | {e['label'] or ''} | {e['quality']:.4f} | {e['flops']:.5g} "
-                         f"| {policy} | {served} |")
+            lines.append(f"| {e['trial']} | {e['label'] or ''} | {_pm(e['quality'], e.get('stderr'))} | "
+                         f"{e['flops']:.{flops_digits(summary)}g} | {policy} | {served} |")
     gap = summary.get("routellm")
     if gap is not None:
         lines += ["", "## Cascade (RouteLLM metrics)", "",
@@ -244,26 +300,91 @@ def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _se(value: float | None) -> str:
+    return "" if value is None else f"±{value:.4f}"
+
+
+def _pm(value: float, error: float | None) -> str:
+    return f"{value:.4f}" if error is None else f"{value:.4f} ± {error:.4f}"
+
+
+def sample_lines(summary: dict[str, Any]) -> list[str]:
+    """What the compared trials were scored on, and how many were left out for another sample."""
+    lines = []
+    sample = summary.get("sample")
+    if sample:
+        lines.append(f"Compared on one sample: limit {sample['limit']}, documents "
+                     + ", ".join(f"{t} {n}" for t, n in sample["documents"].items()) + f" (hash {sample['hash']}).")
+    other = summary.get("other_sample")
+    if other:
+        lines.append(f"{other['trials']} trials scored on other documents (limit {', '.join(other['limits'])}) "
+                     f"are left out of the best, the Pareto front and the hypervolume.")
+    return lines
+
+
+def flops_digits(summary: dict[str, Any]) -> int:
+    """Significant digits that tell the FLOPs of the shown trials apart (3 when they differ a lot)."""
+    values = sorted({e["flops"] for e in summary.get("pareto", [])}
+                    | {r["flops"] for r in summary.get("references", []) if r.get("flops")})
+    spread = min((b - a) / b for a, b in zip(values, values[1:])) if len(values) > 1 else 1.0
+    return 3 if spread >= 1e-2 else min(8, 3 + math.ceil(-math.log10(max(spread, 1e-8))) - 1)
+
+
+FLAT_COST = 0.03  # candidates whose FLOPs differ by less than this share cost the same: no front to draw
+
+
+def flat_cost(records: list[dict[str, Any]]) -> bool:
+    costs = [r["flops"] for r in records if r.get("flops")]
+    return bool(costs) and (max(costs) - min(costs)) <= FLAT_COST * max(costs)
+
+
 def plot(summary: dict[str, Any], records: list[dict[str, Any]], folder: Path) -> list[Path]:
-    """Write pareto.png (quality vs FLOPs per example, front and references marked) and
-    progress.png (best quality and hypervolume per generation) into `folder`."""
+    """Write pareto.png and progress.png into `folder`.
+
+    pareto.png: quality vs FLOPs per example, the front and the references marked, with standard
+    errors as error bars and trial ids on the front; when every candidate costs the same within
+    FLAT_COST (a plain merge: the FLOPs differ only by answer length) a front would be noise, so
+    it shows quality against trial id instead. progress.png: best quality so far per generation
+    beside the best source, and the hypervolume."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = [r for r in records if r["state"] == TrialState.COMPLETE.value and r.get("flops") is not None]
-    figure, axes = plt.subplots(figsize=(6, 4.5))
-    axes.scatter([r["flops"] for r in done], [r["quality"] for r in done], s=12, c="0.7", label="trials")
-    front = sorted(summary["pareto"], key=lambda e: e["flops"])
-    axes.step([e["flops"] for e in front], [e["quality"] for e in front], where="post", c="C3")
-    axes.scatter([e["flops"] for e in front], [e["quality"] for e in front], s=30, c="C3", label="Pareto front")
-    for reference in summary["references"]:
-        if reference["state"] == "complete" and reference.get("flops") is not None:
-            axes.scatter(reference["flops"], reference["quality"], marker="s", s=40, label=reference["label"])
-    axes.set_xlabel("forward FLOPs per example")
+    done = [r for r in samples.ranked(records)
+            if r["state"] == TrialState.COMPLETE.value and r.get("flops") is not None]
+    flat = flat_cost(done)
+    x_of = (lambda r: r["trial"]) if flat else (lambda r: r["flops"])
+    se = lambda r: (r.get("stderr") or {}).get("quality")  # noqa: E731
+    colours = plt.get_cmap("tab10").colors
+    figure, axes = plt.subplots(figsize=(6.5, 4.5))
+    axes.scatter([x_of(r) for r in done], [r["quality"] for r in done], s=12, c="0.7", label="trials")
+    by_id = {r["trial"]: r for r in done}
+    front = [by_id[e["trial"]] for e in sorted(summary["pareto"], key=lambda e: e["flops"]) if e["trial"] in by_id]
+    front_colour = colours[3]
+    if flat:
+        top = summary.get("best_evolved")
+        if top and top["trial"] in by_id:
+            row = by_id[top["trial"]]
+            axes.errorbar([row["trial"]], [row["quality"]], yerr=[se(row) or 0], fmt="*", ms=12, c=front_colour,
+                          capsize=3, label=f"best evolved (trial {row['trial']})")
+        axes.set_xlabel("trial (every candidate costs the same within "
+                        f"{FLAT_COST:.0%}: no quality/cost front)")
+    else:
+        axes.step([r["flops"] for r in front], [r["quality"] for r in front], where="post", c=front_colour)
+        axes.errorbar([r["flops"] for r in front], [r["quality"] for r in front], yerr=[se(r) or 0 for r in front],
+                      fmt="o", ms=5, c=front_colour, capsize=3, label="Pareto front (± s.e.)")
+        for r in front:
+            axes.annotate(str(r["trial"]), (r["flops"], r["quality"]), textcoords="offset points", xytext=(4, 4),
+                          fontsize=7, color=front_colour)
+        axes.set_xlabel("forward FLOPs per example")
+    others = [c for i, c in enumerate(colours) if i not in (3, 7)]  # not the front's red, not grey
+    for i, reference in enumerate(r for r in summary["references"] if r["trial"] in by_id):
+        row = by_id[reference["trial"]]
+        axes.errorbar([x_of(row)], [row["quality"]], yerr=[se(row) or 0], fmt="s", ms=6, capsize=3,
+                      c=others[i % len(others)], label=f"{reference['label']} (trial {row['trial']})")
     axes.set_ylabel("quality")
-    axes.set_title(f"{summary['name']}: quality vs cost")
+    axes.set_title(f"{summary['name']}: " + ("quality per trial" if flat else "quality vs cost"))
     axes.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(folder / "pareto.png", dpi=120)
@@ -271,14 +392,22 @@ def plot(summary: dict[str, Any], records: list[dict[str, Any]], folder: Path) -
 
     generations = summary["generations"]
     figure, axes = plt.subplots(figsize=(6, 4))
-    axes.plot([g["generation"] for g in generations], [g["best_so_far"] for g in generations], "o-",
-              label="best quality so far")
+    numbers = [g["generation"] for g in generations]
+    axes.plot(numbers, [g["best_so_far"] for g in generations], "o-", c=colours[0], label="best evolved so far")
+    if any(g.get("best_reference") is not None for g in generations):
+        reference = summary.get("best_reference") or {}
+        axes.plot(numbers, [g.get("best_reference") for g in generations], "^:", c=colours[2],
+                  label=f"best source so far ({reference.get('label')})" if reference else "best source so far")
+    best = summary.get("best_evolved")
+    if best and best.get("quality") is not None and (best.get("stderr") or {}).get("quality") is not None:
+        error = best["stderr"]["quality"]
+        axes.axhspan(best["quality"] - error, best["quality"] + error, color=colours[0], alpha=0.12,
+                     label="best evolved ± s.e.")
     axes.set_xlabel("generation")
     axes.set_ylabel("quality")
-    if any(g["hypervolume"] is not None for g in generations):
+    if any(g["hypervolume"] is not None for g in generations) and not flat:
         twin = axes.twinx()
-        twin.plot([g["generation"] for g in generations], [g["hypervolume"] for g in generations], "s--", c="C1",
-                  label="hypervolume")
+        twin.plot(numbers, [g["hypervolume"] for g in generations], "s--", c=colours[1], label="hypervolume")
         twin.set_ylabel("hypervolume (quality x FLOPs)")
         twin.legend(loc="lower right", fontsize=7)
     axes.legend(loc="upper left", fontsize=7)

@@ -118,6 +118,11 @@ class RunDir:
         new = validate(raw, source="--set")
         changed = changed_fields(old.to_yaml_dict(), new.to_yaml_dict())
         refused = [f for f in changed if not f.startswith(RESUMABLE_CHANGES)]
+        if "eval.limit" in changed and not force and self.records():
+            raise ResumeError(f"{self.path}: eval.limit {old.eval.limit} -> {new.eval.limit} would score the next "
+                              f"trials on other documents than the {len(self.records())} journaled ones, and "
+                              f"their qualities would not compare; --force to change it anyway (earlier trials are "
+                              f"then left out of the best, the front and the hypervolume, the references scored again)")
         if refused and not force:
             raise ResumeError(f"{self.path}: changing {', '.join(refused)} would invalidate the run's trials; "
                               f"only {', '.join(RESUMABLE_CHANGES)} may change (--force to override)")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -40,6 +41,7 @@ from evomerge.pareto import ParetoArchive
 from evomerge.racing import fitness, race
 from evomerge.report import summarize
 from evomerge.run_dir import JOURNAL, SUBSAMPLE, Checkpoint, RunDir, write_atomic
+from evomerge.samples import ranked
 from evomerge.strategies import make_strategy
 from evomerge.tracking import Tracker, open_tracker
 from evomerge.trial import Trial, TrialResult, TrialState, best, record, result_from_record
@@ -60,8 +62,11 @@ class Pool(Protocol):
 def genome_layout(config: RunConfig) -> GenomeLayout | DataflowLayout:
     """Check the sources can be merged and the tasks load (before any worker starts) and lay out
     the first stage's genome."""
+    start = time.perf_counter()
     sources = check_sources(config.models)
+    checked = time.perf_counter()
     check_tasks(config.eval)
+    logger.info("checks: sources %.1f s, tasks %.1f s", checked - start, time.perf_counter() - checked)
     if config.stages[0] == "dfs":
         base = replace(reference_recipes(len(config.models.experts), sources.num_layers)[0], label=None)
         return dataflow_layout(config, sources.num_layers, base)
@@ -93,7 +98,7 @@ def resume(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), for
            pool: Pool | None = None) -> dict:
     """Continue a run from its checkpoint and journal, with budget changes from `overrides`."""
     run = RunDir.open(run_dir)
-    config = run.config()
+    config = before = run.config()
     if overrides:
         run.lock()  # no config change under another driver's feet
         try:
@@ -101,7 +106,8 @@ def resume(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), for
         except BaseException:
             run.unlock()
             raise
-    return run_loop(run, config, genome_layout(config), pool)
+    # a forced eval.limit change: the references are scored again on the new documents
+    return run_loop(run, config, genome_layout(config), pool, rescore=config.eval.limit != before.eval.limit)
 
 
 def dataflow_layout(config: RunConfig, num_layers: int, merge: Recipe) -> DataflowLayout:
@@ -124,7 +130,7 @@ def stage_search(config: RunConfig, stage: str) -> SearchConfig:
 
 
 def run_loop(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLayout,
-             pool: Pool | None = None) -> dict:
+             pool: Pool | None = None, rescore: bool = False) -> dict:
     """Every stage of `config.stages` in order (`layout` is the first's), from the checkpoint if any.
 
     Generations are numbered across stages; a stage after the first starts from a fresh
@@ -145,7 +151,7 @@ def run_loop(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLayo
                 continue
             if index > 0:
                 layout = next_stage_layout(run, config, stage)
-            run_stage(run, config, layout, index, (start, stop), workers, tracker)
+            run_stage(run, config, layout, index, (start, stop), workers, tracker, rescore=rescore)
             checkpoint = run.load_checkpoint()
         summary = summarize(run.records(), config)
         tracker.finish(summary, run)
@@ -177,7 +183,7 @@ class Workers:
 
 def next_stage_layout(run: RunDir, config: RunConfig, stage: str) -> DataflowLayout:
     """The genome of a dfs stage that follows a ps stage: layer paths through the best ps trial."""
-    best_ps = best([r for r in run.records() if r.get("stage", "ps") == "ps"])
+    best_ps = best(ranked([r for r in run.records() if r.get("stage", "ps") == "ps"]))
     if best_ps is None:
         raise EvalError(f"{run.path}: no completed ps trial to start the {stage} stage from")
     merge = Recipe.from_json(best_ps["recipe"])
@@ -190,8 +196,10 @@ def next_stage_layout(run: RunDir, config: RunConfig, stage: str) -> DataflowLay
 
 
 def run_stage(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLayout, index: int,
-              window: tuple[int, int], workers: Workers, tracker: Tracker | None = None) -> None:
-    """Generations window[0] .. window[1] - 1 of stage `index` (`tracker`: logs each generation)."""
+              window: tuple[int, int], workers: Workers, tracker: Tracker | None = None,
+              rescore: bool = False) -> None:
+    """Generations window[0] .. window[1] - 1 of stage `index` (`tracker`: logs each generation;
+    `rescore`: score the stage's references again, after a resume changed eval.limit)."""
     tracker = tracker or Tracker()
     stage = config.stages[index]
     strategy = make_strategy(stage_search(config, stage), layout.size, seed=config.seed + index)
@@ -225,6 +233,9 @@ def run_stage(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLay
         upcoming = [Trial(next_id + k, generation + 1, layout.decode(np.array(genome)), tuple(genome), stage=stage)
                     for k, genome in enumerate(ahead)] if ahead is not None and generation + 1 < stop else []
         retry = stalled(run, config, trials, candidates, upcoming) if first else set()
+        if first and generation > window[0]:  # references scored on other documents than the run's now
+            stale = stale_references(run, config, stage, window[0], rescore)
+            trials, retry = stale + trials, retry | {trial.id for trial in stale}
         for trial_id in retry:  # evaluated again: the old lines are superseded
             journal.pop(trial_id, None)
         first = False
@@ -244,9 +255,38 @@ def run_stage(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLay
         summary = summarize(run.records(), config)
         run.write_summary(summary)
         tracker.generation(summary, run.records())
-        latest = summary["generations"][-1]
-        logger.info("generation %d: best %.4f (best so far %.4f), %d failed", latest["generation"],
-                    latest["best_quality"], latest["best_so_far"], latest["failed"])
+        logger.info(generation_line(summary))
+
+
+def generation_line(summary: dict) -> str:
+    """The log line of a finished generation: its best evolved trial beside the best source."""
+    latest = summary["generations"][-1]
+    reference = summary.get("best_reference") or {}
+    source = (f"best source {reference['quality']:.4f} ({reference['label']}, trial {reference['trial']})"
+              if reference.get("quality") is not None else "no source scored")
+    top = "-" if latest["best_quality"] is None else f"{latest['best_quality']:.4f}"
+    so_far = "-" if latest["best_so_far"] is None else f"{latest['best_so_far']:.4f}"
+    return (f"generation {latest['generation']}: best evolved {top} (so far {so_far}), {source}, "
+            f"{latest['failed']} failed")
+
+
+def stale_references(run: RunDir, config: RunConfig, stage: str, generation: int, rescore: bool) -> list[Trial]:
+    """A stage's journaled references whose sample's limit is not the run's eval.limit (or all of
+    them with `rescore`: a resume that changed eval.limit), to be scored again so that the sources
+    stay comparable with the trials to come (evomerge/samples.py)."""
+    if not config.search.references:
+        return []
+    stale = []
+    for r in run.records():
+        if r["label"] is None or r.get("stage", "ps") != stage or r["generation"] != generation:
+            continue
+        limit = (r.get("sample") or {}).get("limit", config.eval.limit if not rescore else object())
+        if rescore or limit != config.eval.limit:
+            stale.append(Trial(r["trial"], r["generation"], Recipe.from_json(r["recipe"]), stage=stage))
+    if stale:
+        logger.warning("scoring the %d references again on eval.limit %s (they were scored on other documents)",
+                       len(stale), config.eval.limit)
+    return stale
 
 
 def stage_references(layout: GenomeLayout | DataflowLayout) -> list[Recipe]:
@@ -297,8 +337,11 @@ def evaluate(pool: Pool, trials: list[Trial], journal: dict[int, dict], run: Run
 
     later = [trial for trial in then if trial.id not in journal]
     wanted = {trial.id for trial in todo}
-    front = front_of(run.records())  # the bar shows the best quality so far and the front's size
+    so_far = ranked(run.records())  # the live best and front of the run: complete trials on its current sample
+    front = front_of(so_far)  # the bar shows the best quality so far and the front's size
     best = max([r.quality for r in results.values() if r.ok] + [e.quality for e in front.front()], default=None)
+    evolved = max((r["quality"] for r in so_far if r["state"] == "complete" and r["label"] is None), default=None)
+    source = max((r["quality"] for r in so_far if r["state"] == "complete" and r["label"] is not None), default=None)
     with tqdm(total=len(trials), initial=len(results), desc=f"generation {generation}", unit="trial",
               leave=False, dynamic_ncols=True, disable=None) as bar:
         for trial, result in pool.run(todo, later):
@@ -310,12 +353,22 @@ def evaluate(pool: Pool, trials: list[Trial], journal: dict[int, dict], run: Run
                 journal[trial.id] = entry
                 continue
             results[trial.id] = result
+            if file == JOURNAL:  # what the run has journaled, for the live best of later calls
+                journal[trial.id] = entry
             if result.ok:
                 best = result.quality if best is None else max(best, result.quality)
-                if file == JOURNAL and entry["state"] == TrialState.COMPLETE.value and entry.get("flops") is not None:
-                    front.add(trial.id, result.quality, entry["flops"])
+                if file == JOURNAL and entry["state"] == TrialState.COMPLETE.value:
+                    if entry.get("flops") is not None:
+                        front.add(trial.id, result.quality, entry["flops"])
+                    if trial.label is None:
+                        evolved = result.quality if evolved is None else max(evolved, result.quality)
+                    else:
+                        source = result.quality if source is None else max(source, result.quality)
             bar.set_postfix(best=f"{best:.4f}" if best is not None else "-", front=len(front.front()))
             bar.update(1)
+            logger.info("trial %d done (%s, %d/%d of generation %d): %s; best evolved %s, best source %s",
+                        trial.id, trial.label or "evolved", len(results), len(trials), generation,
+                        f"quality {result.quality:.4f}" if result.ok else "failed", _num(evolved), _num(source))
     return results
 
 
@@ -326,6 +379,10 @@ def front_of(records) -> ParetoArchive:
         if r["state"] == TrialState.COMPLETE.value and r.get("flops") is not None:
             archive.add(r["trial"], r["quality"], r["flops"])
     return archive
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def losses(results: list[TrialResult], generation: int) -> list[float]:

@@ -37,6 +37,7 @@ from typing import Any
 from evomerge.config import RunConfig
 from evomerge.errors import ConfigError
 from evomerge.run_dir import RunDir, write_atomic
+from evomerge.trial import TrialState
 
 logger = logging.getLogger(__name__)
 
@@ -161,10 +162,10 @@ def trial_metrics(record: dict[str, Any], timestamp: int) -> list[Any]:
     from mlflow.entities import Metric
 
     step = record["trial"]
-    complete = record["state"] == "complete"
+    subset = record["state"] == TrialState.PRUNED.value  # scored on eval.subsample's subset only
+    complete = record["state"] == TrialState.COMPLETE.value or subset
     values = {"trial_state": 1.0 if complete else 0.0, "trial_generation": record["generation"]}
     if complete:
-        subset = record.get("fidelity") == "subset"
         values["trial_subset_quality" if subset else "trial_quality"] = record["quality"]
         if record.get("flops") is not None:
             values["trial_flops"] = record["flops"]

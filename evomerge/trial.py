@@ -51,6 +51,11 @@ class TrialResult:
     worker: str = ""
     error: str | None = None
     traceback: str | None = None
+    # what it was scored on and how noisy that is (evomerge/samples.py): {limit, documents, hash};
+    # standard error per task and of the quality ("quality"); per-document scores per task
+    sample: dict[str, Any] | None = None
+    stderr: dict[str, float | None] = field(default_factory=dict)
+    per_doc: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.state is not TrialState.FAILED and (self.quality is None or not math.isfinite(self.quality)):
@@ -75,6 +80,9 @@ def record(trial: Trial, result: TrialResult) -> dict[str, Any]:
         "recipe": trial.recipe.to_json(),
         **{k: v for k, v in asdict(result).items() if k != "trial_id"},
     }
+    for name in ("sample", "stderr", "per_doc"):  # a journal without samples reads as before
+        if not data[name]:
+            del data[name]
     data["state"] = result.state.value
     return data
 
@@ -83,7 +91,8 @@ def result_from_record(data: dict[str, Any]) -> TrialResult:
     return TrialResult(trial_id=int(data["trial"]), state=TrialState(data["state"]), quality=data.get("quality"),
                        metrics=data.get("metrics", {}), flops=data.get("flops"), served=data.get("served", {}),
                        seconds=data.get("seconds", {}),
-                       worker=data.get("worker", ""), error=data.get("error"), traceback=data.get("traceback"))
+                       worker=data.get("worker", ""), error=data.get("error"), traceback=data.get("traceback"),
+                       sample=data.get("sample"), stderr=data.get("stderr", {}), per_doc=data.get("per_doc", {}))
 
 
 def best(records: list[dict[str, Any]]) -> dict[str, Any] | None:

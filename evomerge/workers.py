@@ -23,6 +23,7 @@ from typing import Iterator
 
 import torch
 
+from evomerge import samples
 from evomerge.config import RunConfig, WorkersConfig
 from evomerge.errors import ClusterLostError, WorkerStartError
 from evomerge.evaluate import Evaluator, quality
@@ -104,12 +105,18 @@ class CandidateRunner:
                                seconds={"total": time.perf_counter() - start},
                                error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500],
                                traceback=traceback.format_exc(limit=20))
+        limit = self.config.eval.limit if trial.limit is None else trial.limit
+        weights = {task.name: task.weight for task in self.config.eval.tasks}
+        errors = {**evaluation.stderr, "quality": samples.quality_stderr(evaluation.stderr, weights)}
         return TrialResult(trial.id, TrialState.COMPLETE, quality=value,
                            metrics={name: s.value for name, s in evaluation.scores.items()},
                            flops=evaluation.flops_per_example, served=evaluation.served,
                            seconds={"merge": merged - start, **evaluation.seconds,
                                     "eval": done - merged, "total": done - start},
-                           worker=self.name)
+                           worker=self.name, sample={**samples.sample_of(limit, evaluation.documents),
+                                                     "higher_is_better": {name: s.higher_is_better for name, s
+                                                                          in evaluation.scores.items()}},
+                           stderr=errors, per_doc=evaluation.per_doc)
 
 
 def build_layer_path(config: RunConfig, merged: torch.nn.Module, loaded: dict[str, torch.nn.Module],
@@ -164,7 +171,10 @@ class WorkerPool:
     def __init__(self, config: RunConfig):
         import ray
 
+        start = time.perf_counter()
         self._connected = start_ray(config.workers)
+        logger.info("Ray %s in %.1f s; starting %d workers (each loads the models and tasks)",
+                    "started" if self._connected else "joined", time.perf_counter() - start, config.workers.count)
         self._config = config
         threads = max(1, int(config.workers.cpus_per_worker))
         self._actor_class = ray.remote(CandidateRunner).options(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from evomerge import cli
 from evomerge.cli import TRACEBACK_ONLY, run
 from evomerge.errors import ConfigError
 
@@ -118,6 +119,13 @@ def test_user_errors_and_interrupts_keep_their_exit_codes(capsys) -> None:
     assert run(_fail(ConfigError("search.generations: must be >= 1\n(got 0)")), _args()) == 2
     assert capsys.readouterr().err == "evomerge: error: search.generations: must be >= 1 (got 0)\n"
     assert run(_fail(KeyboardInterrupt()), _args()) == 130
-    assert capsys.readouterr().err.startswith("evomerge: interrupted; the run directory is intact")
+    assert capsys.readouterr().err == "evomerge: interrupted; no run directory was written yet\n"
+    cli.remember_run(Path("runs/mine"))
+    try:
+        assert run(_fail(KeyboardInterrupt()), _args()) == 130
+    finally:
+        cli.RUN_PATH = None
+    assert capsys.readouterr().err == ("evomerge: interrupted; the run directory is intact: "
+                                       "`evomerge resume runs/mine` continues it\n")
     assert run(lambda args: None, _args()) == 0
     assert run(lambda args: 1, _args()) == 1  # a handler's own code is kept (export --verify)

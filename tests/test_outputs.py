@@ -50,7 +50,7 @@ def test_report_columns_stay_apart_for_wide_values(tmp_path: Path) -> None:
         fields = line[22:].split()
         assert len(fields) == 4 and float(fields[1]) < -4000, line  # trial, quality, FLOPs, metric t
     generation_rows = [line.split() for line in text.splitlines() if line.strip().startswith(("0 ", "1 "))]
-    assert generation_rows and all(len(row) == 6 for row in generation_rows)
+    assert generation_rows and all(len(row) == 7 for row in generation_rows)  # ..., best so far, best source
 
 
 @pytest.mark.parametrize("recipe, scaled", [

@@ -422,8 +422,9 @@ def test_save_load_generate(env, zoo, tmp_path) -> None:
     assert json.loads(path.read_text())["params"] == {"thresholds": ["inf"]}
     server = load(path)
     assert server.kind == "cascade" and server.params == {"thresholds": [math.inf]}
-    assert server.generate(prompts, max_new_tokens=MAX_GEN, until="\n") == expected
-    assert server.policy.stats.served == [0, len(prompts)]
+    answers = server.generate(prompts, max_new_tokens=MAX_GEN, until="\n")
+    assert answers == expected
+    assert answers.stats["served"] == [0, len(prompts)]  # this call's statistics, returned with it
 
     path = save_policy(tmp_path / "blend.json", "blend", {"probs": [0, 1]}, [zoo["add"], zoo["rev"]], seed=4)
     assert load(path).generate(prompts, max_new_tokens=MAX_GEN) == expected

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -535,8 +534,17 @@ def run_merge(config_path: str | Path, out: str | Path, *, force: bool = False, 
         model.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        shutil.copyfile(config_path, staging / "mergekit.yaml")
+        copy_config(config_path, staging / "mergekit.yaml", seed)
     return out
+
+
+def copy_config(config_path: str | Path, target: Path, seed: int) -> None:
+    """The merge config, copied with a closing comment that records the seed (the random masks of
+    dare and della come from it): `evomerge merge CONFIG --seed N` makes the same folder again."""
+    text = Path(config_path).read_text(encoding="utf-8")
+    target.write_text(text + ("" if text.endswith("\n") else "\n")
+                      + f"# evomerge merge --seed {seed}: the seed of the random drop masks (dare_*, della*)\n",
+                      encoding="utf-8")
 
 
 def _merge_folders(config: MergekitConfig, models: ModelsConfig, folders: list[Folder], out: Path, seed: int,
@@ -569,7 +577,7 @@ def _merge_folders(config: MergekitConfig, models: ModelsConfig, folders: list[F
                for name, t in merged.items()}
     with staged(out) as staging:
         write_folder(staging, written, skeleton, _canonical(config.out_dtype or models.dtype), tokenizer)
-        shutil.copyfile(config_path, staging / "mergekit.yaml")
+        copy_config(config_path, staging / "mergekit.yaml", seed)
     return out
 
 

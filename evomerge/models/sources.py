@@ -56,6 +56,15 @@ def has_tokenizer(path: str) -> bool:
     return not folder.is_dir() or any((folder / name).exists() for name in TOKENIZER_FILES)
 
 
+def folder_like(path: str) -> bool:
+    """A model path that can only mean a local folder: ./ ../ / ~, more than one slash, a trailing
+    slash, or a first component that is a local folder (a Hugging Face id is `org/name`)."""
+    text = str(path)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or text.endswith("/"):
+        return True
+    return "/" in text and Path(text.split("/")[0]).is_dir()
+
+
 def check_sources(models: ModelsConfig, tokenizers: bool = True) -> SourceInfo:
     """Refuse sources that cannot be merged, naming the field or tensor; return what the genome needs.
     `tokenizers=False` (a plain merge of tokenizer-less folders) skips the vocabulary check."""
@@ -66,11 +75,15 @@ def check_sources(models: ModelsConfig, tokenizers: bool = True) -> SourceInfo:
                        ", ".join(models.sources))
     configs, vocabs, shapes = [], [], []
     for field, path in zip(field_names(models), models.sources):
+        if folder_like(path) and not Path(path).expanduser().is_dir():
+            raise ModelMismatchError(f"{field}: no local folder {str(Path(path).expanduser().resolve())!r} "
+                                     f"(not looked up on the Hugging Face hub: the path names a folder)")
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=models.trust_remote_code)
         except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad folder
-            raise ModelMismatchError(f"{field}: cannot read the model config of {path!r} "
-                                     f"({_first_line(exc)})") from None
+            local = "" if Path(path).is_dir() else f"no local folder {str(Path(path).resolve())!r}, and "
+            raise ModelMismatchError(f"{field}: cannot read the model config of {path!r} ({local}"
+                                     f"{_first_line(exc)})") from None
         try:
             tokenizer = (AutoTokenizer.from_pretrained(path, trust_remote_code=models.trust_remote_code)
                          if tokenizers else None)

@@ -10,8 +10,10 @@ them by kind):
   order given), or per request type ``{"thresholds": {"generate_until": [...], "loglikelihood": [...]}}``.
 
 ``make_policy(kind, members, params, seed)`` builds one; ``save_policy(path, kind, params,
-member_folders)`` writes a small JSON file; ``load(path)`` loads the member folders and returns a
-``PolicyServer`` whose ``generate(prompts)`` serves with that policy.
+member_folders)`` writes a small JSON file; ``load(path)`` (an export folder or its
+``policy.json``) loads the member folders and returns a ``PolicyServer`` whose ``generate``,
+``loglikelihood`` and ``choose`` serve with that policy, each call's statistics returned with its
+answers.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from evomerge.errors import ConfigError
 from evomerge.policies.base import PolicyLM
 from evomerge.policies.blend import Blend
 from evomerge.policies.cascade import Cascade
@@ -30,7 +33,7 @@ from evomerge.policies.metering import PolicyStats
 from evomerge.policies.router import PrefixRouter
 
 __all__ = ["POLICIES", "Member", "PolicyLM", "PolicyStats", "Blend", "PrefixRouter", "Cascade",
-           "policy_class", "make_policy", "save_policy", "load", "PolicyServer"]
+           "policy_class", "make_policy", "save_policy", "load", "PolicyServer", "Answers"]
 
 POLICIES: dict[str, type[PolicyLM]] = {cls.kind: cls for cls in (Blend, PrefixRouter, Cascade)}
 FORMAT = "evomerge-policy"
@@ -84,29 +87,87 @@ def save_policy(path: str | os.PathLike, kind: str, params: dict[str, Any],
     return path
 
 
+class Answers(list):
+    """A list of answers, one per request, with ``stats``: what this call served and cost
+    (``PolicyStats.as_dict()`` of this call alone: requests, served per member, FLOPs, ...)."""
+
+    def __init__(self, answers: Sequence[Any], stats: dict[str, Any]):
+        super().__init__(answers)
+        self.stats = stats
+
+
 @dataclass
 class PolicyServer:
-    """A loaded policy: ``generate`` answers prompts, greedily, through the policy."""
+    """A loaded policy serving the request types the search scored: ``generate`` (greedy),
+    ``loglikelihood`` of continuations, and ``choose`` (multiple choice, by log-likelihood).
+    Each returns ``Answers``: the results, with this call's statistics in ``.stats``."""
 
     policy: PolicyLM
     kind: str
     params: dict[str, Any]
 
+    def _serve(self, request_type: str, requests: list[Any]) -> Answers:
+        self.policy.stats.reset()  # statistics are per call
+        results = getattr(self.policy, request_type)(requests)
+        stats = self.policy.stats.as_dict()
+        self.policy.stats.reset()
+        return Answers(results, stats)
+
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 32,
-                 until: Sequence[str] | str | None = ("\n",)) -> list[str]:
+                 until: Sequence[str] | str | None = ("\n",)) -> Answers:
         from lm_eval.api.instance import Instance
 
         stops = [until] if isinstance(until, str) else list(until or [])
         kwargs = {"until": stops, "max_gen_toks": int(max_new_tokens), "do_sample": False}
         requests = [Instance("generate_until", {}, (prompt, dict(kwargs)), i, ("generate", i, 1))
                     for i, prompt in enumerate(prompts)]
-        return self.policy.generate_until(requests)
+        return self._serve("generate_until", requests)
+
+    def loglikelihood(self, pairs: Sequence[tuple[str, str]]) -> Answers:
+        """(log-probability of the continuation after the context, whether it is the greedy one) per pair."""
+        from lm_eval.api.instance import Instance
+
+        requests = [Instance("loglikelihood", {}, (context, continuation), 0, ("loglikelihood", i, 1))
+                    for i, (context, continuation) in enumerate(pairs)]
+        return self._serve("loglikelihood", requests)
+
+    def choose(self, questions: Sequence[tuple[str, Sequence[str]]]) -> Answers:
+        """Multiple choice as lm-eval's ``acc`` scores it: per (context, choices), the index of the
+        choice with the highest log-likelihood. The choices of a question go to one member together
+        (a cascade escalates on the margin of its best two), as in the search."""
+        from lm_eval.api.instance import Instance
+
+        requests, owner = [], []
+        for q, (context, choices) in enumerate(questions):
+            if not choices:
+                raise ValueError(f"choose: question {q} has no choices")
+            for c, choice in enumerate(choices):
+                requests.append(Instance("loglikelihood", {}, (context, choice), c, ("choose", q, 1)))
+                owner.append(q)
+        served = self._serve("loglikelihood", requests)
+        scores: dict[int, list[float]] = {}
+        for q, (logprob, _) in zip(owner, served):
+            scores.setdefault(q, []).append(logprob)
+        return Answers([max(range(len(s)), key=s.__getitem__) for _, s in sorted(scores.items())], served.stats)
+
+
+def policy_file(path: str | os.PathLike) -> Path:
+    """The policy file of an export folder (``folder/policy.json``), or the file itself."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "policy.json").is_file():
+            raise ConfigError(f"{path}: neither a policy.json nor a model's config.json in this folder "
+                              f"(expected an evomerge export folder)")
+        return path / "policy.json"
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such policy file or export folder")
+    return path
 
 
 def read_policy(path: str | os.PathLike) -> tuple[dict[str, Any], list[Path], list[Path] | None]:
     """A policy file's record, its member folders and its scorer folders (None: no scorers),
     the folders resolved against the file's folder."""
-    path = Path(path)
+    path = policy_file(path)
     record = json.loads(path.read_text(encoding="utf-8"))
     if record.get("format") != FORMAT or record.get("version") != VERSION:
         raise ValueError(f"{path}: not an {FORMAT} file of version {VERSION}")
@@ -116,15 +177,14 @@ def read_policy(path: str | os.PathLike) -> tuple[dict[str, Any], list[Path], li
 
 
 def load(path: str | os.PathLike, device: str = "cpu", batch_size: int | str = 16) -> PolicyServer:
-    """Load a policy file written by ``save_policy`` with its member (and scorer) models; or an
-    export folder: its ``policy.json`` when it has one, else the folder's model served alone
-    (kind ``model``: a merged, MoE or layer-path export)."""
+    """Load an export folder or a policy file with its member (and scorer) models: a folder's
+    ``policy.json`` when it has one, else the folder's model served alone (kind ``model``: a
+    merged, MoE or layer-path export). A blend served this way sends a prompt to the member its
+    prompt and seed draw, wherever the prompt stands in a call and however often it repeats."""
     path = Path(path)
-    if path.is_dir() and not (path / "policy.json").is_file():
+    if path.is_dir() and not (path / "policy.json").is_file() and (path / "config.json").is_file():
         alone = Member.from_folder(path, name="merged", device=device, batch_size=batch_size)
         return PolicyServer(Blend([alone]), "model", {})
-    if path.is_dir():
-        path = path / "policy.json"
     record, member_folders, scorer_folders = read_policy(path)
 
     def members(folders: list[Path]) -> list[Member]:
@@ -133,6 +193,8 @@ def load(path: str | os.PathLike, device: str = "cpu", batch_size: int | str = 1
     scorers = members(scorer_folders) if scorer_folders is not None else None
     params = _decode(record["params"])
     policy = make_policy(record["kind"], members(member_folders), params, record.get("seed", 0), scorers)
+    if isinstance(policy, Blend):
+        policy.per_prompt = True
     return PolicyServer(policy, record["kind"], params)
 
 

@@ -65,9 +65,12 @@ class Blend(PolicyLM):
         self._cdf[last:] = 1.0  # rounding never sends a draw past the last member with mass
         # one member with all the mass (a candidate served alone) gets every draw: none is made
         self._sole = last if sum(p > 0 for p in self.probs) == 1 else None
+        # Served (policies.load): a prompt's draw ignores its repeats in a call, so a member is a
+        # function of the prompt and the seed alone. The search keeps lm-eval's repeats apart.
+        self.per_prompt = False
 
     def draw(self, unit: Unit) -> int:
-        rng = np.random.default_rng([self.seed, unit_key(unit), unit.occurrence])
+        rng = np.random.default_rng([self.seed, unit_key(unit), 0 if self.per_prompt else unit.occurrence])
         # u in [0, 1): the member i with cdf[i-1] <= u < cdf[i] (never one with probability 0)
         return int(np.searchsorted(self._cdf, rng.random(), side="right"))
 

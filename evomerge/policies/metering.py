@@ -71,6 +71,11 @@ class PolicyStats:
     def flops_per_request(self) -> float:
         return self.flops / self.requests if self.requests else 0.0
 
+    def as_dict(self) -> dict[str, Any]:
+        return {"requests": self.requests, "served": list(self.served), "consulted": list(self.consulted),
+                "member_flops": list(self.member_flops), "routing_flops": self.routing_flops,
+                "flops": self.flops, "flops_per_request": self.flops_per_request}
+
 
 
 @dataclass
