@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Callable, NoReturn
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import ConfigError, EvomergeError
 
 logger = logging.getLogger("evomerge")
 DEMO_CONFIG = Path("search_spaces/demo.yaml")
@@ -192,11 +192,40 @@ def cmd_search(args: argparse.Namespace) -> int:
     from evomerge.config import load_config
     from evomerge.search import search
 
-    config = load_config(args.config, args.overrides)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as exc:  # the tasks' problems too, so that one run reports every invalid field
+        tasks = task_problems(args.config, args.overrides)
+        if tasks:
+            raise ConfigError(f"{exc}; {tasks}") from None
+        raise
     run_dir = args.run_dir or Path("runs") / config.name
     summary = search(config, run_dir, on_created=lambda path: (remember_run(path), log_to_run_dir(path)))
     print(_text(summary))
     return 0
+
+
+def task_problems(path: Path, overrides: list[str]) -> str | None:
+    """The task check's message (unknown tasks, metrics, filters, data files) for a config whose other
+    fields are invalid, when its `eval` section is valid by itself; None otherwise."""
+    from evomerge.config import EvalConfig, apply_override, read_yaml
+    from evomerge.evaluate import check_tasks
+
+    try:
+        raw = read_yaml(path)
+        for override in overrides:
+            apply_override(raw, override)
+        section = EvalConfig.model_validate(raw.get("eval") or {})
+        folder = path.resolve().parent
+        includes = [str((folder / include).resolve()) for include in section.include_path]
+        if not all(Path(include).is_dir() for include in includes):
+            return None
+        check_tasks(section.model_copy(update={"include_path": includes}))
+    except EvomergeError as exc:
+        return str(exc) if not isinstance(exc, ConfigError) else None
+    except Exception:  # noqa: BLE001 - an eval section that does not validate alone: its errors are listed already
+        return None
+    return None
 
 
 def cmd_resume(args: argparse.Namespace) -> int:

@@ -213,12 +213,10 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             jobs = [await self.queue.get()]
-            deadline = loop.time() + self.limits.batch_wait_s
-            while len(jobs) < self.limits.max_batch:
-                try:
-                    jobs.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
-                except asyncio.TimeoutError:
-                    break
+            if self.queue.qsize() < self.limits.max_batch - 1:  # give requests arriving together a moment
+                await asyncio.sleep(self.limits.batch_wait_s)
+            while len(jobs) < self.limits.max_batch and not self.queue.empty():
+                jobs.append(self.queue.get_nowait())  # (no wait_for around get: a timeout may lose an item)
             self.counts["batches"] += 1
             self.counts["largest_batch"] = max(self.counts["largest_batch"], len(jobs))
             try:

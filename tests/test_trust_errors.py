@@ -84,3 +84,12 @@ def test_relative_data_files_say_how_plain_lm_eval_reads_them(tmp_path, caplog, 
     with caplog.at_level(logging.INFO, logger="evomerge.evaluate"):
         check_tasks(config)
     assert "tasks demo_add: relative data_files read from each task YAML's folder" in caplog.text
+
+
+def test_config_and_task_errors_in_one_pass(zoo, tmp_path, capsys) -> None:
+    config = write_config(tmp_path, zoo, search={"strategy": "cmaes"},
+                          eval={"tasks": [{"name": "demo_add", "metric": "acc"}]})
+    assert main(["search", str(config), "--run-dir", str(tmp_path / "run")]) == 2
+    line = error_line(capsys)
+    assert "search.strategy: Input should be 'cma'" in line, line
+    assert "eval.tasks.demo_add.metric: 'acc' is not among the task's metrics: exact_match" in line
