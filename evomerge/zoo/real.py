@@ -336,7 +336,7 @@ metric_list:
   - metric: exact_match
     aggregation: mean
     higher_is_better: true
-    regexes_to_ignore: ["^\\s+", "\\s+$"]   # leading and trailing whitespace
+    regexes_to_ignore: ['^\\s+', '\\s+$']   # leading and trailing whitespace
 metadata:
   version: 1.0
 """
