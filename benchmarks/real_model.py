@@ -1,0 +1,155 @@
+"""On a real model: a candidate's cost on the real zoo (SmolLM2-135M-Instruct and three experts).
+
+Runs the worker's own code (`CandidateRunner`, `search_spaces/real.yaml`) in this process, once
+per method (linear, ties, dare_ties; per-layer genes), and for ties once more in bfloat16:
+the worker's warm-up (`CandidateRunner.warm_up`: page-in, a mid-box merge that fills the
+prepared store, lm-eval's set-up on one document) is timed on its own, then a few random
+candidates are split into merge, eval set-up, forward passes, serving and scoring. Reported:
+each phase's share, the share outside forward passes (goal < 15%), the median merge of ties
+and dare_ties against linear's (goal <= 2x), the first candidate against the median (goal
+<= 1.5x), the merge of the same ties candidates without the prepared store (what every
+candidate paid before), and the process's peak RSS. Build the zoo first:
+`python -m evomerge.cli zoo --real runs/real_zoo`.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import harness
+import numpy as np
+import yaml
+
+PHASES = ("merge", "eval_setup", "forward", "serving", "scoring")
+OVERHEAD_GOAL, MERGE_GOAL, FIRST_GOAL = 0.15, 2.0, 1.5
+
+
+def real_config(zoo: Path, path: Path, method: str, dtype: str, limit: int):
+    from evomerge.config import load_config
+
+    raw = yaml.safe_load((harness.REPO / "search_spaces" / "real.yaml").read_text())
+    raw["models"].update(base=str(zoo / "base"), experts=[str(zoo / s) for s in ("rev", "sort", "add")],
+                         device="cpu", dtype=dtype)
+    raw["merge"]["method"] = method
+    if method == "linear":
+        raw["merge"]["bounds"] = {"weight": [0.0, 1.5]}
+    raw["eval"].update(include_path=str(zoo / "tasks"), limit=limit)
+    path.write_text(yaml.safe_dump(raw))
+    return load_config(path)
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def measure(config, count: int, seed: int = 0) -> dict:
+    """Warm-up, then `count` random candidates on one CandidateRunner; the seconds of each."""
+    from evomerge.search import genome_layout
+    from evomerge.trial import Trial
+    from evomerge.workers import CandidateRunner
+
+    start = time.perf_counter()
+    runner = CandidateRunner(config, threads=1)
+    load = time.perf_counter() - start
+    warm = runner.warm_up()
+    layout = genome_layout(config)
+    rng = np.random.default_rng(seed)
+    rows, qualities, trials = [], [], []
+    for i, x in enumerate(rng.uniform(0, 1, size=(count, layout.size))):
+        trial = Trial(i, 0, layout.decode(x), tuple(map(float, x)))
+        result = runner.run(trial)
+        if not result.ok:
+            raise SystemExit(f"{config.merge.method}: trial {i} failed: {result.error}")
+        rows.append(result.seconds)
+        qualities.append(result.quality)
+        trials.append(trial)
+        print(f"  {config.merge.method} {config.models.dtype} trial {i}: "
+              + ", ".join(f"{p} {result.seconds[p]:.2f}" for p in PHASES)
+              + f" total {result.seconds['total']:.2f} quality {result.quality:.3f}", flush=True)
+    store_mb = runner.merger.prepared.nbytes / 1e6
+    scratch = None
+    if config.merge.method != "linear":  # the same merges without the prepared store
+        runner.merger.prepared = None
+        scratch = []
+        for trial in trials:
+            t0 = time.perf_counter()
+            runner.merger.merge_into(runner.model, trial.recipe)
+            scratch.append(time.perf_counter() - t0)
+    return {"load": load, "warm_up": warm, "rows": rows, "qualities": qualities, "scratch": scratch,
+            "store_mb": store_mb, "rss": peak_rss_gb()}
+
+
+def main() -> None:
+    parse = harness.parser(__doc__.splitlines()[0])
+    parse.add_argument("--zoo", type=Path, default=harness.REPO / "runs" / "real_zoo")
+    parse.add_argument("--work", type=Path, default=Path("/tmp/evomerge-bench-real"))
+    parse.add_argument("--candidates", type=int, default=4)
+    parse.add_argument("--limit", type=int, default=10, help="documents per task")
+    args = parse.parse_args()
+    host = harness.machine()
+    harness.header("on a real model", host)
+    args.work.mkdir(parents=True, exist_ok=True)
+    zoo = args.zoo.resolve()
+    count = 2 if args.quick else args.candidates
+
+    runs = {}
+    for method, dtype in (("linear", "float32"), ("ties", "float32"), ("dare_ties", "float32"),
+                          ("ties", "bfloat16")):
+        config = real_config(zoo, args.work / f"{method}-{dtype}.yaml", method, dtype, args.limit)
+        runs[method, dtype] = measure(config, count)
+        r = runs[method, dtype]
+        print(f"{method} {dtype}: start {r['load']:.1f} s, warm-up {r['warm_up']:.1f} s, prepared store "
+              f"{r['store_mb']:.0f} MB, peak RSS {r['rss']:.2f} GB",
+              flush=True)
+
+    def median(key, phase):
+        return statistics.median(row[phase] for row in runs[key]["rows"])
+
+    linear_merge = median(("linear", "float32"), "merge")
+    table, verdicts = [], []
+    for key, r in runs.items():
+        phases = {p: median(key, p) for p in PHASES}
+        total = statistics.median(row["total"] for row in r["rows"])
+        outside = 1 - phases["forward"] / sum(phases.values())
+        first = r["rows"][0]["total"] / total
+        merge_ratio = phases["merge"] / linear_merge
+        scratch = statistics.median(r["scratch"]) if r["scratch"] else None
+        table.append([f"{key[0]} ({key[1]})", *(f"{phases[p]:.2f}" for p in PHASES), f"{total:.2f}",
+                      f"**{outside:.1%}**", f"{merge_ratio:.2f}x" + (f" (no store: {scratch / linear_merge:.1f}x)"
+                                                                   if scratch else ""),
+                      f"{r['warm_up']:.1f}", f"{r['store_mb']:.0f}", f"{first:.2f}x",
+                      f"{statistics.mean(r['qualities']):.3f}"])
+        verdicts.append(f"{key[0]} {key[1]}: outside forward {outside:.1%} (goal < 15%: "
+                        f"{harness.verdict(outside, OVERHEAD_GOAL, higher_is_better=False)}), merge "
+                        f"{merge_ratio:.2f}x linear's (goal <= 2x: "
+                        f"{harness.verdict(merge_ratio, MERGE_GOAL, higher_is_better=False)}), first candidate "
+                        f"{first:.2f}x the median (goal <= 1.5x: "
+                        f"{harness.verdict(first, FIRST_GOAL, higher_is_better=False)})")
+    for line in verdicts:
+        print(line)
+    rss = max(r["rss"] for r in runs.values())
+    size_gb = harness.folder_bytes(zoo / "base") / 1e9
+    body = (f"The real zoo (`python -m evomerge.cli zoo --real`: SmolLM2-135M-Instruct, 134.5M parameters, "
+            f"{size_gb:.2f} GB in float32, and 3 experts), `search_spaces/real.yaml` with the method (and dtype) "
+            f"of the row, per-layer genes, 3 tasks x {args.limit} documents (chat prompts, generate_until), "
+            f"batch {20}, one worker thread, median of {count} random candidates after the worker's warm-up. "
+            f"This machine is shared with 5 other processes on 2 cores (load average 9-12): absolute seconds "
+            f"are several times a quiet machine's, ratios within a row hold better. Merge = the merge into the "
+            f"preallocated model (with the prepared store; 'no store': the same candidates' merges computed "
+            f"from scratch, as before this change); first = the first candidate after warm-up against the "
+            f"median.\n\n"
+            + harness.table(table, ["method", *PHASES, "total s", "outside forward (goal < 15%)",
+                                    "merge vs linear (goal <= 2x)", "warm-up s", "store MB",
+                                    "first / median (goal <= 1.5x)",
+                                    "mean quality"])
+            + "\n\n" + "\n".join(f"- {line}" for line in verdicts)
+            + f"\n- peak RSS of this process (all four runners one after another): {rss:.2f} GB "
+              f"(S = {size_gb:.2f} GB, K = 3: (K + 2) S = {5 * size_gb:.2f} GB)")
+    harness.write_section(harness.results_path(args), "On a real model", host, body)
+
+
+if __name__ == "__main__":
+    main()
