@@ -251,7 +251,7 @@ class SearchConfig(_Frozen):
         return self
 
 
-POLICY_DEFAULT_BOUNDS = {"k": (1, 16), "threshold": (-3.0, 0.0), "margin": (0.0, 5.0)}
+POLICY_DEFAULT_BOUNDS = {"k": (1, 16), "threshold": (-3.0, 0.0), "margin": (0.0, 5.0), "cost_weight": (0.0, 1.0)}
 
 
 class PolicyConfig(_Frozen):
@@ -265,13 +265,21 @@ class PolicyConfig(_Frozen):
     multiple choice, the margin between the best two choices).
     """
 
-    kind: Literal["none", "blend", "prefix_router", "cascade"] = "none"
+    kind: Literal["none", "blend", "prefix_router", "cascade", "classifier"] = "none"
     members: list[str] = Field(default_factory=lambda: ["merged"], min_length=1)
     k: int | None = Field(default=None, ge=0)  # prefix_router: fixed prefix length (0: no routing); None: a gene
     # prefix_router: one small router model per member (folder or Hugging Face id) that scores
     # prompts in its place; None: each member scores with its own model.
     scorers: list[str] | None = None
-    bounds: dict[Literal["k", "threshold", "margin"], tuple[float, float]] = Field(default_factory=dict)
+    # classifier (evomerge/policies/classifier.py, data: evomerge/router_data.py): a router the run
+    # trains on each source member's results on router-training documents. `router_data`: task name ->
+    # a JSONL file of documents for a task whose YAML names no training/validation split; `router`:
+    # a trained router file to use instead of training one (the run sets it to its own);
+    # `cost_weight`: fixed weight of a member's relative cost (None: a gene, `bounds.cost_weight`).
+    router_data: dict[str, str] | None = None
+    router: str | None = None
+    cost_weight: float | None = Field(default=None, ge=0)
+    bounds: dict[Literal["k", "threshold", "margin", "cost_weight"], tuple[float, float]] = Field(default_factory=dict)
 
     @field_validator("members")
     @classmethod
@@ -294,6 +302,12 @@ class PolicyConfig(_Frozen):
                 raise ValueError(f"scorers: only a prefix_router has scorers (kind is {self.kind})")
             if len(self.scorers) != len(self.members):
                 raise ValueError(f"scorers: expected one per member ({len(self.members)}), got {len(self.scorers)}")
+        learned = {"router_data": self.router_data, "router": self.router, "cost_weight": self.cost_weight}
+        for name, value in learned.items():
+            if value is not None and self.kind != "classifier":
+                raise ValueError(f"{name}: only a classifier policy has it (kind is {self.kind})")
+        if self.kind == "classifier" and self.members.count("merged") == len(self.members):
+            raise ValueError("members: a classifier needs a source member (base or expert:I) to learn about")
         for gene, (low, high) in self.bounds.items():
             if not (math.isfinite(low) and math.isfinite(high) and low < high):
                 raise ValueError(f"bounds.{gene}: expected [low, high] with finite low < high (got [{low}, {high}])")
@@ -594,11 +608,22 @@ def resolve_paths(config: RunConfig, folder: Path, source: str = "config") -> Ru
     if config.policy.scorers is not None:
         scorers = [_resolve_model(scorer, folder, f"policy.scorers.{i}", problems)
                    for i, scorer in enumerate(config.policy.scorers)]
+    router_data = None
+    if config.policy.router_data is not None:
+        router_data = {task: str((folder / path).expanduser().resolve())
+                       for task, path in config.policy.router_data.items()}
+        problems += [f"policy.router_data.{task}: no such file {path!r}" for task, path in router_data.items()
+                     if not Path(path).is_file()]
+    router = config.policy.router
+    if router is not None:
+        router = str((folder / router).expanduser().resolve())
+        if not Path(router).is_file():
+            problems.append(f"policy.router: no such file {router!r}")
     if problems:
         raise ConfigError(f"{source}: {len(problems)} error(s): " + "; ".join(problems))
     models = config.models.model_copy(update={"base": base, "experts": experts})
     evals = config.eval.model_copy(update={"include_path": includes})
-    policy = config.policy.model_copy(update={"scorers": scorers})
+    policy = config.policy.model_copy(update={"scorers": scorers, "router_data": router_data, "router": router})
     return config.model_copy(update={"models": models, "eval": evals, "policy": policy})
 
 

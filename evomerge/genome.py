@@ -355,7 +355,8 @@ def complete_params(method: str, params: dict[str, dict[str, list[float]]], fixe
 
 
 POLICY = "policy"
-POLICY_KINDS = {"blend": "blend", "prefix_router": "router", "cascade": "cascade"}  # config -> evomerge.policies
+POLICY_KINDS = {"blend": "blend", "prefix_router": "router", "cascade": "cascade",  # config -> evomerge.policies
+                "classifier": "classifier"}
 
 
 def policy_genes(policy: PolicyConfig | None) -> tuple[Gene, ...]:
@@ -366,6 +367,10 @@ def policy_genes(policy: PolicyConfig | None) -> tuple[Gene, ...]:
         return tuple(Gene(POLICY, i, "share", 0.0, 1.0) for i in range(len(policy.members)))
     if policy.kind == "prefix_router":
         return () if policy.k is not None else (Gene(POLICY, 0, "k", *policy.bound("k")),)
+    if policy.kind == "classifier":
+        from evomerge.policies.classifier import ClassifierRouter
+
+        return ClassifierRouter.genes(policy)
     return tuple(Gene(POLICY, i, "threshold", 0.0, 1.0) for i in range(len(policy.members) - 1))
 
 
@@ -380,6 +385,10 @@ def decode_policy(policy: PolicyConfig | None, values: list[float]) -> dict[str,
     elif policy.kind == "prefix_router":
         low, high = policy.bound("k")
         params = {"k": policy.k if policy.k is not None else int(round(low + values[0] * (high - low)))}
+    elif policy.kind == "classifier":
+        from evomerge.policies.classifier import ClassifierRouter
+
+        params = ClassifierRouter.decode(policy, values)
     else:
         (t_low, t_high), (m_low, m_high) = policy.bound("threshold"), policy.bound("margin")
         params = {"thresholds": {"generate_until": [t_low + v * (t_high - t_low) for v in values],

@@ -142,6 +142,10 @@ def run_loop(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLayo
     run.lock()
     try:
         run.repair_journal()
+        if config.policy.kind == "classifier":  # its router is trained once per run, before any trial
+            from evomerge.router_data import prepare_router
+
+            config = workers.config = prepare_router(config, run.path)
         for index, stage in enumerate(config.stages):
             start, stop = stop, stop + stage_search(config, stage).generations
             if checkpoint is not None and checkpoint.stage > index:

@@ -5,6 +5,8 @@
   ``router`` params ``{"k": int}`` (optional ``scorers``: one router model per member);
   ``cascade`` params ``{"thresholds": [t_0, ..., t_{n-2}]}`` (members cheapest first), or
   per request type ``{"thresholds": {"generate_until": [...], "loglikelihood": [...]}}``.
+  ``classifier`` params ``{"outputs": [...], "threshold": t, "cost_weight": w}`` with its trained
+  ``router`` (``classifier.TrainedRouter``; see that module).
 * ``save_policy(path, kind, params, member_folders)`` writes a small JSON file; ``load(path)``
   loads the member folders and returns a ``PolicyServer`` whose ``generate(prompts)`` serves
   with that policy.
@@ -21,21 +23,25 @@ from typing import Any, Sequence
 from evomerge.policies.base import Member, PolicyLM, PolicyStats
 from evomerge.policies.blend import Blend
 from evomerge.policies.cascade import Cascade
+from evomerge.policies.classifier import ROUTER_FILE, ClassifierRouter, TrainedRouter
 from evomerge.policies.router import PrefixRouter
 
-__all__ = ["KINDS", "Member", "PolicyLM", "PolicyStats", "Blend", "PrefixRouter", "Cascade",
+__all__ = ["KINDS", "Member", "PolicyLM", "PolicyStats", "Blend", "PrefixRouter", "Cascade", "ClassifierRouter",
+           "TrainedRouter",
            "make_policy", "save_policy", "load", "PolicyServer"]
 
-KINDS = ("blend", "router", "cascade")
+KINDS = ("blend", "router", "cascade", "classifier")
 FORMAT = "evomerge-policy"
 VERSION = 1
 
 
 def make_policy(kind: str, members: Sequence[Member], params: dict[str, Any], seed: int = 0,
-                scorers: Sequence[Member] | None = None) -> PolicyLM:
+                scorers: Sequence[Member] | None = None, router: TrainedRouter | None = None) -> PolicyLM:
     """A policy of ``kind`` over ``members`` (built once and reused: a policy holds no state
     but its ``stats``, which ``stats.reset()`` clears)."""
     params = dict(params or {})
+    if kind == ClassifierRouter.kind:
+        return ClassifierRouter.from_params(members, params, router)
     expected = {"blend": {"probs"}, "router": {"k"}, "cascade": {"thresholds"}}
     if kind not in expected:
         raise ValueError(f"policy kind: unknown {kind!r}, expected one of {', '.join(KINDS)}")
@@ -57,9 +63,10 @@ def make_policy(kind: str, members: Sequence[Member], params: dict[str, Any], se
 
 def save_policy(path: str | os.PathLike, kind: str, params: dict[str, Any],
                 member_folders: Sequence[str | os.PathLike], seed: int = 0,
-                scorer_folders: Sequence[str | os.PathLike] | None = None) -> Path:
+                scorer_folders: Sequence[str | os.PathLike] | None = None,
+                router_file: str | os.PathLike | None = None) -> Path:
     """Write a policy file: kind, params, seed and the member folders (relative to the file's
-    folder when they lie under it, absolute otherwise).  +-inf thresholds are written as
+    folder when they lie under it, absolute otherwise); a classifier's trained router file too.  +-inf thresholds are written as
     the strings "inf"/"-inf" (JSON has no infinities)."""
     if kind not in KINDS:
         raise ValueError(f"policy kind: unknown {kind!r}, expected one of {', '.join(KINDS)}")
@@ -74,6 +81,8 @@ def save_policy(path: str | os.PathLike, kind: str, params: dict[str, Any],
               "members": [where(f) for f in member_folders]}
     if scorer_folders is not None:
         record["scorers"] = [where(f) for f in scorer_folders]
+    if router_file is not None:
+        record["router"] = where(router_file)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -121,7 +130,8 @@ def load(path: str | os.PathLike, device: str = "cpu", batch_size: int | str = 1
 
     scorers = members(scorer_folders) if scorer_folders is not None else None
     params = _decode(record["params"])
-    policy = make_policy(record["kind"], members(member_folders), params, record.get("seed", 0), scorers)
+    router = TrainedRouter.load(Path(path).parent / record["router"]) if "router" in record else None
+    policy = make_policy(record["kind"], members(member_folders), params, record.get("seed", 0), scorers, router)
     return PolicyServer(policy, record["kind"], params)
 
 
