@@ -297,10 +297,19 @@ class PolicyConfig(_Bounded):
     # a policy that takes router models: one small model per member (folder or Hugging Face id)
     # that scores prompts in its place; None: each member scores with its own model.
     scorers: list[str] | None = None
+    # a policy that takes a router the run trains (the classifier: evomerge/policies/classifier.py,
+    # data: evomerge/router_data.py), trained on each source member's results on router-training
+    # documents. `router_data`: task name -> a JSONL file of documents for a task whose YAML names no
+    # training/validation split; `router`: a trained router file to use instead of training one (the
+    # run sets it to its own); `cost_weight`: fixed weight of a member's relative cost (None: a gene,
+    # `bounds.cost_weight`).
+    router_data: dict[str, str] | None = None
+    router: str | None = None
+    cost_weight: float | None = Field(default=None, ge=0)
     bounds: dict[str, tuple[float, float]] = Field(default_factory=dict)
 
     DEFAULT_BOUNDS: ClassVar[dict[str, tuple[float, float]]] = {
-        "k": (1, 16), "threshold": (-3.0, 0.0), "margin": (0.0, 5.0)}
+        "k": (1, 16), "threshold": (-3.0, 0.0), "margin": (0.0, 5.0), "cost_weight": (0.0, 1.0)}
 
     @field_validator("kind")
     @classmethod
@@ -313,6 +322,11 @@ class PolicyConfig(_Bounded):
     def routes(self) -> bool:
         """Whether candidates serve through a policy (else the merged model alone)."""
         return self.kind != NO_POLICY
+
+    @property
+    def trains_router(self) -> bool:
+        """Whether the policy's router is trained by the run (before any trial)."""
+        return self.routes and POLICIES[self.kind].takes_router
 
     @field_validator("members")
     @classmethod
@@ -331,6 +345,13 @@ class PolicyConfig(_Bounded):
                 raise ValueError(f"scorers: only a {users} has scorers (kind is {self.kind})")
             if len(self.scorers) != len(self.members):
                 raise ValueError(f"scorers: expected one per member ({len(self.members)}), got {len(self.scorers)}")
+        learned = {"router_data": self.router_data, "router": self.router, "cost_weight": self.cost_weight}
+        for name, value in learned.items():
+            if value is not None and not self.trains_router:
+                users = " or ".join(kind for kind, cls in POLICIES.items() if cls.takes_router)
+                raise ValueError(f"{name}: only a {users} policy has it (kind is {self.kind})")
+        if self.trains_router and self.members.count("merged") == len(self.members):
+            raise ValueError(f"members: a {self.kind} needs a source member (base or expert:I) to learn about")
         return self
 
     @classmethod
@@ -628,11 +649,22 @@ def resolve_paths(config: RunConfig, folder: Path, source: str = "config") -> Ru
     if config.policy.scorers is not None:
         scorers = [_resolve_model(scorer, folder, f"policy.scorers.{i}", problems)
                    for i, scorer in enumerate(config.policy.scorers)]
+    router_data = None
+    if config.policy.router_data is not None:
+        router_data = {task: str((folder / path).expanduser().resolve())
+                       for task, path in config.policy.router_data.items()}
+        problems += [f"policy.router_data.{task}: no such file {path!r}" for task, path in router_data.items()
+                     if not Path(path).is_file()]
+    router = config.policy.router
+    if router is not None:
+        router = str((folder / router).expanduser().resolve())
+        if not Path(router).is_file():
+            problems.append(f"policy.router: no such file {router!r}")
     if problems:
         raise ConfigError(f"{source}: {len(problems)} error(s): " + "; ".join(problems))
     models = config.models.model_copy(update={"base": base, "experts": experts})
     evals = config.eval.model_copy(update={"include_path": includes})
-    policy = config.policy.model_copy(update={"scorers": scorers})
+    policy = config.policy.model_copy(update={"scorers": scorers, "router_data": router_data, "router": router})
     return config.model_copy(update={"models": models, "eval": evals, "policy": policy})
 
 

@@ -349,9 +349,10 @@ class Evaluator:
 
     def __init__(self, eval_config: EvalConfig, model: Any, tokenizer: Any,
                  sources: dict[str, Any] | None = None, seed: int = 0,
-                 scorers: list[tuple[Any, Any]] | None = None):
+                 scorers: list[tuple[Any, Any]] | None = None, router: Any = None):
         """`model` is the candidate's (merged) model; `sources` other models a policy may route to;
-        `scorers` (model, tokenizer) pairs of a prefix router's router models, one per member."""
+        `scorers` (model, tokenizer) pairs of a prefix router's router models, one per member;
+        `router` a classifier policy's trained router (`policies.classifier.TrainedRouter`)."""
         from evomerge.policies import Blend, Member
 
         self.config = eval_config
@@ -371,6 +372,7 @@ class Evaluator:
         self.scorers = [Member.from_model(f"scorer:{i}", m, tok, batch_size=eval_config.batch_size)
                         for i, (m, tok) in enumerate(scorers)] if scorers else None
         self.solo = Blend([self.members["merged"]], [1.0], seed=0)
+        self.router = router
         self.seed = seed
         self.model = model
         self.clock = ForwardClock([model, *(sources or {}).values()])
@@ -390,7 +392,8 @@ class Evaluator:
         else:
             names = list(policy["members"])
             lm = make_policy(policy["kind"], [self.members[name] for name in names], policy["params"], self.seed,
-                             scorers=self.scorers if policy_class(policy["kind"]).takes_scorers else None)
+                             scorers=self.scorers if policy_class(policy["kind"]).takes_scorers else None,
+                             router=self.router if policy_class(policy["kind"]).takes_router else None)
         lm.stats.reset()
         self.clock.reset()
         start = time.perf_counter()

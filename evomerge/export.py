@@ -50,18 +50,25 @@ def export(run_dir: str | Path, out: str | Path, trial_id: int | None = None, fo
         if policy is not None:  # the other members (and router models) travel with the export
             from evomerge.policies import policy_class
 
-            router = policy_class(policy["kind"]).takes_scorers
+            takes_scorers = policy_class(policy["kind"]).takes_scorers
             paths = config.models.by_member_name
             members = [Path(".") if name == "merged" else copy_member(paths[name], staging / "members", name)
                        for name in policy["members"]]
             scorers = [copy_member(path, staging / "members", f"scorer-{i}")
-                       for i, path in enumerate(config.policy.scorers or [])] if router else None
+                       for i, path in enumerate(config.policy.scorers or [])] if takes_scorers else None
+            router_file = None
+            if policy_class(policy["kind"]).takes_router:  # its trained router travels with it
+                from evomerge.policies import ROUTER_FILE
+                from evomerge.router_data import run_router_file
+
+                router_file = out / Path(shutil.copy2(run_router_file(config, run.path), staging / ROUTER_FILE)).name
         write_model_card(staging, run, config, record, name=out.name)
     if policy is not None:  # written after the move: the folders are final
         from evomerge.policies import save_policy
 
         save_policy(out / "policy.json", policy["kind"], policy["params"], [out / m for m in members],
-                    seed=config.seed, scorer_folders=[out / s for s in scorers] if scorers is not None else None)
+                    seed=config.seed, scorer_folders=[out / s for s in scorers] if scorers is not None else None,
+                    router_file=router_file)
     logger.info("exported trial %d (quality %.4f) to %s", record["trial"], record["quality"], out)
     return record
 
@@ -200,16 +207,18 @@ def evaluate_folder(config: RunConfig, folder: str | Path, limit: int | float | 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(config.models.dtype)).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     policy = Recipe.from_json(json.loads((Path(folder) / "recipe.json").read_text())["recipe"]).policy
-    sources, scorers = {}, []
+    sources, scorers, router = {}, [], None
     if policy is not None:
-        from evomerge.policies import read_policy
+        from evomerge.policies import TrainedRouter, read_policy
 
-        _, member_folders, scorer_folders = read_policy(Path(folder) / "policy.json")
+        record, member_folders, scorer_folders = read_policy(Path(folder) / "policy.json")
+        if "router" in record:
+            router = TrainedRouter.load(Path(folder) / record["router"])
         sources = {name: load_model(str(path), config.models, device)
                    for name, path in zip(policy["members"], member_folders) if name != "merged"}
         scorers = [(load_model(str(path), config.models, device), load_tokenizer(str(path), config.models))
                    for path in scorer_folders or []]
     with torch.inference_mode():
         evaluation = Evaluator(config.eval, model, tokenizer, sources, seed=config.seed,
-                               scorers=scorers)(policy, limit=limit)
+                               scorers=scorers, router=router)(policy, limit=limit)
     return quality(evaluation.scores, list(config.eval.tasks))

@@ -144,6 +144,10 @@ def run_loop(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLayo
     run.lock()
     try:
         run.repair_journal()
+        if config.policy.trains_router:  # its router is trained once per run, before any trial
+            from evomerge.router_data import prepare_router
+
+            config = workers.config = prepare_router(config, run.path)
         tracker = open_tracker(run, config)
         for index, stage in enumerate(config.stages):
             start, stop = stop, stop + stage_search(config, stage).generations

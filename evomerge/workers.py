@@ -57,8 +57,13 @@ class CandidateRunner:
                    for name in config.policy.members if name != "merged"}
         scorers = [(load_model(path, models, self.device), load_tokenizer(path, models))
                    for path in config.policy.scorers or []]
+        router = None
+        if config.policy.trains_router:  # trained by the driver before the search (evomerge/router_data.py)
+            from evomerge.policies.classifier import TrainedRouter
+
+            router = TrainedRouter.load(config.policy.router)
         self.evaluator = Evaluator(config.eval, self.model, self.tokenizer, sources, seed=config.seed,
-                                   scorers=scorers)
+                                   scorers=scorers, router=router)
         # A moe run upcycles each candidate's merge into one preallocated mixture (evomerge/moe.py).
         self.upcycler = self.moe_evaluator = None
         if config.moe is not None:

@@ -9,6 +9,9 @@ them by kind):
 * ``Cascade`` (``cascade``): params ``{"thresholds": [t_0, ..., t_{n-2}]}`` (members answer in the
   order given), or per request type ``{"thresholds": {"generate_until": [...], "loglikelihood": [...]}}``.
 
+* ``ClassifierRouter`` (``classifier``): params ``{"outputs": [...], "threshold": t, "cost_weight": w}``
+  with the router the run trained (``classifier.TrainedRouter``; see that module).
+
 ``make_policy(kind, members, params, seed)`` builds one; ``save_policy(path, kind, params,
 member_folders)`` writes a small JSON file; ``load(path)`` (an export folder or its
 ``policy.json``) loads the member folders and returns a ``PolicyServer`` whose ``generate``,
@@ -28,14 +31,16 @@ from evomerge.errors import ConfigError
 from evomerge.policies.base import PolicyLM
 from evomerge.policies.blend import Blend
 from evomerge.policies.cascade import Cascade
+from evomerge.policies.classifier import ROUTER_FILE, ClassifierRouter, TrainedRouter
 from evomerge.policies.members import Member
 from evomerge.policies.metering import PolicyStats
 from evomerge.policies.router import PrefixRouter
 
-__all__ = ["POLICIES", "Member", "PolicyLM", "PolicyStats", "Blend", "PrefixRouter", "Cascade",
-           "policy_class", "make_policy", "save_policy", "load", "PolicyServer", "Answers"]
+__all__ = ["POLICIES", "Member", "PolicyLM", "PolicyStats", "Blend", "PrefixRouter", "Cascade", "ClassifierRouter",
+           "TrainedRouter", "ROUTER_FILE", "policy_class", "make_policy", "save_policy", "load", "PolicyServer",
+           "Answers"]
 
-POLICIES: dict[str, type[PolicyLM]] = {cls.kind: cls for cls in (Blend, PrefixRouter, Cascade)}
+POLICIES: dict[str, type[PolicyLM]] = {cls.kind: cls for cls in (Blend, PrefixRouter, Cascade, ClassifierRouter)}
 FORMAT = "evomerge-policy"
 VERSION = 1
 
@@ -49,7 +54,7 @@ def policy_class(kind: str) -> type[PolicyLM]:
 
 
 def make_policy(kind: str, members: Sequence[Member], params: dict[str, Any], seed: int = 0,
-                scorers: Sequence[Member] | None = None) -> PolicyLM:
+                scorers: Sequence[Member] | None = None, router: TrainedRouter | None = None) -> PolicyLM:
     """A policy of ``kind`` over ``members`` (built once and reused: a policy holds no state
     but its ``stats``, which ``stats.reset()`` clears)."""
     cls = policy_class(kind)
@@ -59,15 +64,18 @@ def make_policy(kind: str, members: Sequence[Member], params: dict[str, Any], se
         raise ValueError(f"policy {cls.kind}: unknown parameter(s) {', '.join(sorted(unknown))}")
     if scorers is not None and not cls.takes_scorers:
         raise ValueError(f"policy {cls.kind}: takes no scorers (router models)")
-    return cls.build(members, params, seed, scorers)
+    if router is not None and not cls.takes_router:
+        raise ValueError(f"policy {cls.kind}: takes no trained router")
+    return cls.build(members, params, seed, scorers, router)
 
 
 def save_policy(path: str | os.PathLike, kind: str, params: dict[str, Any],
                 member_folders: Sequence[str | os.PathLike], seed: int = 0,
-                scorer_folders: Sequence[str | os.PathLike] | None = None) -> Path:
+                scorer_folders: Sequence[str | os.PathLike] | None = None,
+                router_file: str | os.PathLike | None = None) -> Path:
     """Write a policy file: kind, params, seed and the member folders (relative to the file's
-    folder when they lie under it, absolute otherwise).  +-inf thresholds are written as
-    the strings "inf"/"-inf" (JSON has no infinities)."""
+    folder when they lie under it, absolute otherwise); a classifier's trained router file too.
+    +-inf thresholds are written as the strings "inf"/"-inf" (JSON has no infinities)."""
     kind = policy_class(kind).kind
     path = Path(path)
     base = path.parent.resolve()
@@ -80,6 +88,8 @@ def save_policy(path: str | os.PathLike, kind: str, params: dict[str, Any],
               "members": [where(f) for f in member_folders]}
     if scorer_folders is not None:
         record["scorers"] = [where(f) for f in scorer_folders]
+    if router_file is not None:
+        record["router"] = where(router_file)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -192,7 +202,8 @@ def load(path: str | os.PathLike, device: str = "cpu", batch_size: int | str = 1
 
     scorers = members(scorer_folders) if scorer_folders is not None else None
     params = _decode(record["params"])
-    policy = make_policy(record["kind"], members(member_folders), params, record.get("seed", 0), scorers)
+    router = TrainedRouter.load(policy_file(path).parent / record["router"]) if "router" in record else None
+    policy = make_policy(record["kind"], members(member_folders), params, record.get("seed", 0), scorers, router)
     if isinstance(policy, Blend):
         policy.per_prompt = True
     return PolicyServer(policy, record["kind"], params)

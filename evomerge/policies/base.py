@@ -71,12 +71,14 @@ class PolicyLM(LM):
     """
 
     # A policy class owns its facts: the `kind` name configs, journals and policy files use (and
-    # older `aliases`), the parameters it is built from, whether it takes router models (`scorers`),
+    # older `aliases`), the parameters it is built from, whether it takes router models (`scorers`)
+    # or a router the run trains (`router`),
     # its genes and how they decode into parameters (evomerge/genome.py lays them out).
     kind: ClassVar[str] = "policy"
     aliases: ClassVar[tuple[str, ...]] = ()
     params: ClassVar[tuple[str, ...]] = ()
     takes_scorers: ClassVar[bool] = False
+    takes_router: ClassVar[bool] = False  # a router the run trains (policies.classifier.TrainedRouter)
 
     @classmethod
     def genes(cls, config: Any) -> list[tuple[str, float, float]]:
@@ -90,7 +92,7 @@ class PolicyLM(LM):
 
     @classmethod
     def build(cls, members: Sequence[Member], params: dict[str, Any], seed: int = 0,
-              scorers: Sequence[Member] | None = None) -> PolicyLM:
+              scorers: Sequence[Member] | None = None, router: Any = None) -> PolicyLM:
         """The policy from its parameters (a policy file's or a recipe's)."""
         raise NotImplementedError
 

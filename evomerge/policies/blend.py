@@ -50,7 +50,7 @@ class Blend(PolicyLM):
 
     @classmethod
     def build(cls, members: Sequence[Member], params: dict[str, Any], seed: int = 0,
-              scorers: Sequence[Member] | None = None) -> Blend:
+              scorers: Sequence[Member] | None = None, router: Any = None) -> Blend:
         return cls(members, params.get("probs"), seed)
 
     def __init__(self, members: Sequence[Member], probs: Sequence[float] | None = None, seed: int = 0):

@@ -64,7 +64,7 @@ class Cascade(PolicyLM):
 
     @classmethod
     def build(cls, members: Sequence[Member], params: dict[str, Any], seed: int = 0,
-              scorers: Sequence[Member] | None = None) -> Cascade:
+              scorers: Sequence[Member] | None = None, router: Any = None) -> Cascade:
         if "thresholds" not in params:
             raise ValueError(f"policy {cls.kind}: parameter thresholds is required")
         return cls(members, params["thresholds"])

@@ -43,7 +43,7 @@ class PrefixRouter(PolicyLM):
 
     @classmethod
     def build(cls, members: Sequence[Member], params: dict[str, Any], seed: int = 0,
-              scorers: Sequence[Member] | None = None) -> PrefixRouter:
+              scorers: Sequence[Member] | None = None, router: Any = None) -> PrefixRouter:
         if "k" not in params:
             raise ValueError(f"policy {cls.kind}: parameter k is required")
         return cls(members, params["k"], scorers)

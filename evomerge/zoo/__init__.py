@@ -9,8 +9,10 @@ from evomerge.zoo.demo import (
     build_zoo,
     eval_examples,
     make_tokenizer,
+    router_train_examples,
     write_demo_tasks,
     write_eval_data,
 )
 
-__all__ = ["SKILLS", "build_zoo", "eval_examples", "make_tokenizer", "write_demo_tasks", "write_eval_data"]
+__all__ = ["SKILLS", "build_zoo", "eval_examples", "make_tokenizer", "router_train_examples", "write_demo_tasks",
+           "write_eval_data"]

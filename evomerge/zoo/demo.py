@@ -48,6 +48,7 @@ __all__ = [
     "make_config",
     "eval_examples",
     "training_excluded_prompts",
+    "router_train_examples",
     "write_eval_data",
     "write_demo_tasks",
     "greedy_exact_match",
@@ -69,6 +70,10 @@ SKILLS = ("add", "rev", "sort")
 EVAL_SEED = 1234
 #: Examples per demo task in ``evals/demo/data``.
 EVAL_SIZE = 200
+#: Seed and size of the router-training documents (the tasks' ``train`` split): disjoint from the
+#: evaluation documents, for routers the run trains itself (evomerge/policies/classifier.py).
+TRAIN_SEED = 4321
+TRAIN_SIZE = 200
 #: Longest answer of any demo task, plus the newline; the task YAMLs use it as max_gen_toks.
 MAX_GEN_TOKS = 8
 
@@ -265,22 +270,45 @@ def eval_examples(skill: str, n: int = EVAL_SIZE, seed: int = EVAL_SEED) -> list
     return out
 
 
+def router_train_examples(skill: str, n: int = TRAIN_SIZE, seed: int = TRAIN_SEED) -> list[dict]:
+    """``n`` distinct examples of a demo skill for router training (a task's ``train`` split), none
+    of them an evaluation prompt. The zoo's models were built before this split existed and were
+    not kept from these prompts: a prompt here may have been in an expert's training batches."""
+    excluded = {ex["prompt"] for ex in eval_examples(skill)}
+    rng = random.Random(f"train-{skill}-{seed}")
+    seen: set[str] = set()
+    out: list[dict] = []
+    while len(out) < n:
+        prompt, answer = GENERATORS[skill](rng)
+        if prompt not in seen and prompt not in excluded:
+            seen.add(prompt)
+            out.append({"prompt": prompt, "answer": answer})
+    return out
+
+
 def training_excluded_prompts() -> frozenset[str]:
     """Prompts that no training batch contains: the committed evaluation data."""
     return frozenset(ex["prompt"] for s in SKILLS for ex in eval_examples(s))
 
 
 def write_eval_data(out_dir: str | os.PathLike, seed: int = EVAL_SEED, n: int = EVAL_SIZE) -> dict[str, Path]:
-    """Write ``demo_<skill>.jsonl`` (one ``{"prompt", "answer"}`` object a line) per skill."""
+    """Write ``demo_<skill>.jsonl`` (one ``{"prompt", "answer"}`` object a line) per skill, and its
+    router-training documents ``demo_<skill>_train.jsonl``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     for skill in SKILLS:
         path = out / f"demo_{skill}.jsonl"
-        lines = [json.dumps(ex, sort_keys=True) for ex in eval_examples(skill, n, seed)]
-        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        pairs = ((path, eval_examples(skill, n, seed)), (_train_file(path), router_train_examples(skill)))
+        for file, examples in pairs:
+            lines = [json.dumps(ex, sort_keys=True) for ex in examples]
+            file.write_text("\n".join(lines) + "\n", encoding="utf-8")
         paths[skill] = path
     return paths
+
+
+def _train_file(path: Path) -> Path:
+    return path.with_name(path.stem + "_train.jsonl")
 
 
 _TASK_YAML = """\
@@ -290,7 +318,9 @@ dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data_file}
+    train: {train_file}
 test_split: test
+training_split: train  # router-training documents (disjoint from test), never scored for fitness
 output_type: generate_until
 doc_to_text: "{{{{prompt}}}}"
 doc_to_target: "{{{{answer}}}}"
@@ -325,7 +355,8 @@ def write_demo_tasks(task_dir: str | os.PathLike, *, absolute: bool = False) -> 
         ref = path.resolve().as_posix() if absolute else path.name
         out[skill] = task_dir / f"demo_{skill}.yaml"
         out[skill].write_text(
-            _TASK_YAML.format(skill=skill, data_file=ref, max_gen_toks=MAX_GEN_TOKS), encoding="utf-8"
+            _TASK_YAML.format(skill=skill, data_file=ref, max_gen_toks=MAX_GEN_TOKS,
+                              train_file=_train_file(Path(ref)).as_posix()), encoding="utf-8"
         )
     return out
 

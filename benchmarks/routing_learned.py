@@ -1,0 +1,205 @@
+"""Which router, trained by the run itself, routes the demo's prompts best (issue 14).
+
+Usage: python benchmarks/routing_learned.py ZOO [--out benchmarks/routing_learned.json]
+
+On the demo zoo (its `scorers` router models are NOT used), for the three experts and the base:
+1. labels: each member's exact match per document, on the router-training documents (each task's
+   `train` split, `evomerge.router_data.member_labels`) and on the fitness documents (the first
+   `eval.limit` of each task's test split);
+2. routers, trained on the training labels only, judged on the fitness documents: routing accuracy
+   (the chosen member is right, over documents some member gets right), the quality of the routed
+   answers (mean over tasks), and the router's FLOPs per example against one model's:
+   - classifier on hashed character n-grams of the prompt (the policy `classifier`);
+   - classifier on the base model's last hidden state, mean-pooled over the prompt (one base forward
+     over the prompt, counted);
+   - self-scoring prefix router (each member's mean NLL of the whole prompt, SmallTalk's rule with
+     each member as its own router): raw, and relative to the base (NLL_member - NLL_base);
+   - the oracle (each document served by a member that gets it right) and each task served by its
+     best source (the issue's "oracle": 0.88 on the demo).
+Writes the numbers as JSON and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from evomerge.config import load_config  # noqa: E402
+from evomerge.policies.classifier import TrainedRouter, train_router  # noqa: E402
+from evomerge.router_data import labelled_members, member_labels  # noqa: E402
+
+MEMBERS = ["base", "expert:0", "expert:1", "expert:2"]
+
+
+def fitness_labels(config) -> list[dict]:
+    """member_labels on the fitness documents: the tasks as the search scores them."""
+    import evomerge.router_data as rd
+
+    original = rd.router_tasks
+
+    def fitness_tasks(cfg):
+        from evomerge.evaluate import task_manager, task_spec
+
+        manager = task_manager(cfg.eval)
+        return manager.load([task_spec(manager, t.name) for t in cfg.eval.tasks])
+
+    rd.router_tasks = fitness_tasks
+    try:
+        rows = member_labels(config)
+    finally:
+        rd.router_tasks = original
+    limit = config.eval.limit
+    return [row for row in rows if row["doc_id"] < limit]
+
+
+def base_hidden(config, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
+    from evomerge.sources import load_model, load_tokenizer
+
+    model = load_model(config.models.base, config.models, torch.device("cpu"))
+    tok = load_tokenizer(config.models.base, config.models)
+    rows, lengths = [], []
+    with torch.inference_mode():
+        for text in texts:
+            ids = tok(text, return_tensors="pt", add_special_tokens=True)["input_ids"]
+            out = model(ids, output_hidden_states=True)
+            rows.append(out.hidden_states[-1][0].mean(dim=0))
+            lengths.append(ids.shape[1])
+    return torch.stack(rows), lengths
+
+
+def prompt_nll(config, name: str, texts: list[str]) -> list[float]:
+    from evomerge.sources import load_model, load_tokenizer
+
+    path = config.models.by_member_name[name]
+    model = load_model(path, config.models, torch.device("cpu"))
+    tok = load_tokenizer(path, config.models)
+    out = []
+    with torch.inference_mode():
+        for text in texts:
+            ids = tok(text, return_tensors="pt", add_special_tokens=True)["input_ids"]
+            logits = model(ids).logits[0, :-1]
+            out.append(float(torch.nn.functional.cross_entropy(logits, ids[0, 1:])))
+    return out
+
+
+def fit_linear(x: torch.Tensor, y: torch.Tensor, steps: int = 300) -> torch.nn.Linear:
+    layer = torch.nn.Linear(x.shape[1], y.shape[1])
+    torch.nn.init.zeros_(layer.weight)
+    torch.nn.init.zeros_(layer.bias)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    opt = torch.optim.Adam(layer.parameters(), lr=0.05)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(layer((x - mean) / std), y)
+        loss.backward()
+        opt.step()
+    layer.mean, layer.std = mean, std
+    return layer
+
+
+def judge(choice: list[int], rows: list[dict], tasks: list[str]) -> dict:
+    right = [row["labels"][c] for c, row in zip(choice, rows)]
+    answerable = [r for r, row in zip(right, rows) if max(row["labels"]) > 0]
+    per_task = {t: sum(r for r, row in zip(right, rows) if row["task"] == t) /
+                max(1, sum(row["task"] == t for row in rows)) for t in tasks}
+    return {"routing_accuracy": round(sum(answerable) / max(1, len(answerable)), 4),
+            "quality": round(sum(per_task.values()) / len(per_task), 4),
+            "per_task": {t: round(v, 4) for t, v in per_task.items()},
+            "share": [round(choice.count(m) / len(choice), 3) for m in range(len(MEMBERS))]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("zoo")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "routing_learned.json"))
+    args = parser.parse_args()
+    zoo = Path(args.zoo).resolve()
+    config = load_config(REPO / "search_spaces" / "demo_route_learned.yaml", [
+        f"models.base={zoo / 'base'}", f"models.experts={[str(zoo / s) for s in ('add', 'rev', 'sort')]}",
+        f"policy.members={MEMBERS}"])
+    assert labelled_members(config) == MEMBERS
+    tasks = [t.name for t in config.eval.tasks]
+    t0 = time.perf_counter()
+    train = member_labels(config)
+    t_labels = time.perf_counter() - t0
+    test = fitness_labels(config)
+    ytrain = torch.tensor([row["labels"] for row in train])
+    train_texts, test_texts = [r["prompt"] for r in train], [r["prompt"] for r in test]
+
+    # one model's FLOPs per example on the fitness documents (the base answering; all members have its size)
+    from evomerge.sources import load_model, load_tokenizer
+
+    from evomerge.flops import CostModel
+
+    base = load_model(config.models.base, config.models, torch.device("cpu"))
+    tok = load_tokenizer(config.models.base, config.models)
+    cost = CostModel.from_model(base)
+    prompt_lengths = [len(tok(t)["input_ids"]) for t in test_texts]
+    # answers: up to max_gen_toks (8) tokens; the demo's answers are 1-4 characters + newline: 4 on average
+    one_model = sum(cost.generate_flops(n, 4) for n in prompt_lengths) / len(test)
+
+    results: dict = {"documents": {"train": len(train), "fitness": len(test)}, "labels_seconds": round(t_labels, 1),
+                     "one_model_flops_per_example_approx": one_model, "routers": {}}
+    oracle_choice = [max(range(len(MEMBERS)), key=lambda m: (row["labels"][m], -m)) for row in test]
+    results["routers"]["oracle (per document)"] = {**judge(oracle_choice, test, tasks), "router_flops_ratio": 0.0}
+    best_per_task = {t: max(range(len(MEMBERS)), key=lambda m: sum(r["labels"][m] for r in test if r["task"] == t))
+                     for t in tasks}
+    results["routers"]["each task by its best source"] = {
+        **judge([best_per_task[r["task"]] for r in test], test, tasks), "router_flops_ratio": 0.0}
+    for m, name in enumerate(MEMBERS):
+        results["routers"][f"{name} alone"] = {**judge([m] * len(test), test, tasks), "router_flops_ratio": 0.0}
+
+    t0 = time.perf_counter()
+    router = train_router(train_texts, ytrain, MEMBERS)
+    t_train = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    choice = router.predict(test_texts).argmax(1).tolist()
+    t_pred = (time.perf_counter() - t0) / len(test)
+    results["routers"]["classifier, char n-grams"] = {
+        **judge(choice, test, tasks), "router_flops_ratio": router.flops_per_prompt / one_model,
+        "train_seconds": round(t_train, 2), "seconds_per_prompt": t_pred}
+    assert isinstance(router, TrainedRouter)
+
+    htrain, _ = base_hidden(config, train_texts)
+    htest, lengths = base_hidden(config, test_texts)
+    layer = fit_linear(htrain, ytrain)
+    with torch.no_grad():
+        choice = layer((htest - layer.mean) / layer.std).argmax(1).tolist()
+    hidden_flops = sum(cost.forward_flops(n) for n in lengths) / len(test) + 2 * layer.weight.numel()
+    results["routers"]["classifier, base hidden state"] = {**judge(choice, test, tasks),
+                                                          "router_flops_ratio": hidden_flops / one_model}
+
+    nll = {name: prompt_nll(config, name, test_texts) for name in MEMBERS}
+    scoring_flops = len(MEMBERS) * sum(cost.forward_flops(n) for n in lengths) / len(test)
+    raw = [min(range(len(MEMBERS)), key=lambda m: nll[MEMBERS[m]][i]) for i in range(len(test))]
+    results["routers"]["self-scoring, raw NLL"] = {**judge(raw, test, tasks),
+                                                  "router_flops_ratio": scoring_flops / one_model}
+    relative = [min(range(1, len(MEMBERS)), key=lambda m: nll[MEMBERS[m]][i] - nll["base"][i])
+                for i in range(len(test))]
+    results["routers"]["self-scoring, NLL relative to base"] = {**judge(relative, test, tasks),
+                                                               "router_flops_ratio": scoring_flops / one_model}
+    # the same features with labels of half the training documents: how much data the n-gram router needs
+    half = train_router(train_texts[::2], ytrain[::2], MEMBERS)
+    results["routers"]["classifier, char n-grams, half the documents"] = {
+        **judge(half.predict(test_texts).argmax(1).tolist(), test, tasks),
+        "router_flops_ratio": half.flops_per_prompt / one_model}
+
+    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    print(f"train documents {len(train)}, fitness documents {len(test)}; labels took {t_labels:.1f} s")
+    print("| router | routing accuracy | quality | router FLOPs / one model's | shares (base, add, rev, sort) |")
+    print("|---|---|---|---|---|")
+    for name, r in results["routers"].items():
+        print(f"| {name} | {r['routing_accuracy']:.3f} | {r['quality']:.3f} | {r['router_flops_ratio']:.4f} | "
+              f"{r['share']} |")
+
+
+if __name__ == "__main__":
+    main()
