@@ -224,12 +224,22 @@ def task_problems(path: Path, overrides: list[str]) -> str | None:
         includes = [str((folder / include).resolve()) for include in section.include_path]
         if not all(Path(include).is_dir() for include in includes):
             return None
-        check_tasks(section.model_copy(update={"include_path": includes}))
-    except EvomergeError as exc:
-        return str(exc) if not isinstance(exc, ConfigError) else None
+        # one check per eval section and state of its task folders in a process (each costs seconds)
+        key = json.dumps([section.model_dump(mode="json"), includes,
+                          [(str(f), f.stat().st_mtime_ns, f.stat().st_size)
+                           for include in includes for f in sorted(Path(include).rglob("*")) if f.is_file()]])
+        if key not in _TASK_PROBLEMS:
+            try:
+                check_tasks(section.model_copy(update={"include_path": includes}))
+                _TASK_PROBLEMS[key] = None
+            except EvomergeError as exc:
+                _TASK_PROBLEMS[key] = str(exc) if not isinstance(exc, ConfigError) else None
+        return _TASK_PROBLEMS[key]
     except Exception:  # noqa: BLE001 - an eval section that does not validate alone: its errors are listed already
         return None
-    return None
+
+
+_TASK_PROBLEMS: dict[str, str | None] = {}
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
