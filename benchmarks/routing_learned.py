@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from evomerge.config import load_config  # noqa: E402
-from evomerge.policies.classifier import TrainedRouter, text_features, train_router  # noqa: E402
+from evomerge.policies.classifier import TrainedRouter, train_router  # noqa: E402
 from evomerge.router_data import labelled_members, member_labels  # noqa: E402
 
 MEMBERS = ["expert:0", "expert:1", "expert:2"]

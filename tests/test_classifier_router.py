@@ -189,3 +189,15 @@ def test_threshold_for_share_sends_that_share_to_the_merged_model() -> None:
         threshold = threshold_for_share(router, texts, params, share)
         best = router.predict(texts).max(dim=1).values
         assert (best < threshold).float().mean().item() == pytest.approx(share, abs=1 / len(texts))
+
+
+def test_classifier_fields_belong_to_the_classifier(tmp_path) -> None:
+    from evomerge.errors import ConfigError
+
+    zoo = _fake_models(tmp_path / "zoo")
+    with pytest.raises(ConfigError, match="router_data: only a classifier policy has it"):
+        load_config(write_config(tmp_path / "a", zoo, policy={
+            "kind": "cascade", "members": ["merged", "expert:0"], "router_data": {"demo_add": "x.jsonl"}}))
+    with pytest.raises(ConfigError, match="policy.router: no such file"):
+        load_config(write_config(tmp_path / "b", zoo, policy={
+            "kind": "classifier", "members": ["merged", "expert:0"], "router": "missing.safetensors"}))

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 from evomerge.policies.base import Member, PolicyLM, PolicyStats
 from evomerge.policies.blend import Blend
 from evomerge.policies.cascade import Cascade
-from evomerge.policies.classifier import ROUTER_FILE, ClassifierRouter, TrainedRouter
+from evomerge.policies.classifier import ClassifierRouter, TrainedRouter
 from evomerge.policies.router import PrefixRouter
 
 __all__ = ["KINDS", "Member", "PolicyLM", "PolicyStats", "Blend", "PrefixRouter", "Cascade", "ClassifierRouter",
@@ -66,8 +66,8 @@ def save_policy(path: str | os.PathLike, kind: str, params: dict[str, Any],
                 scorer_folders: Sequence[str | os.PathLike] | None = None,
                 router_file: str | os.PathLike | None = None) -> Path:
     """Write a policy file: kind, params, seed and the member folders (relative to the file's
-    folder when they lie under it, absolute otherwise); a classifier's trained router file too.  +-inf thresholds are written as
-    the strings "inf"/"-inf" (JSON has no infinities)."""
+    folder when they lie under it, absolute otherwise); a classifier's trained router file too.
+    +-inf thresholds are written as the strings "inf"/"-inf" (JSON has no infinities)."""
     if kind not in KINDS:
         raise ValueError(f"policy kind: unknown {kind!r}, expected one of {', '.join(KINDS)}")
     path = Path(path)
