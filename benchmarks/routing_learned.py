@@ -1,8 +1,9 @@
 """Which router, trained by the run itself, routes the demo's prompts best (issue 14).
 
-Usage: python benchmarks/routing_learned.py ZOO [--out benchmarks/routing_learned.json]
+Usage: python benchmarks/routing_learned.py ZOO [--labels RUN/router/labels.jsonl] [--limit N]
 
-On the demo zoo (its `scorers` router models are NOT used), for the three experts and the base:
+On a demo zoo (its `scorers` router models are NOT used), for the three experts (a search's own
+training labels are reused with --labels; the fitness documents are the first --limit of each task):
 1. labels: each member's exact match per document, on the router-training documents (each task's
    `train` split, `evomerge.router_data.member_labels`) and on the fitness documents (the first
    `eval.limit` of each task's test split);
@@ -36,28 +37,16 @@ from evomerge.config import load_config  # noqa: E402
 from evomerge.policies.classifier import TrainedRouter, train_router  # noqa: E402
 from evomerge.router_data import labelled_members, member_labels  # noqa: E402
 
-MEMBERS = ["base", "expert:0", "expert:1", "expert:2"]
+MEMBERS = ["expert:0", "expert:1", "expert:2"]
 
 
 def fitness_labels(config) -> list[dict]:
-    """member_labels on the fitness documents: the tasks as the search scores them."""
-    import evomerge.router_data as rd
+    """member_labels on the fitness documents (the first eval.limit of each task's test split)."""
+    from evomerge.evaluate import task_manager, task_spec
 
-    original = rd.router_tasks
-
-    def fitness_tasks(cfg):
-        from evomerge.evaluate import task_manager, task_spec
-
-        manager = task_manager(cfg.eval)
-        return manager.load([task_spec(manager, t.name) for t in cfg.eval.tasks])
-
-    rd.router_tasks = fitness_tasks
-    try:
-        rows = member_labels(config)
-    finally:
-        rd.router_tasks = original
-    limit = config.eval.limit
-    return [row for row in rows if row["doc_id"] < limit]
+    manager = task_manager(config.eval)
+    tasks = manager.load([task_spec(manager, t.name) for t in config.eval.tasks])
+    return member_labels(config, tasks, limit=config.eval.limit)
 
 
 def base_hidden(config, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
@@ -120,15 +109,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("zoo")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "routing_learned.json"))
+    parser.add_argument("--labels", help="a run's router/labels.jsonl (same members): reused, not computed")
+    parser.add_argument("--limit", type=int, default=100, help="fitness documents per task")
     args = parser.parse_args()
     zoo = Path(args.zoo).resolve()
     config = load_config(REPO / "search_spaces" / "demo_route_learned.yaml", [
         f"models.base={zoo / 'base'}", f"models.experts={[str(zoo / s) for s in ('add', 'rev', 'sort')]}",
-        f"policy.members={MEMBERS}"])
+        f"policy.members={MEMBERS}", f"eval.limit={args.limit}"])
     assert labelled_members(config) == MEMBERS
     tasks = [t.name for t in config.eval.tasks]
     t0 = time.perf_counter()
-    train = member_labels(config)
+    train = ([json.loads(line) for line in Path(args.labels).read_text().splitlines() if line]
+             if args.labels else member_labels(config))
     t_labels = time.perf_counter() - t0
     test = fitness_labels(config)
     ytrain = torch.tensor([row["labels"] for row in train])
@@ -182,10 +174,12 @@ def main() -> None:
     raw = [min(range(len(MEMBERS)), key=lambda m: nll[MEMBERS[m]][i]) for i in range(len(test))]
     results["routers"]["self-scoring, raw NLL"] = {**judge(raw, test, tasks),
                                                   "router_flops_ratio": scoring_flops / one_model}
-    relative = [min(range(1, len(MEMBERS)), key=lambda m: nll[MEMBERS[m]][i] - nll["base"][i])
+    nll["base"] = prompt_nll(config, "base", test_texts)
+    relative = [min(range(len(MEMBERS)), key=lambda m: nll[MEMBERS[m]][i] - nll["base"][i])
                 for i in range(len(test))]
-    results["routers"]["self-scoring, NLL relative to base"] = {**judge(relative, test, tasks),
-                                                               "router_flops_ratio": scoring_flops / one_model}
+    results["routers"]["self-scoring, NLL relative to base"] = {
+        **judge(relative, test, tasks), "router_flops_ratio": scoring_flops * (len(MEMBERS) + 1) / len(MEMBERS)
+        / one_model}
     # the same features with labels of half the training documents: how much data the n-gram router needs
     half = train_router(train_texts[::2], ytrain[::2], MEMBERS)
     results["routers"]["classifier, char n-grams, half the documents"] = {
@@ -194,7 +188,7 @@ def main() -> None:
 
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     print(f"train documents {len(train)}, fitness documents {len(test)}; labels took {t_labels:.1f} s")
-    print("| router | routing accuracy | quality | router FLOPs / one model's | shares (base, add, rev, sort) |")
+    print("| router | routing accuracy | quality | router FLOPs / one model's | shares (add, rev, sort experts) |")
     print("|---|---|---|---|---|")
     for name, r in results["routers"].items():
         print(f"| {name} | {r['routing_accuracy']:.3f} | {r['quality']:.3f} | {r['router_flops_ratio']:.4f} | "

@@ -1,4 +1,5 @@
-"""Command line: search | resume | report | export | serve | merge | zoo | demo, each a thin call into the package.
+"""Command line: search | resume | report | calibrate | export | serve | merge | zoo | demo, each a thin
+call into the package.
 
 Exit codes: 0 success, 2 user or usage error (one line on stderr naming what is wrong), 1 internal failure
 (one line; -v adds the traceback), 130 Ctrl-C.
@@ -132,6 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--max-concurrent", type=int, default=64, help="requests in flight; more get HTTP 429")
     cmd.add_argument("--max-batch", type=int, default=16, help="prompts answered together")
     cmd.set_defaults(func=cmd_serve)
+    cmd = commands.add_parser("calibrate", help="the best trial within a cost budget, with each member's share")
+    cmd.add_argument("run_dir", type=Path)
+    cmd.add_argument("--max-flops-ratio", type=float, help="FLOPs per example <= this x one model's (a source's)")
+    cmd.add_argument("--max-flops", type=float, help="FLOPs per example <= this")
+    cmd.add_argument("--max-share", action="append", default=[], metavar="MEMBER=X",
+                     help="at most this share of requests served by MEMBER, e.g. expert:0=0.5 (repeatable)")
+    cmd.add_argument("--merged-share", type=float, metavar="X",
+                     help="classifier trials: also the threshold that sends X of the router-training prompts "
+                          "to the merged model")
+    cmd.set_defaults(func=cmd_calibrate)
 
     cmd = commands.add_parser("merge", help="run a mergekit merge config with evomerge's methods; write an HF folder")
     cmd.add_argument("config", type=Path, help="mergekit YAML (merge_method, base_model, models, parameters, ...)")
@@ -268,6 +279,42 @@ def cmd_report(args: argparse.Namespace) -> int:
             logger.warning("matplotlib is not installed (pip install 'evomerge[report]'): no plots written")
     write_atomic(run.path / "report.md", format_markdown(summary, [str(p) for p in written]).encode())
     logger.info("wrote %s", ", ".join(str(p) for p in [*written, run.path / "report.md"]))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from evomerge.calibrate import pick, threshold_for_share
+    from evomerge.errors import ConfigError
+    from evomerge.run_dir import RunDir
+
+    shares = {}
+    for item in args.max_share:
+        member, sep, value = item.partition("=")
+        try:
+            shares[member] = float(value) if sep else float("nan")
+        except ValueError:
+            shares[member] = float("nan")
+        if not 0.0 <= shares[member] <= 1.0:
+            raise ConfigError(f"calibrate --max-share {item!r}: expected MEMBER=X with X in [0, 1]")
+    run = RunDir.open(args.run_dir)
+    best = pick(run.records(), args.max_flops, args.max_flops_ratio, shares)
+    ratio = f" ({best['flops_ratio']:.3f} x one model)" if best.get("flops_ratio") else ""
+    served = ", ".join(f"{m} {v:.1%}" for m, v in (best.get("served") or {}).items()) or "merged 100.0%"
+    print(f"trial {best['trial']}: quality {best['quality']:.4f}, FLOPs/example {best['flops']:.6g}{ratio}; "
+          f"served: {served}")
+    policy = best["recipe"].get("policy") or {}
+    if args.merged_share is not None:
+        if policy.get("kind") != "classifier":
+            raise ConfigError(f"calibrate --merged-share: trial {best['trial']} is not a classifier trial")
+        from evomerge.policies.classifier import TrainedRouter
+        from evomerge.router_data import LABELS_FILE, ROUTER_DIR, run_router_file
+
+        config = run.config()
+        rows = [json.loads(line) for line in (run.path / ROUTER_DIR / LABELS_FILE).read_text().splitlines() if line]
+        router = TrainedRouter.load(run_router_file(config, run.path))
+        threshold = threshold_for_share(router, [r["prompt"] for r in rows], policy["params"], args.merged_share)
+        print(f"threshold {threshold:.6g} sends {args.merged_share:.1%} of the router-training prompts to merged "
+              f"(trial {best['trial']} has {policy['params'].get('threshold')})")
     return 0
 
 

@@ -32,7 +32,7 @@ import torch
 
 from evomerge.config import RunConfig
 from evomerge.errors import EvalError
-from evomerge.evaluate import task_manager, task_spec
+from evomerge.evaluate import compile_templates, task_manager, task_spec
 from evomerge.policies.classifier import ROUTER_FILE, TrainedRouter, train_router
 from evomerge.run_dir import write_atomic
 
@@ -77,6 +77,7 @@ def router_tasks(config: RunConfig) -> dict[str, Any]:
                             f"({fitness_split}); give some in policy.router_data.{name}")
         fitness = {_prompt(task, doc) for doc in task.eval_docs}
         cfg.test_split, cfg.validation_split = split, None  # lm-eval now evaluates the training documents
+        compile_templates(task)  # as the workers do: each prompt template compiled once
         training = list(task.eval_docs)
         if not training:
             raise EvalError(f"eval.tasks.{name}: no router-training documents left (split {split} is empty)")
@@ -114,16 +115,18 @@ def _read_documents(path: Path, task: str) -> list[dict[str, Any]]:
     return docs
 
 
-def member_labels(config: RunConfig) -> list[dict[str, Any]]:
+def member_labels(config: RunConfig, tasks: dict[str, Any] | None = None, limit: int | None = None
+                  ) -> list[dict[str, Any]]:
     """One record per router-training document: task, doc_id, prompt and each labelled member's
-    score (see the module docstring), in task then document order."""
+    score (see the module docstring), in task then document order. `tasks`: another lm-eval task
+    dict to label (the benchmarks label fitness documents with it), its first `limit` documents."""
     from lm_eval.evaluator import evaluate
 
     from evomerge.evaluate import FEWSHOT_SEED
     from evomerge.policies.base import Member
     from evomerge.sources import load_model, load_tokenizer, pick_device
 
-    tasks = router_tasks(config)
+    tasks = router_tasks(config) if tasks is None else tasks
     for task in tasks["tasks"].values():
         task.set_fewshot_seed(seed=FEWSHOT_SEED)
     device = pick_device(config.models.device)
@@ -135,7 +138,7 @@ def member_labels(config: RunConfig) -> list[dict[str, Any]]:
         member = Member.from_model(name, model, load_tokenizer(paths[name], config.models),
                                    batch_size=config.eval.batch_size)
         with torch.inference_mode():
-            results = evaluate(lm=member.lm, task_dict=tasks, limit=None, bootstrap_iters=0, log_samples=True,
+            results = evaluate(lm=member.lm, task_dict=tasks, limit=limit, bootstrap_iters=0, log_samples=True,
                                verbosity="ERROR")
         for spec in config.eval.tasks:
             higher = spec.higher_is_better

@@ -153,3 +153,51 @@ def test_classifier_search_export_and_load(zoo, ray_cluster, tmp_path) -> None:
     assert torch.equal(server.policy.member_scores(prompts), in_search.member_scores(prompts))
     answers = server.generate(prompts[:4], max_new_tokens=8)
     assert len(answers) == 4 and server.policy.stats.routing_flops == 4 * router.flops_per_prompt
+
+
+# --- calibration to a cost target ------------------------------------------------------------------
+
+def _record(trial: int, quality: float, flops: float, label: str | None = None, served=None) -> dict:
+    return {"trial": trial, "state": "complete", "quality": quality, "flops": flops, "label": label,
+            "served": served or {}, "recipe": {}}
+
+
+def test_calibrate_picks_the_best_trial_within_the_budget() -> None:
+    from evomerge.calibrate import pick
+    from evomerge.errors import ConfigError
+
+    records = [_record(0, 0.3, 100.0, "base"), _record(1, 0.5, 100.0, "expert:0"),
+               _record(2, 0.9, 150.0, served={"merged": 0.2, "expert:0": 0.8}),
+               _record(3, 0.8, 110.0, served={"merged": 0.6, "expert:0": 0.4}),
+               {"trial": 4, "state": "failed", "quality": None, "flops": None}]
+    assert pick(records, max_flops_ratio=1.2)["trial"] == 3
+    assert pick(records, max_flops_ratio=1.2)["flops_ratio"] == pytest.approx(1.1)
+    assert pick(records, max_flops_ratio=2.0)["trial"] == 2
+    assert pick(records, max_flops_ratio=2.0, max_share={"expert:0": 0.5})["trial"] == 3
+    with pytest.raises(ConfigError, match="^calibrate: no completed trial meets the budget"):
+        pick(records, max_flops=50.0)
+
+
+def test_threshold_for_share_sends_that_share_to_the_merged_model() -> None:
+    from evomerge.calibrate import threshold_for_share
+
+    texts = [ex["prompt"] for s in SKILLS for ex in eval_examples(s, 20)]
+    labels = torch.tensor([[float(i == k) for k in range(3)] for i in range(3) for _ in range(20)])
+    router = train_router(texts, labels, ["expert:0", "expert:1", "expert:2"], steps=30)
+    params = {"outputs": [-1, 0, 1, 2], "cost_weight": 0.0}
+    for share in (0.0, 0.25, 0.5, 1.0):
+        threshold = threshold_for_share(router, texts, params, share)
+        best = router.predict(texts).max(dim=1).values
+        assert (best < threshold).float().mean().item() == pytest.approx(share, abs=1 / len(texts))
+
+
+def test_classifier_fields_belong_to_the_classifier(tmp_path) -> None:
+    from evomerge.errors import ConfigError
+
+    zoo = _fake_models(tmp_path / "zoo")
+    with pytest.raises(ConfigError, match="router_data: only a classifier policy has it"):
+        load_config(write_config(tmp_path / "a", zoo, policy={
+            "kind": "cascade", "members": ["merged", "expert:0"], "router_data": {"demo_add": "x.jsonl"}}))
+    with pytest.raises(ConfigError, match="policy.router: no such file"):
+        load_config(write_config(tmp_path / "b", zoo, policy={
+            "kind": "classifier", "members": ["merged", "expert:0"], "router": "missing.safetensors"}))

@@ -31,7 +31,7 @@ import json
 import math
 import os
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -45,18 +45,19 @@ __all__ = ["ClassifierRouter", "TrainedRouter", "text_features", "train_router",
 ROUTER_FILE = "router.safetensors"
 DIM = 4096
 NGRAMS = (1, 3)
+KEPT_MAX = 1 << 16  # distinct prompts whose prediction a router keeps; past that it starts again
 
 
 def text_features(texts: Sequence[str], dim: int = DIM, ngrams: tuple[int, int] = NGRAMS) -> torch.Tensor:
     """Hashed character n-gram counts of each text, each row of unit length (``[len(texts), dim]``)."""
-    rows = torch.zeros(len(texts), dim)
     low, high = ngrams
+    flat: list[int] = []  # row * dim + bucket of every n-gram, counted at once below
     for r, text in enumerate(texts):
-        data = text.encode("utf-8")
-        for n in range(low, high + 1):
-            for i in range(len(data) - n + 1):
-                rows[r, zlib.crc32(data[i:i + n]) % dim] += 1.0
-    return torch.nn.functional.normalize(rows, dim=1)
+        data, offset = text.encode("utf-8"), r * dim
+        flat.extend(offset + zlib.crc32(data[i:i + n]) % dim
+                    for n in range(low, high + 1) for i in range(len(data) - n + 1))
+    counts = torch.bincount(torch.tensor(flat, dtype=torch.long), minlength=len(texts) * dim)
+    return torch.nn.functional.normalize(counts.view(len(texts), dim).float(), dim=1)
 
 
 @dataclass
@@ -67,6 +68,7 @@ class TrainedRouter:
     weight: torch.Tensor  # [outputs, dim]
     bias: torch.Tensor  # [outputs]
     ngrams: tuple[int, int] = NGRAMS
+    _kept: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def dim(self) -> int:
@@ -78,10 +80,18 @@ class TrainedRouter:
         return 2 * self.weight.numel()
 
     def predict(self, texts: Sequence[str]) -> torch.Tensor:
-        """``[len(texts), outputs]`` probabilities."""
+        """``[len(texts), outputs]`` probabilities. A worker asks the same prompts of candidate after
+        candidate: each distinct text is predicted once and kept (its FLOPs are still charged to
+        every request, as a server answering it afresh would spend them)."""
+        todo = list(dict.fromkeys(t for t in texts if t not in self._kept))
+        if todo:
+            if len(self._kept) + len(todo) > KEPT_MAX:
+                self._kept.clear()
+            rows = torch.sigmoid(text_features(todo, self.dim, self.ngrams) @ self.weight.T + self.bias)
+            self._kept.update(zip(todo, rows))
         if not texts:
             return torch.zeros(0, len(self.members))
-        return torch.sigmoid(text_features(texts, self.dim, self.ngrams) @ self.weight.T + self.bias)
+        return torch.stack([self._kept[t] for t in texts])
 
     def save(self, path: str | os.PathLike) -> Path:
         from safetensors.torch import save_file

@@ -299,8 +299,8 @@ def write_eval_data(out_dir: str | os.PathLike, seed: int = EVAL_SEED, n: int = 
     paths: dict[str, Path] = {}
     for skill in SKILLS:
         path = out / f"demo_{skill}.jsonl"
-        pairs = ((path, eval_examples(skill, n, seed)), (_train_file(path), router_train_examples(skill)))
-        for file, examples in pairs:
+        train = router_train_examples(skill)
+        for file, examples in ((path, eval_examples(skill, n, seed)), (_train_file(path), train)):
             lines = [json.dumps(ex, sort_keys=True) for ex in examples]
             file.write_text("\n".join(lines) + "\n", encoding="utf-8")
         paths[skill] = path
