@@ -304,9 +304,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
           f"served: {served}")
     policy = best["recipe"].get("policy") or {}
     if args.merged_share is not None:
-        if policy.get("kind") != "classifier":
-            raise ConfigError(f"calibrate --merged-share: trial {best['trial']} is not a classifier trial")
-        from evomerge.policies.classifier import TrainedRouter
+        from evomerge.policies.classifier import ClassifierRouter, TrainedRouter
+
+        if policy.get("kind") != ClassifierRouter.kind:
+            raise ConfigError(f"calibrate --merged-share: trial {best['trial']} is not a {ClassifierRouter.kind} trial")
         from evomerge.router_data import LABELS_FILE, ROUTER_DIR, run_router_file
 
         config = run.config()
