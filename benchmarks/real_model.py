@@ -82,17 +82,68 @@ def measure(config, count: int, seed: int = 0) -> dict:
             "store_mb": store_mb, "rss": peak_rss_gb()}
 
 
+def merge_phase(zoo: Path, work: Path, repeats: int) -> str:
+    """The merge phase alone, as a worker runs it (one thread, sources memory-mapped, merged into
+    the preallocated model), for linear, ties and dare_ties on the same random per-layer genes:
+    with the prepared store (after its first merge) and from scratch. Returns a RESULTS body."""
+    import torch
+    from evomerge.merger import load_merge_target
+
+    from evomerge.merge.prepared import Prepared
+    from evomerge.search import genome_layout
+
+    torch.set_num_threads(1)
+    rows, medians = [], {}
+    for method in ("linear", "ties", "dare_ties"):
+        config = real_config(zoo, work / f"merge-{method}.yaml", method, "float32", 10)
+        model, merger = load_merge_target(config.models, config.seed, torch.device("cpu"))
+        layout = genome_layout(config)
+        recipes = [layout.decode(x) for x in np.random.default_rng(1).uniform(0, 1, size=(repeats, layout.size))]
+        for store in ((False, True) if method != "linear" else (False,)):
+            merger.prepared = Prepared() if store else None
+            t0 = time.perf_counter()
+            merger.merge_into(model, recipes[0])  # pages in the sources; fills the store
+            first = time.perf_counter() - t0
+            seconds = []
+            for recipe in recipes:
+                t0 = time.perf_counter()
+                merger.merge_into(model, recipe)
+                seconds.append(time.perf_counter() - t0)
+            key = f"{method}" + (" (prepared store)" if store else (" (from scratch)" if method != "linear" else ""))
+            medians[key] = statistics.median(seconds)
+            store_mb = merger.prepared.nbytes / 1e6 if store else 0.0
+            rows.append((key, first, medians[key], store_mb))
+            print(f"merge {key}: first {first:.2f} s, median {medians[key]:.2f} s, store {store_mb:.0f} MB", flush=True)
+        del model, merger
+    linear = medians["linear"]
+    table = harness.table([[key, f"{first:.2f}", f"{median:.2f}", f"**{median / linear:.2f}x**",
+                            harness.verdict(median / linear, MERGE_GOAL, higher_is_better=False)
+                            if key != "linear" else "", f"{mb:.0f}"]
+                           for key, first, median, mb in rows],
+                          ["merge", "first s", "median s", "vs linear", "goal <= 2x", "store MB"])
+    return (f"The merge phase alone on the real zoo (base + 3 experts, 134.5M parameters, float32), as a worker "
+            f"runs it: one thread, sources memory-mapped, merged into the preallocated model; {repeats} random "
+            f"per-layer candidates of `search_spaces/real.yaml`'s genome, the same for every row; median. "
+            f"'first' is the first merge (it pages in the sources and, with the store, fills it; a worker's "
+            f"warm-up does this). Shared machine: 5 other processes on 2 cores.\n\n" + table)
+
+
 def main() -> None:
     parse = harness.parser(__doc__.splitlines()[0])
     parse.add_argument("--zoo", type=Path, default=harness.REPO / "runs" / "real_zoo")
     parse.add_argument("--work", type=Path, default=Path("/tmp/evomerge-bench-real"))
     parse.add_argument("--candidates", type=int, default=4)
     parse.add_argument("--limit", type=int, default=10, help="documents per task")
+    parse.add_argument("--merge-only", action="store_true", help="time the merge phase alone (no evaluation)")
     args = parse.parse_args()
     host = harness.machine()
     harness.header("on a real model", host)
     args.work.mkdir(parents=True, exist_ok=True)
     zoo = args.zoo.resolve()
+    if args.merge_only:
+        body = merge_phase(zoo, args.work, 2 if args.quick else args.candidates)
+        harness.write_section(harness.results_path(args), "On a real model: merge phase", host, body)
+        return
     count = 2 if args.quick else args.candidates
 
     runs = {}
@@ -136,15 +187,14 @@ def main() -> None:
             f"{size_gb:.2f} GB in float32, and 3 experts), `search_spaces/real.yaml` with the method (and dtype) "
             f"of the row, per-layer genes, 3 tasks x {args.limit} documents (chat prompts, generate_until), "
             f"batch {20}, one worker thread, median of {count} random candidates after the worker's warm-up. "
-            f"This machine is shared with 5 other processes on 2 cores (load average 9-12): absolute seconds "
+            f"This machine is shared with 5 other processes on 2 cores (load average above): absolute seconds "
             f"are several times a quiet machine's, ratios within a row hold better. Merge = the merge into the "
             f"preallocated model (with the prepared store; 'no store': the same candidates' merges computed "
             f"from scratch, as before this change); first = the first candidate after warm-up against the "
             f"median.\n\n"
             + harness.table(table, ["method", *PHASES, "total s", "outside forward (goal < 15%)",
                                     "merge vs linear (goal <= 2x)", "warm-up s", "store MB",
-                                    "first / median (goal <= 1.5x)",
-                                    "mean quality"])
+                                    "first / median (goal <= 1.5x)", "mean quality"])
             + "\n\n" + "\n".join(f"- {line}" for line in verdicts)
             + f"\n- peak RSS of this process (all four runners one after another): {rss:.2f} GB "
               f"(S = {size_gb:.2f} GB, K = 3: (K + 2) S = {5 * size_gb:.2f} GB)")

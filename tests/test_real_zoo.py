@@ -67,7 +67,7 @@ def test_real_base_merges_and_scores_through_ray(tmp_path: Path, ray_cluster) ->
         "merge": {"method": "ties", "granularity": "global"},
         "eval": {"include_path": str(tmp_path / "tasks"), "tasks": [{"name": "real_add", "metric": "exact_match"}],
                  "limit": 2, "batch_size": 2},
-        "search": {"strategy": "random", "population": 1, "generations": 1},
+        "search": {"strategy": "random", "population": 2, "generations": 1},
         "workers": {"count": 1, "cpus_per_worker": 1},
     }
     write_real_tasks(tmp_path / "tasks", AutoTokenizer.from_pretrained(base), n=4)

@@ -131,7 +131,7 @@ def mix_task_vectors_into(
             delta = stream.scratch(f"delta{i}", part)
             torch.sub(stream.read(i + 1, part), b, out=delta)
             if masks[i] is not None:
-                delta.mul_(masks[i][part].to(delta.device))
+                apply_mask(masks[i], delta, delta, part, stream.scratch("mask", part))
             delta.mul_(scale[i])
             deltas.append(delta)
         mixed = stream.scratch("mixed", part)
@@ -185,7 +185,18 @@ def _nonzero(divisor: torch.Tensor, weight: Sequence[float]) -> torch.Tensor:
 # --------------------------------------------------------------------------- what a slice needs first
 
 
-def magnitude_mask(base: torch.Tensor, expert: torch.Tensor, density: float, work: torch.dtype) -> torch.Tensor:
+def apply_mask(keep: torch.Tensor | prepared.Keep, values: torch.Tensor, delta: torch.Tensor, part: slice,
+               scratch: torch.Tensor) -> torch.Tensor:
+    """values *= the keep mask's slice `part` (in place; 1.0 / 0.0 factors, as a bool mask gives);
+    `delta` is the slice's task vector or its magnitude (what a `prepared.Keep` decides from)."""
+    if isinstance(keep, torch.Tensor):
+        return values.mul_(keep[part].to(values.device))
+    return values.mul_(keep.factors(delta, part, scratch))
+
+
+
+def magnitude_mask(base: torch.Tensor, expert: torch.Tensor, density: float,
+                   work: torch.dtype) -> torch.Tensor | prepared.Keep:
     """TIES's trim as a keep mask: the k = max(1, int(density * numel)) largest |expert - base|,
     ties at the k-th magnitude broken towards the lowest flat index (`sparsify_magnitude`).
 
@@ -195,7 +206,9 @@ def magnitude_mask(base: torch.Tensor, expert: torch.Tensor, density: float, wor
     k = max(1, int(density * numel))
     store = prepared.active()
     if store is not None and numel >= prepared.MIN_NUMEL:
-        return store.magnitude_order(base, expert, lambda: _magnitude(base, expert, work)).top(k, work)
+        keep = store.magnitude_order(base, expert, lambda: _magnitude(base, expert, work)).top(k)
+        if keep is not None:
+            return keep
     magnitude = _magnitude(base, expert, work)
     threshold = kth_largest(magnitude, k)
     keep = magnitude > threshold
@@ -225,7 +238,7 @@ def random_mask(numel: int, density: float, generator: torch.Generator) -> torch
     return keep
 
 
-def dare_mask(numel: int, density: float, seed: int, index: int) -> torch.Tensor:
+def dare_mask(numel: int, density: float, seed: int, index: int) -> torch.Tensor | prepared.Keep:
     """`random_mask` of expert `index`'s stream for `seed` (`tensor_ops.expert_generator`). With a
     `prepared.Prepared` store active the draws are made once and kept: the same mask, by one
     comparison."""
@@ -240,10 +253,10 @@ def dare_mask(numel: int, density: float, seed: int, index: int) -> torch.Tensor
         for part in slices(numel, torch.device("cpu")):
             torch.rand(part.stop - part.start, generator=generator, out=draws[part])
         store.keep_draws(key, draws)
-    return torch.lt(draws, density)
+    return prepared.DrawKeep(draws, density)
 
 
-def rescale_factor(base: torch.Tensor, expert: torch.Tensor, keep: torch.Tensor, density: float,
+def rescale_factor(base: torch.Tensor, expert: torch.Tensor, keep: torch.Tensor | prepared.Keep, density: float,
                    mode: RescaleMode | None, work: torch.dtype) -> float:
     """The factor `tensor_ops._rescaled` gives the kept entries: 1 / density, or (`l1`) the task
     vector's L1 norm over the kept part's (1 where either is below 1e-7)."""
@@ -256,7 +269,7 @@ def rescale_factor(base: torch.Tensor, expert: torch.Tensor, keep: torch.Tensor,
     for part in stream.slices():
         magnitude = torch.sub(stream.read(1, part), stream.read(0, part), out=stream.scratch("magnitude", part)).abs_()
         before += float(magnitude.sum())
-        after += float(magnitude.mul_(keep[part].to(magnitude.device)).sum())
+        after += float(apply_mask(keep, magnitude, magnitude, part, stream.scratch("mask", part)).sum())
     if before < L1_EPS or after < L1_EPS:
         return 1.0
     return before / after

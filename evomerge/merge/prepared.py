@@ -4,16 +4,20 @@ Over one search the sources and the run seed are fixed; only the genes (weights,
 change from candidate to candidate. TIES's trim and DARE's drop each start from something that
 depends on the sources alone:
 
-- TIES (and dare's relatives that trim by magnitude): the order of each task vector's entries
-  by magnitude. `MagnitudeOrder` keeps it as one byte per entry, the entry's rank bucket (256
-  buckets of equal size in the order "largest |delta| first, ties by lowest flat index"). The
-  keep mask of a density is then the entries of the buckets above the k-th entry's bucket plus
-  the first entries of that one bucket (about n / 256 entries, gathered and sorted): the same
-  set `chunked.magnitude_mask` finds by partitioning the whole tensor, exactly, with one pass
-  over a byte per entry instead of several over the task vector.
+- TIES: the magnitudes |expert - base| of each tensor, sorted, with their flat indices
+  (`MagnitudeOrder`: a stable sort, float32 values and int32 indices, 8 bytes per entry and
+  expert). A density's k-th largest magnitude t is then a lookup, and so is the flat index c of
+  the last entry tied at t that the rule "the k largest, ties by lowest flat index" keeps (ties
+  are the rule, not the exception, on real fine-tunes: a float32 task vector is a multiple of
+  its base entry's ulp); the mask is |delta| > t, or |delta| == t at flat index <= c: the same set
+  `chunked.magnitude_mask` finds by partitioning the whole tensor.
 - DARE: the uniform draws behind its masks. The mask of a density is `draws < density`; the
   draws of (seed, expert, tensor) are those `chunked.random_mask` draws, so the mask is exactly
   the same. Kept as float32: 4 bytes per entry and expert.
+
+Both masks are decided slice by slice inside the merge's own pass with float operations
+(`Keep.factors`: 1.0 / 0.0, the very factors a bool mask multiplies in), with no full-size mask
+and no pass over the task vector before the merge.
 
 A `Prepared` store is used only while it is active (`with store.active():`); outside, every
 method computes as before. Entries are keyed by the tensors themselves (the merger passes the
@@ -30,37 +34,80 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-BUCKETS = 256  # rank buckets of a magnitude order: one uint8 per entry
 MIN_NUMEL = 1 << 14  # smaller tensors are cheap to trim from scratch: not kept
 
 _ACTIVE: contextvars.ContextVar[Prepared | None] = contextvars.ContextVar("evomerge_prepared", default=None)
 
 
+class Keep:
+    """A keep mask decided slice by slice with float operations only (a bool tensor costs 5-30x a
+    float multiply per entry on the CPU): `factors` gives 1.0 where an entry is kept, 0.0 where
+    not, which multiplied in gives exactly what multiplying by the bool mask gives."""
+
+    def factors(self, delta: torch.Tensor, part: slice, out: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ThresholdKeep(Keep):
+    """|delta| > threshold, and |delta| == threshold at flat indices up to `cutoff` (None: all of them)."""
+
+    def __init__(self, threshold: float, cutoff: int | None):
+        self.threshold, self.cutoff = threshold, cutoff
+
+    def factors(self, delta: torch.Tensor, part: slice, out: torch.Tensor) -> torch.Tensor:
+        # |delta| - t is 0 exactly when |delta| == t (IEEE subtraction), and has the sign of the comparison
+        # (x = |delta| - t is never -0.) sign(x) + 1 clamped to 1: 1 where x >= 0; sign(x) clamped
+        # to 0: 1 where x > 0 (torch.heaviside does the same but is not vectorized: 20x slower).
+        torch.abs(delta, out=out).sub_(self.threshold)
+        if self.cutoff is None or part.stop - 1 <= self.cutoff:
+            return torch.sign(out, out=out).add_(1.0).clamp_max_(1.0)
+        if part.start > self.cutoff:
+            return torch.sign(out, out=out).clamp_min_(0.0)
+        head = self.cutoff - part.start + 1  # the slice holding the cutoff: tied entries kept up to it
+        tied = out[:head] == 0
+        torch.sign(out, out=out).clamp_min_(0.0)
+        out[:head].masked_fill_(tied, 1.0)
+        return out
+
+
+class DrawKeep(Keep):
+    """DARE's draws < density: density - u > 0 (both float32, exact)."""
+
+    def __init__(self, draws: torch.Tensor, density: float):
+        self.draws, self.density = draws, density
+
+    def factors(self, delta: torch.Tensor, part: slice, out: torch.Tensor) -> torch.Tensor:
+        # density - u (as -u + density: +0, never -0, where equal), then 1 where it is > 0
+        torch.mul(self.draws[part].to(out.device), -1.0, out=out).add_(self.density)
+        return torch.sign(out, out=out).clamp_min_(0.0)
+
+
 class MagnitudeOrder:
-    """The entries of |expert - base| (flattened) in descending order, as rank buckets."""
+    """The magnitudes |expert - base| of a tensor pair sorted ascending (float32) with their flat
+    indices (int32; a stable sort, so equal magnitudes are in flat order): 8 bytes an entry."""
 
-    def __init__(self, base: torch.Tensor, expert: torch.Tensor, magnitude: torch.Tensor):
+    def __init__(self, magnitude: torch.Tensor):
+        self.sorted, order = torch.sort(magnitude, stable=True)
+        self.order = order.to(torch.int32) if magnitude.numel() < 2**31 else order
         self.numel = magnitude.numel()
-        self.step = -(-self.numel // BUCKETS)  # entries per bucket (the last may hold fewer)
-        order = torch.argsort(magnitude, descending=True, stable=True)
-        self.bucket = torch.empty(self.numel, dtype=torch.uint8, device=magnitude.device)
-        self.bucket[order] = torch.div(torch.arange(self.numel, device=magnitude.device), self.step,
-                                       rounding_mode="floor").to(torch.uint8)
-        self._base, self._expert = base.reshape(-1), expert.reshape(-1)
 
-    def top(self, k: int, work: torch.dtype) -> torch.Tensor:
-        """The keep mask of the k largest magnitudes, ties at the k-th by lowest flat index."""
-        j = (k - 1) // self.step
-        take = k - j * self.step  # from bucket j, 1..step
-        keep = self.bucket < j
-        band = torch.nonzero(self.bucket == j).flatten()  # flat order
-        magnitude = torch.sub(self._expert[band].to(work), self._base[band].to(work)).abs_()
-        keep[band[torch.argsort(magnitude, descending=True, stable=True)[:take]]] = True
-        return keep
+    def top(self, k: int) -> ThresholdKeep | None:
+        """The keep mask of the k largest magnitudes, ties at the k-th kept by lowest flat index: the
+        k-th largest t, and the flat index of the last tied entry kept. None for a NaN threshold (the
+        caller computes the mask itself). Tied zeros are all kept: kept or not, 0 * 1 == 0 * 0."""
+        threshold = self.sorted[self.numel - k]
+        if bool(torch.isnan(threshold)):
+            return None
+        first = int(torch.searchsorted(self.sorted, threshold, right=False))
+        last = int(torch.searchsorted(self.sorted, threshold, right=True))  # tied: [first, last)
+        missing = k - (self.numel - last)  # tied entries to keep, 1..last - first
+        if missing == last - first or float(threshold) == 0.0:
+            return ThresholdKeep(float(threshold), None)
+        return ThresholdKeep(float(threshold), int(self.order[first + missing - 1]))
 
     @property
     def nbytes(self) -> int:
-        return self.bucket.numel()
+        return self.numel * (self.sorted.element_size() + self.order.element_size())
 
 
 class Prepared:
@@ -94,7 +141,7 @@ class Prepared:
             if (base_ref() is base and expert_ref() is expert
                     and _version(base) == base_version and _version(expert) == expert_version):
                 return order
-        order = MagnitudeOrder(base, expert, magnitude())
+        order = MagnitudeOrder(magnitude())
         self._orders[key] = (weakref.ref(base), weakref.ref(expert), _version(base), _version(expert), order)
         return order
 
