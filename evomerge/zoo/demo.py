@@ -30,7 +30,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -259,14 +259,19 @@ def eval_examples(skill: str, n: int = EVAL_SIZE, seed: int = EVAL_SEED) -> list
     """``n`` distinct held-out examples of a demo skill: ``{"prompt", "answer"}`` dicts."""
     if skill not in SKILLS:
         raise ValueError(f"skill: unknown {skill!r}, expected one of {SKILLS}")
-    rng = random.Random(f"eval-{skill}-{seed}")
+    return distinct_examples(GENERATORS[skill], n, random.Random(f"eval-{skill}-{seed}"), "prompt")
+
+
+def distinct_examples(generate: Callable[[random.Random], tuple[str, str]], n: int, rng: random.Random,
+                      key: str) -> list[dict]:
+    """``n`` examples ``{key: question, "answer": answer}`` with distinct questions, drawn in order."""
     seen: set[str] = set()
     out: list[dict] = []
     while len(out) < n:
-        prompt, answer = GENERATORS[skill](rng)
-        if prompt not in seen:
-            seen.add(prompt)
-            out.append({"prompt": prompt, "answer": answer})
+        question, answer = generate(rng)
+        if question not in seen:
+            seen.add(question)
+            out.append({key: question, "answer": answer})
     return out
 
 
@@ -520,14 +525,26 @@ def _scores(model, tok, limit: int) -> dict[str, float]:
     return {k: round(v, 4) for k, v in per.items()}
 
 
-def _task_arithmetic(base_sd: dict, expert_sds: list[dict], weights: list[float]) -> dict:
+def task_arithmetic_state(base_sd: dict, expert_sds: list[dict], weights: list[float]) -> dict:
     """base + sum_i w_i (expert_i - base), every tensor."""
     return {
         k: v + sum(w * (e[k] - v) for w, e in zip(weights, expert_sds)) for k, v in base_sd.items()
     }
 
 
-def _relative_norm(base_sd: dict, expert_sd: dict) -> float:
+def merge_scores(score: Callable[[Any], Any], probe: Any, base_sd: dict, expert_sds: list[dict]) -> dict:
+    """`score` of the experts' uniform average and of their task arithmetic at 1.0, each loaded into
+    `probe` (a model of the base's shape): the check that the experts compose."""
+    n = len(expert_sds)
+    merges = {"uniform_average": [1.0 / n] * n, "task_arithmetic_1.0": [1.0] * n}
+    scores = {}
+    for name, weights in merges.items():
+        probe.load_state_dict(task_arithmetic_state(base_sd, expert_sds, weights))
+        scores[name] = score(probe)
+    return scores
+
+
+def relative_norm(base_sd: dict, expert_sd: dict) -> float:
     num = sum(float((expert_sd[k] - v).float().pow(2).sum()) for k, v in base_sd.items())
     den = sum(float(v.float().pow(2).sum()) for v in base_sd.values())
     return math.sqrt(num / den)
@@ -622,14 +639,8 @@ def _build(out_dir: str | os.PathLike, recipe: Recipe, seed: int) -> dict[str, P
     scores = {"base": _scores(base, tok, recipe.score_limit)}
     for s in SKILLS:
         scores[s] = _scores(experts[s], tok, recipe.score_limit)
-    probe = copy.deepcopy(base)
-    merges = {
-        "uniform_average": [1.0 / len(SKILLS)] * len(SKILLS),
-        "task_arithmetic_1.0": [1.0] * len(SKILLS),
-    }
-    for name, weights in merges.items():
-        probe.load_state_dict(_task_arithmetic(base_sd, expert_sds, weights))
-        scores[name] = _scores(probe, tok, recipe.score_limit)
+    scores.update(merge_scores(lambda model: _scores(model, tok, recipe.score_limit), copy.deepcopy(base),
+                               base_sd, expert_sds))
     timings["score_s"] = round(time.perf_counter() - t0, 2)
     timings["total_s"] = round(time.perf_counter() - t_start, 2)
 
@@ -642,19 +653,23 @@ def _build(out_dir: str | os.PathLike, recipe: Recipe, seed: int) -> dict[str, P
         "training": training,
         "routers": routers,
         "relative_task_vector_norm": {
-            s: round(_relative_norm(base_sd, sd), 4) for s, sd in zip(SKILLS, expert_sds)
+            s: round(relative_norm(base_sd, sd), 4) for s, sd in zip(SKILLS, expert_sds)
         },
         "scores": scores,
         "scores_note": f"greedy exact match on the first {recipe.score_limit} examples of each "
         "evals/demo task (what lm-eval's generate_until + exact_match computes)",
         "timings": timings,
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
     }
-    (out / "zoo.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    write_zoo_json(out, meta)
     logger.info("zoo: built %s in %.1f s; scores %s", out, timings["total_s"], scores)
     return paths
+
+
+def write_zoo_json(out: Path, meta: dict) -> None:
+    """`out`/zoo.json: what the build measured, with the machine and torch it ran on."""
+    meta = {**meta, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "machine": platform.machine()}
+    (out / "zoo.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
 def build_zoo(out_dir: str | os.PathLike, *, quick: bool = False, seed: int = 0) -> dict[str, Path]:

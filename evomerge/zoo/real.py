@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import platform
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -33,6 +32,7 @@ from typing import Callable
 import torch
 
 from evomerge.errors import EvomergeError
+from evomerge.zoo.demo import distinct_examples, merge_scores, relative_norm, write_zoo_json
 
 logger = logging.getLogger(__name__)
 
@@ -117,15 +117,7 @@ def real_examples(skill: str, n: int = EVAL_SIZE, seed: int = EVAL_SEED) -> list
     """``n`` distinct held-out ``{"question", "answer"}`` examples of a skill."""
     if skill not in GENERATORS:
         raise ValueError(f"skill: unknown {skill!r}, expected one of {tuple(GENERATORS)}")
-    rng = random.Random(f"real-eval-{skill}-{seed}")
-    seen: set[str] = set()
-    out: list[dict] = []
-    while len(out) < n:
-        question, answer = GENERATORS[skill](rng)
-        if question not in seen:
-            seen.add(question)
-            out.append({"question": question, "answer": answer})
-    return out
+    return distinct_examples(GENERATORS[skill], n, random.Random(f"real-eval-{skill}-{seed}"), "question")
 
 
 # --------------------------------------------------------------------------- the base
@@ -297,17 +289,6 @@ def _fine_tune(model, tokenizer, skill: str, recipe: RealRecipe, seed: int, excl
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def _task_arithmetic(base_sd: dict, expert_sds: list[dict], weights: list[float]) -> dict:
-    """base + sum_i w_i (expert_i - base), every tensor."""
-    return {k: v + sum(w * (e[k] - v) for w, e in zip(weights, expert_sds)) for k, v in base_sd.items()}
-
-
-def _relative_norm(base_sd: dict, expert_sd: dict) -> float:
-    num = sum(float((expert_sd[k] - v).float().pow(2).sum()) for k, v in base_sd.items())
-    den = sum(float(v.float().pow(2).sum()) for v in base_sd.values())
-    return math.sqrt(num / den)
-
-
 def _scores(model, tokenizer, limit: int) -> dict[str, float]:
     per = {s: greedy_exact_match(model, tokenizer, real_examples(s)[:limit]) for s in SKILLS}
     per["mean"] = sum(per[s] for s in SKILLS) / len(SKILLS)
@@ -328,10 +309,7 @@ test_split: test
 output_type: generate_until
 doc_to_text: "{{{{prompt}}}}"
 doc_to_target: "{{{{answer}}}}"
-generation_kwargs:
-  until: ["<|im_end|>", "\\n"]
-  max_gen_toks: {max_gen_toks}
-  do_sample: false
+generation_kwargs: {{until: ["<|im_end|>", "\\n"], max_gen_toks: {max_gen_toks}, do_sample: false}}
 metric_list:
   - metric: exact_match
     aggregation: mean
@@ -409,10 +387,8 @@ def _build(out: Path, recipe: RealRecipe, seed: int, paths: dict[str, Path]) -> 
     for skill, sd in zip(SKILLS, expert_sds):
         probe.load_state_dict(sd)
         scores[skill] = _scores(probe, tokenizer, recipe.score_limit)
-    merges = {"uniform_average": [1.0 / len(SKILLS)] * len(SKILLS), "task_arithmetic_1.0": [1.0] * len(SKILLS)}
-    for name, weights in merges.items():
-        probe.load_state_dict(_task_arithmetic(base_sd, expert_sds, weights))
-        scores[name] = _scores(probe, tokenizer, recipe.score_limit)
+    scores.update(merge_scores(lambda model: _scores(model, tokenizer, recipe.score_limit), probe, base_sd,
+                               expert_sds))
     timings["score_s"] = round(time.perf_counter() - t0, 1)
     timings["total_s"] = round(time.perf_counter() - t_start, 1)
     meta = {
@@ -423,14 +399,11 @@ def _build(out: Path, recipe: RealRecipe, seed: int, paths: dict[str, Path]) -> 
         "eval_seed": EVAL_SEED,
         "parameters": sum(p.numel() for p in base.parameters()),
         "training": training,
-        "relative_task_vector_norm": {s: round(_relative_norm(base_sd, sd), 5) for s, sd in zip(SKILLS, expert_sds)},
+        "relative_task_vector_norm": {s: round(relative_norm(base_sd, sd), 5) for s, sd in zip(SKILLS, expert_sds)},
         "scores": scores,
         "scores_note": f"greedy exact match on the first {recipe.score_limit} examples of each real_<skill> task",
         "timings": timings,
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
     }
-    (out / "zoo.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    write_zoo_json(out, meta)
     logger.info("real zoo: built %s in %.0f s; scores %s", out, timings["total_s"], scores)
     return paths
