@@ -43,6 +43,17 @@ def test_every_command_has_help(command) -> None:
     assert "-h, --help" in done.stdout
 
 
+def test_resume_help_lists_what_set_may_change() -> None:
+    from evomerge.run_dir import RESUMABLE_CHANGES
+
+    done = evomerge("resume", "--help")
+    text = " ".join(done.stdout.split())
+    assert "extend a finished one" in evomerge("--help").stdout
+    for field in RESUMABLE_CHANGES:  # the budget fields update_config lets through
+        assert (field + "*" if field.endswith(".") else field) in text, (field, text)
+    assert "--force" in text and "search.generations=N" in text
+
+
 @pytest.mark.parametrize("args, prefix, facts", [
     (["export", "runs/x"], "export", ["--out"]),
     (["merge"], "merge", ["config", "--out"]),
