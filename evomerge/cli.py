@@ -101,12 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a config field, e.g. --set search.generations=5 (repeatable)")
     cmd.set_defaults(func=cmd_search)
 
-    cmd = commands.add_parser("resume", help="continue a stopped run from its checkpoint and journal")
-    cmd.add_argument("run_dir", type=Path)
+    cmd = commands.add_parser(
+        "resume", help="continue a stopped run, or extend a finished one (--set search.generations=N)",
+        description="Continue RUN_DIR from its checkpoint and journal: journaled trials are not evaluated "
+                    "again (but a generation whose candidates all failed is), trials the stop cut off run "
+                    "again, and the run ends as one that never stopped would. A finished run goes on with a "
+                    "larger budget (--set search.generations=N, more than it ran); without --set it "
+                    "evaluates nothing and prints its summary.")
+    cmd.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run's folder (search --run-dir)")
     cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="change the budget, e.g. --set search.generations=20 (search.generations, "
-                          "workers.*, eval.limit, eval.batch_size)")
-    cmd.add_argument("--force", action="store_true", help="allow changes that invalidate earlier trials")
+                     help="change the budget (repeatable): search.generations, dataflow.generations, workers.*, "
+                          "eval.limit, eval.batch_size; any other field only with --force")
+    cmd.add_argument("--force", action="store_true",
+                     help="allow --set to change other fields too; the journal keeps the trials scored before")
     cmd.set_defaults(func=cmd_resume)
 
     cmd = commands.add_parser("report", help="summarise a run (best trial, references, progress)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -71,3 +72,10 @@ def write_config(folder: Path, zoo: dict[str, Path], **sections) -> Path:
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def says(field: str, *facts: str) -> str:
+    """A regex for a config error naming `field` (`field: ...`) and each of `facts` (an allowed value,
+    a bound) as a whole word within that problem (up to the next `; `), in any order and wording:
+    tests pin the facts, not pydantic's sentences."""
+    return re.escape(field) + ": " + "".join(rf"(?=[^;]*(?<![\w.]){re.escape(fact)}(?![\w.]))" for fact in facts)

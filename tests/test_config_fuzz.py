@@ -9,6 +9,7 @@ and starting Ray.
 
 from __future__ import annotations
 
+import ast
 import copy
 import itertools
 import math
@@ -75,14 +76,23 @@ def world(tmp_path_factory) -> Path:
 # ---------------------------------------------------------------- helpers
 
 
-def shown(part: Any) -> str:
-    """How the error message spells a key or path: as is, or its repr where empty or not printable."""
-    text = str(part)
-    return text if text and text.isprintable() else repr(text)
+QUOTED = r"""('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")"""  # a Python string literal, one group
 
 
-def dotted(path: tuple) -> str:
-    return ".".join(shown(part) for part in path)
+def plain(part: Any) -> bool:
+    """A key a message can show as it is: not empty, and all printable (no newline, no control)."""
+    return bool(str(part)) and str(part).isprintable()
+
+
+def spelled(message: str, parts: tuple, before: str = "", after: str = "") -> bool:
+    """The message names the key path `parts` between the regexes `before` and `after`: each plain
+    key as it is, any other as a quoted string literal that reads back as that key and stays on
+    one printable line; parts joined by dots."""
+    pattern = before + r"\.".join(re.escape(str(p)) if plain(p) else QUOTED for p in parts) + after
+    quoted = [str(p) for p in parts if not plain(p)]
+    return any(all(literal.isprintable() for literal in match.groups())
+               and [ast.literal_eval(literal) for literal in match.groups()] == quoted
+               for match in re.finditer(pattern, message))
 
 
 def write(world: Path, content: str | bytes | dict) -> Path:
@@ -111,9 +121,11 @@ def refuse(world: Path, capsys, config: Path, sets: tuple[str, ...] | list[str] 
     return err.removeprefix("evomerge: error: ").rstrip("\n")
 
 
-def assert_names(message: str, field: str) -> None:
-    """`field` starts a problem (after `N error(s): ` or `; `) and ends at `:` or a sub-field's `.`."""
-    assert re.search(r"(?:: |; )" + re.escape(field) + r"(?=[.:])", message), f"{field!r} not named in: {message}"
+def assert_names(message: str, field: str | tuple) -> None:
+    """`field` (dotted, or a tuple of keys) starts a problem (after `N error(s): ` or `; `) and ends at
+    `:` or a sub-field's `.`."""
+    parts = tuple(field.split(".")) if isinstance(field, str) else field
+    assert spelled(message, parts, r"(?:: |; )", r"(?=[.:])"), f"{field!r} not named in: {message}"
 
 
 # ---------------------------------------------------------------- invalid values, by kind
@@ -124,7 +136,7 @@ DELETE = object()
 class Mutation(NamedTuple):
     path: tuple  # into the raw mapping
     value: Any  # DELETE: remove the key
-    field: str  # the dotted name the message must carry
+    field: str | tuple  # the field the message must name: dotted, or its keys
 
 
 def mutate(raw: dict, mutation: Mutation) -> None:
@@ -223,7 +235,7 @@ def bad_bounds(draw) -> Mutation:
         return Mutation(("merge", "bounds"), draw(not_a_mapping.filter(lambda v: v != [])), "merge.bounds")
     if kind == "unknown_gene":
         key = draw(st.one_of(short_text.filter(lambda k: k not in ("weight", "density", "t")), st.integers()))
-        return Mutation(("merge", "bounds", key), [0.0, 1.0], f"merge.bounds.{shown(key)}")
+        return Mutation(("merge", "bounds", key), [0.0, 1.0], ("merge", "bounds", key))
     if kind == "shape":
         value = draw(st.one_of(st.lists(finite, max_size=1), st.lists(finite, min_size=3, max_size=5),
                                words, st.none(), st.integers(), dicts))
@@ -253,16 +265,16 @@ def unknown_key(section: tuple) -> st.SearchStrategy:
     if section[:2] == ("eval", "tasks"):
         model = RunConfig.model_fields["eval"].annotation.model_fields["tasks"].annotation.__args__[0]
     keys = st.one_of(st.text(max_size=10).filter(lambda k: k not in model.model_fields), st.integers())
-    return st.builds(lambda key, value: Mutation((*section, key), value, dotted((*section, key))),
+    return st.builds(lambda key, value: Mutation((*section, key), value, (*section, key)),
                      keys, scalar_junk)
 
 
 def at(path: tuple, values: st.SearchStrategy) -> st.SearchStrategy:
-    return st.builds(lambda value: Mutation(path, value, dotted(path)), values)
+    return st.builds(lambda value: Mutation(path, value, path), values)
 
 
 def missing(path: tuple) -> st.SearchStrategy:
-    return st.just(Mutation(path, DELETE, dotted(path)))
+    return st.just(Mutation(path, DELETE, path))
 
 
 def task_mutations(i: int) -> list[st.SearchStrategy]:
@@ -334,7 +346,8 @@ def test_base_config_is_valid(world: Path) -> None:
 def test_one_wrong_field_is_named(world: Path, capsys, mutation: Mutation) -> None:
     raw = copy.deepcopy(BASE)
     mutate(raw, mutation)
-    event(f"{'deleted' if mutation.value is DELETE else type(mutation.value).__name__} at {dotted(mutation.path[:3])}")
+    event(f"{'deleted' if mutation.value is DELETE else type(mutation.value).__name__} at "
+          f"{'.'.join(map(repr, mutation.path[:3]))}")
     assert_names(refuse(world, capsys, write(world, raw)), mutation.field)
 
 
@@ -364,7 +377,7 @@ def test_repeated_task_names(world: Path, capsys, names: list[str], data) -> Non
     raw["eval"]["tasks"] = data.draw(st.permutations(tasks))
     message = refuse(world, capsys, write(world, raw))
     assert_names(message, "eval.tasks")
-    assert "each task once" in message and shown(repeated) in message
+    assert "each task once" in message and spelled(message, (repeated,)), (repeated, message)
 
 
 BAD_SOURCES = st.one_of(st.sampled_from(["zoo/file", "zoo/empty", "./zoo/missing", "/nonexistent/model",
@@ -386,7 +399,7 @@ def test_bad_model_and_task_folders(world: Path, capsys, sources: dict, data) ->
         mutate(raw, Mutation(path, data.draw(BAD_INCLUDES if path[0] == "eval" else BAD_SOURCES), ""))
     message = refuse(world, capsys, write(world, raw))
     for path in sources:
-        assert_names(message, dotted(path))
+        assert_names(message, path)
 
 
 _TEXT = yaml.safe_dump(BASE, sort_keys=False)  # block style: no brackets anywhere
@@ -460,7 +473,7 @@ def test_files_that_are_not_config_files(world: Path, capsys, tmp_path: Path) ->
     assert refuse(world, capsys, loop).startswith(f"{loop}: ")
     odd = tmp_path / "odd\nname.yaml"
     odd.write_text("[1]\n")
-    assert refuse(world, capsys, odd).startswith(f"{shown(odd)}: expected a YAML mapping")
+    assert spelled(refuse(world, capsys, odd), (odd,), "^", ": expected a YAML mapping")
 
 
 def test_slerp_with_two_experts_names_the_method(world: Path, capsys) -> None:
@@ -488,7 +501,7 @@ def malformed_override(draw) -> tuple[str, str]:
     if kind == "through_scalar":
         scalar = draw(st.sampled_from(SCALARS))
         rest = draw(st.lists(no_equals.filter(lambda s: "." not in s), min_size=1, max_size=3))
-        expected = f"{shown(scalar.split('.')[-1])} is not a mapping"
+        expected = f"{scalar.split('.')[-1]} is not a mapping"
         return f"{scalar}.{'.'.join(rest)}={draw(st.text(max_size=4))}", expected
     key = draw(st.sampled_from(["name", "search.generations", "merge.bounds", "eval.tasks"]))
     value = draw(st.one_of(st.sampled_from(["[1", "{a", "a: b: c", "\t", "!!python/object/apply:os.system [ls]",

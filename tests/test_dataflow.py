@@ -23,7 +23,7 @@ from evomerge.run_dir import RunDir, canonical
 from evomerge.search import run_loop
 from evomerge.trial import TrialResult, TrialState
 
-from conftest import REPO, write_config
+from conftest import REPO, says, write_config
 from fakes import FakePool, make_config
 
 VOCAB, HIDDEN, FFN, HEADS, KV_HEADS, LAYERS = 50, 32, 64, 4, 2, 3
@@ -282,10 +282,10 @@ def test_stages_default_from_the_dataflow_block() -> None:
     ({"dataflow": {"models": ["base", "teacher"]}}, "dataflow.models: expected merged, base or expert:I"),
     ({"dataflow": {"models": ["base", "expert:5"]}}, "dataflow.models: expert:5 but there are 2 experts"),
     ({"dataflow": {"models": ["base", "base"]}}, "dataflow.models: each model once"),
-    ({"dataflow": {"repeats": 0}}, "dataflow.repeats: Input should be greater than or equal to 1"),
+    ({"dataflow": {"repeats": 0}}, says("dataflow.repeats", "1")),
     ({"dataflow": {"bounds": {"scale": [1.5, 0.5]}}}, r"dataflow.bounds.scale: expected \[low, high\]"),
     ({"dataflow": {"paths": 3}}, "dataflow.paths: unknown key; expected one of: models, repeats"),
-    ({"dataflow": {"start": "last"}}, "dataflow.start: Input should be 'first' or 'none'"),
+    ({"dataflow": {"start": "last"}}, says("dataflow.start", "first", "none")),
     ({"dataflow": {}, "policy": {"kind": "blend", "members": ["merged", "base"]}}, "policy.kind: a dfs stage"),
 ])
 def test_bad_dataflow_configs_are_one_line_errors(sections: dict, message: str) -> None:

@@ -123,7 +123,7 @@ def test_module_recipe_gives_each_tensor_its_group_values() -> None:
 # ---------------------------------------------------------------- smooth
 
 def test_smooth_control_points_interpolate_like_mergekit_gradients() -> None:
-    mk_config = pytest.importorskip("mergekit.config")
+    import mergekit.config as mk_config  # a test dependency (the [test] extra): missing fails, never skips
     layout = GenomeLayout.build("task_arithmetic", "layer", 7, 2, BOUNDS, smooth=3)
     assert [g.group for g in layout.genes] == ["smooth.0"] * 2 + ["smooth.1"] * 2 + ["smooth.2"] * 2 + [EMBED_HEAD] * 2
     x = np.array([0.0, 1.0, 0.4, 0.2, 1.0, 0.6, 0.3, 0.9])

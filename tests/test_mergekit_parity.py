@@ -280,11 +280,11 @@ DEMO_TASKS = Path(__file__).resolve().parents[1] / "evals" / "demo"
 EXPORTED = {  # method -> (granularity, experts); dare at density 1 so both tools draw no masks
     "linear": ("layer", 3), "task_arithmetic": ("block:3", 3), "ties": ("layer", 2),
     "dare_ties": ("global", 2), "slerp": ("layer", 1),
-}  # the other methods' exports go through both tools in test_merge_methods_new.py (EXPORT_CASES)
+}  # the other methods' exports go through both tools in test_merge_methods_vs_mergekit.py (EXPORT_CASES)
 
 
 def test_every_method_is_exported_through_mergekit_and_evomerge_merge():
-    from test_merge_methods_new import EXPORT_CASES
+    from test_merge_methods_vs_mergekit import EXPORT_CASES
 
     assert set(EXPORTED) | {case[0] for case in EXPORT_CASES} == set(METHODS)
 

@@ -5,6 +5,7 @@ search over the quick zoo whose exported mixture reloads with its recorded score
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from evomerge.genome import GenomeLayout
 from evomerge.moe import Upcycler, router_gates, upcycle
 from evomerge.zoo import make_tokenizer
 
-from conftest import REPO, write_config
+from conftest import REPO, says, write_config
 
 SEQ = 24
 PROMPTS = [["12+34=", "5+6="], ["rev abc=", "rev hello="], ["sort cab=", "sort zyx="]]
@@ -253,13 +254,13 @@ def model_folders(tmp_path) -> dict[str, str]:
     ({"gate_mode": "random", "experts_per_token": None, "bounds": {"experts_per_token": [1, 5]}},
      "moe.bounds.experts_per_token: at most the 2 experts"),
     ({"gate_mode": "random", "bounds": {"temperature": [0, 1]}}, "temperature: expected low > 0"),
-    ({"gate_mode": "nope"}, "moe.gate_mode: Input should be 'hidden', 'cheap_embed' or 'random'"),
+    ({"gate_mode": "nope"}, says("moe.gate_mode", "hidden", "cheap_embed", "random")),
     ({"gate_mode": "random", "router": 1}, "moe.router: unknown key; expected one of: attention, gate_mode"),
 ])
 def test_bad_moe_blocks_are_one_line_errors(tmp_path, model_folders, moe, message):
     with pytest.raises(ConfigError) as error:
         load_config(_moe_config(tmp_path, model_folders, **moe))
-    assert message in str(error.value) and "\n" not in str(error.value)
+    assert re.search(message, str(error.value)) and "\n" not in str(error.value)
 
 
 def test_moe_genes_decode(tmp_path, model_folders):

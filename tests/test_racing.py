@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from evomerge.run_dir import SUBSAMPLE, RunDir, canonical
 from evomerge.search import run_loop
 from evomerge.trial import Trial, TrialResult, TrialState
 
+from conftest import says
 from fakes import FakePool, make_config
 
 BOUNDS = {"weight": (0.0, 1.5), "density": (0.1, 1.0), "t": (0.0, 1.0)}
@@ -69,10 +71,10 @@ def test_subset_limit_and_defaults() -> None:
 
 
 @pytest.mark.parametrize("limit, subsample, message", [
-    (100, {"fraction": 0.0}, "eval.subsample.fraction: Input should be greater than 0"),
-    (100, {"fraction": 1.0}, "eval.subsample.fraction: Input should be less than 1"),
-    (100, {"promote": 1.5}, "eval.subsample.promote: Input should be less than or equal to 1"),
-    (100, {"promote": 0}, "eval.subsample.promote: Input should be greater than 0"),
+    (100, {"fraction": 0.0}, says("eval.subsample.fraction", "0")),
+    (100, {"fraction": 1.0}, says("eval.subsample.fraction", "1")),
+    (100, {"promote": 1.5}, says("eval.subsample.promote", "1")),
+    (100, {"promote": 0}, says("eval.subsample.promote", "0")),
     (100, {"fraction": 0.5, "rungs": 3}, "eval.subsample.rungs: unknown key; expected one of: fraction, promote"),
     (2, {"fraction": 0.6}, "eval.subsample: fraction 0.6 of limit 2 leaves 2 documents per task, expected fewer"),
 ])
@@ -81,7 +83,7 @@ def test_bad_subsample_is_one_line_naming_the_field(limit, subsample, message) -
     raw["eval"].update(limit=limit, subsample=subsample)
     with pytest.raises(ConfigError, match="^config: 1 error") as info:
         validate(raw)
-    assert message in str(info.value) and "\n" not in str(info.value)
+    assert re.search(message, str(info.value)) and "\n" not in str(info.value)
 
 
 # -- promotion and losses ---------------------------------------------------------------------

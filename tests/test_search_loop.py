@@ -188,31 +188,53 @@ def test_steady_resume_with_more_generations_equals_a_longer_run(tmp_path: Path)
 
 
 def test_truncated_journal_line_is_tolerated(tmp_path: Path) -> None:
-    config = make_config(generations=1)
-    run, layout = start(tmp_path, config)
+    """A crash mid-append leaves a torn last line: reading skips it, and resuming cuts it, evaluates
+    its trial again and ends with the journal and summary of a run that never crashed."""
+    config = make_config(generations=2)
+    run, layout = start(tmp_path, config, "straight")
     run_loop(run, config, layout, FakePool())
+    expected = canonical(run.records())
+    lines = {json.loads(line)["trial"]: line for line in (run.path / "journal.jsonl").read_text().splitlines()}
+
+    run, layout = start(tmp_path, config, "torn")
+    first = FakePool(stop_after=4 + 3)  # trials 9 .. 3 of generation 0 (the pool finishes them in reverse)
+    with pytest.raises(KeyboardInterrupt):
+        run_loop(run, config, layout, first)
+    torn = 2  # the next to finish: the crash cut its line in half
     with open(run.path / "journal.jsonl", "a") as handle:
-        handle.write('{"trial": 99, "sta')
-    assert len(run.records()) == 10
-    assert summarize(run.records(), config)["trials"] == 10
-    summary = json.loads((run.path / "summary.json").read_text())
-    assert summary["best"]["trial"] in {r["trial"] for r in run.records()}
+        handle.write(lines[torn][: len(lines[torn]) // 2])
+    assert len(run.records()) == 4 + 3 and torn not in {r["trial"] for r in run.records()}
+    assert summarize(run.records(), config)["trials"] == 4 + 3
+
+    second = FakePool()
+    run_loop(RunDir.open(run.path), config, layout, second)
+    assert torn in second.evaluated and not set(first.evaluated) & set(second.evaluated)
+    text = (run.path / "journal.jsonl").read_text()
+    assert text.endswith("\n") and all(json.loads(line) for line in text.splitlines())  # the torn bytes are gone
+    assert canonical(run.records()) == expected
+    summary = json.loads((run.path / "summary.json").read_text())  # written by the resumed run
+    assert summary["trials"] == 4 + 2 * 6 and summary["best"]["trial"] in {r["trial"] for r in run.records()}
 
 
 def test_lock_refuses_a_live_driver_and_takes_over_a_dead_one(tmp_path: Path) -> None:
+    import os
     import subprocess
 
     from evomerge.errors import ResumeError
 
     run, _ = start(tmp_path, make_config())
-    (run.path / "driver.lock").write_text("1")  # pid 1 is alive and is not us
-    with pytest.raises(ResumeError, match="another driver \\(pid 1\\)"):
-        run.lock()
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    (run.path / "driver.lock").write_text(str(dead.pid))
+    live = subprocess.Popen(["sleep", "30"])
+    try:
+        (run.path / "driver.lock").write_text(str(live.pid))
+        with pytest.raises(ResumeError, match=f"another driver \\(pid {live.pid}\\)"):
+            run.lock()
+        assert (run.path / "driver.lock").read_text() == str(live.pid)  # left to its owner
+    finally:
+        live.kill()
+        live.wait()
+    (run.path / "driver.lock").write_text(str(live.pid))  # now a dead driver's lock
     run.lock()
-    assert (run.path / "driver.lock").read_text() == str(__import__("os").getpid())
+    assert (run.path / "driver.lock").read_text() == str(os.getpid())
     run.unlock()
     assert not (run.path / "driver.lock").exists()
 

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from evomerge.config import ModelsConfig
 from evomerge.genome import Recipe
 from evomerge.merge.merger import Merger, load_merge_target
 from evomerge.models.sources import load_model, mapped_parameters
-
-transformers = pytest.importorskip("transformers")
 
 
 def _tiny(folder: Path, seed: int, tied: bool) -> str:

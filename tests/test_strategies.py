@@ -3,14 +3,25 @@ one uses what it is told (loss for all, cost for nsga2 and the trade-off CMA-ES)
 
 from __future__ import annotations
 
+import dataclasses
+import io
+import pickle
+from pathlib import Path
+
+import cma
 import numpy as np
 import pytest
 
 from evomerge.config import validate
 from evomerge.errors import ConfigError, ResumeError
-from evomerge.search import costs, losses
+from evomerge.genome import GenomeLayout
+from evomerge.run_dir import RunDir
+from evomerge.search import costs, losses, run_loop
 from evomerge.strategies import make_strategy
 from evomerge.trial import TrialResult, TrialState
+
+from conftest import says
+from fakes import FakePool, make_config
 
 DIM = 4
 KINDS = {"cma": {}, "random": {}, "nsga2": {}, "tpe": {}, "cma-tradeoffs": {"tradeoffs": [0.0, 0.5]}}
@@ -103,7 +114,7 @@ def test_failed_candidates_get_the_worst_loss_and_cost() -> None:
 
 
 def test_config_lists_the_strategies_and_keeps_tradeoffs_to_cma() -> None:
-    with pytest.raises(ConfigError, match="search.strategy: Input should be 'cma', 'random', 'nsga2' or 'tpe'"):
+    with pytest.raises(ConfigError, match=says("search.strategy", "cma", "random", "nsga2", "tpe")):
         search_config("cma", strategy="cmaes")
     with pytest.raises(ConfigError, match="search.tradeoffs: only strategy cma"):
         search_config("nsga2", tradeoffs=[0.1])
@@ -120,3 +131,58 @@ def test_a_state_written_by_another_strategy_is_refused(written_by: str) -> None
     for kind in [k for k in [*KINDS, *OTHER_KINDS] if k != written_by]:
         with pytest.raises(ResumeError, match=f"not written by strategy {kind.split('-')[0]}"):
             make_strategy(search_config(kind), DIM, seed=0).set_state(writer.get_state())
+
+
+class PlainData(pickle.Unpickler):
+    """Reads builtins only: any class or function in the pickle fails the test."""
+
+    def find_class(self, module: str, name: str):
+        raise AssertionError(f"the state holds {module}.{name}, not plain data")
+
+
+@pytest.mark.parametrize("tradeoffs", [None, [0.0, 0.5]])
+def test_a_cma_checkpoint_of_another_pycma_version_is_refused(tmp_path: Path, tradeoffs) -> None:
+    """The CMA-ES state is plain data with the pycma version that wrote it; resuming under another
+    version is one ResumeError naming both (the version is changed in the checkpoint file)."""
+    extra = {"tradeoffs": tradeoffs} if tradeoffs else {}
+    config = make_config("cma", generations=1, **extra)
+    layout = GenomeLayout.build("task_arithmetic", "layer", 3, 2, {"weight": (0.0, 1.5)})
+    run = RunDir.create(tmp_path / "run", config, layout.describe())
+    run_loop(run, config, layout, FakePool())
+    checkpoint = run.load_checkpoint()
+    state = PlainData(io.BytesIO(checkpoint.strategy_state)).load()
+    members = state if tradeoffs else [state]
+    assert len(members) == len(tradeoffs or [None])
+    for member in members:
+        assert member["cma"] == cma.__version__
+        member["cma"] = "3.0.0"
+    run.save_checkpoint(dataclasses.replace(checkpoint, strategy_state=pickle.dumps(state)))
+
+    longer = make_config("cma", generations=2, **extra)
+    with pytest.raises(ResumeError) as error:
+        run_loop(RunDir.open(run.path), longer, layout, FakePool())
+    message = str(error.value)
+    assert "\n" not in message and "pycma 3.0.0" in message and f"pycma {cma.__version__}" in message, message
+    assert len(run.records()) == 4 + 6 * len(tradeoffs or [None])  # nothing evaluated
+
+
+def test_a_pickled_pycma_state_of_older_checkpoints_still_resumes() -> None:
+    """State version 1 (the pickled CMAEvolutionStrategy) resumes exactly, and keeps being written so."""
+    straight = make_strategy(search_config("cma"), DIM, seed=3)
+    for _ in range(3):
+        generation(straight)
+    old = pickle.dumps(straight.es)
+    expected = [generation(straight) for _ in range(4)]
+    resumed = make_strategy(search_config("cma"), DIM, seed=3)
+    resumed.set_state(old)
+    drawn = [generation(resumed) for _ in range(2)]
+    again = make_strategy(search_config("cma"), DIM, seed=3)
+    again.set_state(resumed.get_state())
+    drawn += [generation(again) for _ in range(2)]
+    assert np.array_equal(np.array(drawn), np.array(expected))
+
+
+def test_an_unreadable_optimiser_state_is_one_line() -> None:
+    with pytest.raises(ResumeError, match="^checkpoint: unreadable optimiser state") as error:
+        make_strategy(search_config("cma"), DIM, seed=0).set_state(b"\x80\x04not a pickle")
+    assert "\n" not in str(error.value)

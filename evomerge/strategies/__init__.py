@@ -48,7 +48,11 @@ def default_population(dim: int) -> int:
 def unpickle_state(state: bytes, accepts: Any, strategy: str) -> Any:
     """The checkpointed optimiser state, refused by name when another strategy wrote it (a resume
     forced through a change of search.strategy or search.tradeoffs)."""
-    value = pickle.loads(state)
+    try:
+        value = pickle.loads(state)
+    except Exception as exc:  # noqa: BLE001 - e.g. a class the installed library no longer has
+        raise ResumeError(f"checkpoint: unreadable optimiser state ({type(exc).__name__}: {exc}); resume "
+                          f"with the library versions that started the run".splitlines()[0]) from None
     if not accepts(value):
         raise ResumeError(f"checkpoint: its optimiser state was not written by strategy {strategy}; "
                           f"search.strategy or search.tradeoffs changed since (resume with the original values)")
