@@ -48,7 +48,7 @@ def test_a_tag_is_refused_with_what_to_name_instead(tmp_path) -> None:
 
 def test_a_missing_data_file_names_the_task_and_the_file(tmp_path) -> None:
     folder = tasks_folder(tmp_path, data="gone.jsonl")
-    with pytest.raises(EvalError, match=r"eval.tasks.mc_a: lm-eval could not load it: .*gone.jsonl") as caught:
+    with pytest.raises(EvalError, match=r"eval.tasks.mc_a: data file\(s\) .*gone.jsonl.* not found") as caught:
         check_tasks(config(folder, "mc_a"))
     assert "\n" not in str(caught.value)
 
