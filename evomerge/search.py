@@ -34,8 +34,8 @@ from tqdm import tqdm
 from evomerge import estimate
 from evomerge.config import RunConfig, SearchConfig
 from evomerge.dataflow import DataflowLayout
-from evomerge.estimate import ESTIMATE
 from evomerge.errors import EvalError, ResumeError
+from evomerge.estimate import ESTIMATE
 from evomerge.evaluate import check_tasks
 from evomerge.genome import GenomeLayout, Recipe, reference_recipes
 from evomerge.models.sources import check_sources
