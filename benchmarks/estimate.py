@@ -85,7 +85,7 @@ def main() -> None:
 
     ours = min((v for (p, name), v in best.items() if name.startswith("gp-irt, refit")), default=math.nan)
     body = (f"The demo search space (`search_spaces/demo.yaml`, eval.limit {config.eval.limit}, "
-            f"{len(config.eval.tasks)} tasks, exact match) on {'the quick' if args.quick else 'the demo'} zoo: "
+            f"{len(config.eval.tasks)} tasks, exact match) on {zoo_name(zoo)}: "
             f"the {len(references)} references and, per population, {args.history} + {args.candidates} random "
             f"candidates (uniform in the genome box, or CMA-like: x0 {config.search.x0}, sigma "
             f"{config.search.sigma0}), each scored once on the full limit with every document's result kept. "
@@ -100,6 +100,19 @@ def main() -> None:
               f"(goal >= {GOAL}): {harness.verdict(ours, GOAL)}"
             + (" (undefined)." if math.isnan(ours) else "."))
     harness.write_section(harness.results_path(args), SECTION, host, body)
+
+
+def zoo_name(zoo) -> str:
+    """Which zoo: its folder and training steps (zoo.json), so that results of other zoos are told apart."""
+    import json
+
+    folder = zoo["base"].parent
+    try:
+        recipe = json.loads((folder / "zoo.json").read_text())["recipe"]
+        steps = f"base {recipe['base_steps']} steps, experts {recipe['expert_steps']} steps"
+    except (OSError, KeyError, ValueError):
+        steps = "recipe unknown"
+    return f"the zoo `{folder.name}` ({steps})"
 
 
 def _scored(runner, recipe, index: int) -> np.ndarray:
