@@ -181,7 +181,8 @@ def format_text(summary: dict[str, Any]) -> str:
     tasks = summary["tasks"]
     lines = [f"run {summary['name']}: {summary['trials']} trials, {summary['failed']} failed"]
     if summary.get("subset_only"):
-        lines.append(f"{summary['subset_only']} candidates scored on eval.subsample's subset only "
+        lines.append(f"{summary['subset_only']} candidates scored on eval.subsample's subset or eval.estimate's "
+                     f"anchors only "
                      f"(not promoted): left out of best, means and the Pareto front")
     if summary.get("subsample"):
         lines.append(subset_agreement_line(summary["subsample"]))
