@@ -196,6 +196,28 @@ class SubsampleConfig(_Frozen):
     promote: float = Field(default=0.5, gt=0.0, le=1.0, allow_inf_nan=False)
 
 
+class EstimateConfig(_Frozen):
+    """Cheaper fitness by estimation (evomerge/estimate.py): each candidate is scored on `anchors`
+    documents per task (a count, or a fraction of the task's documents below 1), chosen from the
+    full results of the references (and, with `refit`, of every earlier generation's full-limit
+    candidates); its full quality is estimated (`method`: anchors = the weighted anchor mean; gp-irt
+    = that mixed with an IRT estimate by `mix`, None: chosen by leaving each fitted model out), and
+    the best `promote` share by estimate is scored on the full `eval.limit`."""
+
+    anchors: float = Field(default=0.1, gt=0.0, allow_inf_nan=False)
+    promote: float = Field(default=0.25, gt=0.0, le=1.0, allow_inf_nan=False)
+    refit: bool = True
+    method: Literal["anchors", "gp-irt"] = "gp-irt"
+    mix: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
+
+    @field_validator("anchors")
+    @classmethod
+    def _count_or_fraction(cls, value: float) -> float:
+        if value >= 1.0 and value != int(value):
+            raise ValueError(f"expected a whole number of documents (>= 1) or a fraction below 1, got {value}")
+        return int(value) if value >= 1.0 else value
+
+
 class EvalConfig(_Frozen):
     include_path: list[str] = Field(default_factory=list)
     tasks: list[TaskSpec] = Field(min_length=1)
@@ -203,6 +225,7 @@ class EvalConfig(_Frozen):
     batch_size: int = Field(default=32, ge=1)
     num_fewshot: int | None = Field(default=None, ge=0)
     subsample: SubsampleConfig | None = None  # None: every candidate on the full limit
+    estimate: EstimateConfig | None = None  # None: no estimated fitness (evomerge/estimate.py)
 
     @field_validator("include_path", mode="before")
     @classmethod
@@ -215,6 +238,8 @@ class EvalConfig(_Frozen):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"tasks: each task once (repeated: {', '.join(map(_shown, duplicates))})")
+        if self.subsample is not None and self.estimate is not None:
+            raise ValueError("subsample and estimate: give one of them (both cut the cost of scoring a candidate)")
         if self.subsample is not None and self.limit is not None and self.subset_limit >= self.limit:
             raise ValueError(f"subsample: fraction {self.subsample.fraction} of limit {self.limit} leaves "
                              f"{self.subset_limit} documents per task, expected fewer than the limit")

@@ -377,9 +377,11 @@ class Evaluator:
         self.model = model
         self.clock = ForwardClock([model, *(sources or {}).values()])
 
-    def __call__(self, policy: dict[str, Any] | None = None, limit: int | float | None = None) -> Evaluation:
+    def __call__(self, policy: dict[str, Any] | None = None, limit: int | float | None = None,
+                 documents: tuple[tuple[str, tuple[int, ...]], ...] | None = None) -> Evaluation:
         """Scores of the merged model alone (policy None) or of a policy {"kind", "members", "params"},
-        on the first `limit` documents of each task (lm-eval's `limit`; None: `eval.limit`)."""
+        on the first `limit` documents of each task (lm-eval's `limit`; None: `eval.limit`), or with
+        `documents` on exactly those document indices per task (lm-eval's `samples`)."""
         from lm_eval.evaluator import evaluate
 
         from evomerge.flops import CostModel
@@ -397,7 +399,9 @@ class Evaluator:
         lm.stats.reset()
         self.clock.reset()
         start = time.perf_counter()
-        results = evaluate(lm=lm, task_dict=self.tasks, limit=self.config.limit if limit is None else limit,
+        chosen = {task: sorted(docs) for task, docs in documents} if documents is not None else None
+        results = evaluate(lm=lm, task_dict=self.tasks, samples=chosen,
+                           limit=None if chosen is not None else self.config.limit if limit is None else limit,
                            bootstrap_iters=0, log_samples=True, verbosity="ERROR")
         seconds = self.clock.split(start, time.perf_counter())
         scores = {task.name: read_score(results, task) for task in self.config.tasks}

@@ -188,7 +188,8 @@ def pick_trial(run: RunDir, trial_id: int | None) -> dict[str, Any]:
     if record["state"] == TrialState.FAILED.value:
         raise ConfigError(f"--trial: trial {trial_id} FAILED ({record['error']}); pick a completed one")
     if record["state"] == TrialState.PRUNED.value:
-        raise ConfigError(f"--trial: trial {trial_id} was scored on eval.subsample's subset only (pruned); "
+        raise ConfigError(f"--trial: trial {trial_id} was scored on eval.subsample's subset or "
+                          f"eval.estimate's anchors only (pruned); "
                           f"pick a completed one")
     return records[trial_id]
 

@@ -78,6 +78,10 @@ def summarize(records: list[dict[str, Any]], config: RunConfig) -> dict[str, Any
                                    "limits": sorted({str((r.get("sample") or {}).get("limit")) for r in elsewhere})}
     if config.eval.subsample is not None:
         summary["subsample"] = agreement(records)
+    if config.eval.estimate is not None:
+        from evomerge import estimate
+
+        summary["estimate"] = estimate.agreement(records)
     if config.policy.kind == Cascade.kind and len(config.policy.members) == 2:
         summary["routellm"] = cascade_gap(records, *config.policy.members)
     return summary
@@ -177,10 +181,15 @@ def format_text(summary: dict[str, Any]) -> str:
     tasks = summary["tasks"]
     lines = [f"run {summary['name']}: {summary['trials']} trials, {summary['failed']} failed"]
     if summary.get("subset_only"):
-        lines.append(f"{summary['subset_only']} candidates scored on eval.subsample's subset only "
+        lines.append(f"{summary['subset_only']} candidates scored on eval.subsample's subset or eval.estimate's "
+                     f"anchors only "
                      f"(not promoted): left out of best, means and the Pareto front")
     if summary.get("subsample"):
         lines.append(subset_agreement_line(summary["subsample"]))
+    if summary.get("estimate"):
+        from evomerge.estimate import agreement_line
+
+        lines.append(agreement_line(summary["estimate"]))
     lines += sample_lines(summary)
     lines.append("")
     # one space before every column, so that wide values (a perplexity in the thousands) stay apart

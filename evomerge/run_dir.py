@@ -6,6 +6,7 @@
       genome.dfs.json   the genome of a dfs stage that follows a ps stage (written when it starts)
       journal.jsonl     one line per finished trial, appended, flushed and fsynced
       subsample.jsonl   with eval.subsample: each candidate's subset score (evomerge/racing.py), appended likewise
+      estimate.jsonl    with eval.estimate: each candidate's anchor results and estimate (evomerge/estimate.py)
       checkpoint.pkl    optimiser + RNG state after the last finished generation (temp file + rename)
       summary.json      best trial, references, per-generation stats (rewritten each generation)
       run.log           the driver's log

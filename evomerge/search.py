@@ -31,9 +31,11 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 from tqdm import tqdm
 
+from evomerge import estimate
 from evomerge.config import RunConfig, SearchConfig
 from evomerge.dataflow import DataflowLayout
 from evomerge.errors import EvalError, ResumeError
+from evomerge.estimate import ESTIMATE
 from evomerge.evaluate import check_tasks
 from evomerge.genome import GenomeLayout, Recipe, reference_recipes
 from evomerge.models.sources import check_sources
@@ -215,7 +217,8 @@ def run_stage(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLay
             strategy.set_state(checkpoint.strategy_state)
             generation = checkpoint.generation
             logger.info("resuming %s after generation %d", run.path, generation - 1)
-    steady = strategy.lookahead and config.search.dispatch == "steady" and config.eval.subsample is None
+    steady = (strategy.lookahead and config.search.dispatch == "steady" and config.eval.subsample is None
+              and config.eval.estimate is None)
     ahead = checkpoint.ahead if checkpoint is not None and checkpoint.stage == index else None
     journal = run.finished()
     first = True
@@ -244,7 +247,10 @@ def run_stage(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLay
             journal.pop(trial_id, None)
         first = False
 
-        if config.eval.subsample is None:
+        if config.eval.estimate is not None:  # anchors for all candidates, the best share on the full limit
+            fitness, told = estimate.race(config.eval, workers.get(), trials, candidates, journal, run, generation,
+                                          window[0], partial(evaluate, retry=retry))
+        elif config.eval.subsample is None:
             results = evaluate(workers.get(), trials + candidates, journal, run, generation, retry=retry,
                                then=upcoming)
             told = [results[trial.id] for trial in candidates]
@@ -308,7 +314,8 @@ def stalled(run: RunDir, config: RunConfig, trials: list[Trial], candidates: lis
     user fixed the cause, and so do the failed trials of the next generation (`upcoming`) that
     steady dispatch had started meanwhile. An uninterrupted run never gets past such a
     generation, so resuming still ends with its journal."""
-    file = JOURNAL if config.eval.subsample is None else SUBSAMPLE  # where a candidate's first result is
+    # where a candidate's first result is
+    file = SUBSAMPLE if config.eval.subsample is not None else ESTIMATE if config.eval.estimate is not None else JOURNAL
     first = run.finished(file)
     if not candidates or any(first.get(trial.id, {}).get("state") != "failed" for trial in candidates):
         return set()

@@ -42,7 +42,8 @@ from evomerge.trial import TrialState
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "tracking.json"
-REPORT_FILES = ("summary.json", "config.yaml", "journal.jsonl", "subsample.jsonl", "report.md", "pareto.png",
+REPORT_FILES = ("summary.json", "config.yaml", "journal.jsonl", "subsample.jsonl", "estimate.jsonl",
+                "report.md", "pareto.png",
                 "progress.png")
 
 

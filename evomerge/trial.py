@@ -32,6 +32,9 @@ class Trial:
     genome: tuple[float, ...] | None = None  # None for reference trials (sources, uniform merge)
     limit: int | float | None = None  # lm-eval's limit for this evaluation; None: eval.limit (evomerge/racing.py)
     stage: str = "ps"  # the search stage (config.stages) that proposed it
+    # ((task, document indices), ...): scored on exactly these documents (eval.estimate's anchors,
+    # evomerge/estimate.py) instead of the first `limit`; None: the limit's documents
+    documents: tuple[tuple[str, tuple[int, ...]], ...] | None = None
 
     @property
     def label(self) -> str | None:

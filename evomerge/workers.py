@@ -124,7 +124,7 @@ class CandidateRunner:
                 evaluator = self.flow_evaluator
             merged = time.perf_counter()
             with torch.inference_mode():
-                evaluation = evaluator(trial.recipe.policy, limit=trial.limit)
+                evaluation = evaluator(trial.recipe.policy, limit=trial.limit, documents=trial.documents)
             done = time.perf_counter()
             value = quality(evaluation.scores, list(self.config.eval.tasks))
             if not math.isfinite(value):

@@ -168,3 +168,13 @@ def test_search_efficiency_dispatch_pairs_quick(tmp_path, zoo) -> None:
         assert re.search(rf"\| random \({mode}\) \| (> )?\d+ \|", section), section
     assert "0.5000 (given; the best any of these runs found:" in section
     assert "<!-- begin Search efficiency -->" not in text  # the plain table is left alone
+
+
+@pytest.mark.slow
+def test_estimate_quick(tmp_path, zoo) -> None:
+    out, text = run_quick("estimate.py", tmp_path, "--zoo", str(zoo["base"].parent))
+    section = check_section(text, "6c. Cheaper fitness: anchor estimates (eval.estimate)", "estimate.py")
+    for population in ("uniform", "cma-like"):  # per cost share: subsample, random and the four estimators
+        for name in ("subsample (first)", "random (mean)", "anchors, refs", "gp-irt, refit"):
+            assert re.search(rf"\| {population} \| 10% \| {re.escape(name)} \|( [^|]+ \|){{3}}", section), section
+    assert "gp-irt with refit at <= 10% cost: Spearman" in section

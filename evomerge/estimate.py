@@ -1,0 +1,385 @@
+"""Cheaper fitness (`eval.estimate`): each candidate scored on a few anchor documents, its full score estimated.
+
+Facts this follows (tinyBenchmarks, Polo et al., ICML 2024; MERGE3, arXiv 2502.10436):
+
+- *Anchor documents* are chosen from how models already scored on every document: documents are
+  clustered by their correctness pattern across those models, one representative per cluster (the
+  document nearest its cluster's centre) is kept, weighted by its cluster's share of the documents.
+  The weighted mean of a model's anchor results estimates its full mean.
+- *gp-IRT*: a two-parameter logistic item-response model (per document a discrimination `a_j` and an
+  easiness `c_j`, per model an ability `theta`: P(right) = sigmoid(a_j theta + c_j)) fitted on the same
+  data; a new model's ability is fitted on its anchor results only, and its full mean estimated as
+  (observed anchor results + predicted probabilities of every other document) / n. The final estimate
+  mixes the two: lambda x anchor mean + (1 - lambda) x IRT estimate; lambda is chosen by leaving each
+  fitted model out in turn (the value on a fixed grid with the least squared error), unless given.
+
+Here the models are the run's own: generation 0's references (sources and uniform merge, always scored
+on the full limit) and, with `refit`, every candidate promoted to the full limit in an earlier
+generation. The anchors of generation g are a function of the journal's full records of generations
+before g (and of the references), fitted by deterministic steps (no random draws): a seeded run repeats
+them, and a resumed run recomputes the same anchors from its journal.
+
+One generation (`race`): every candidate is scored on the anchors only (lm-eval's `samples`: exactly
+those documents), each gets an estimated quality, and the best `promote` share by estimate is scored on
+the full limit, as evomerge/racing.py promotes by subset quality; the optimiser's losses follow racing's
+rule. `estimate.jsonl` receives every anchor result (read back at resume); `journal.jsonl` has the
+promoted candidates as `complete` (measured quality, `estimate` kept beside it) and the others as
+`pruned` with `estimate` (their quality is the estimate: never ranked, on the front or exported).
+Per-document values are the task metric's values (0/1 for exact match and acc, any number in [0, 1]
+otherwise, read as a probability by the IRT fit); quality is the weighted, signed mean of the per-task
+estimates, as evaluate.quality computes it from measured scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from typing import Any, Callable
+
+import numpy as np
+
+from evomerge.config import EvalConfig
+from evomerge.errors import EvalError
+from evomerge.racing import fitness, full_line, promoted, spearman
+from evomerge.run_dir import JOURNAL, RunDir
+from evomerge.samples import decode
+from evomerge.trial import Trial, TrialResult, TrialState, record
+
+ESTIMATE = "estimate.jsonl"
+MIX_GRID = tuple(i / 10 for i in range(11))
+IRT_STEPS = 400
+IRT_RATE = 2.0
+PRIOR = 1.0  # the Gaussian prior's precision on abilities, discriminations and easiness (keeps all-right items finite)
+ABILITY_GRID = np.linspace(-6.0, 6.0, 481)
+
+
+# -- the estimator ------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TaskAnchors:
+    """One task's anchors: document indices (sorted), their weights (summing to 1), the number of
+    documents of the full limit, the IRT item parameters (None: anchor mean only) and lambda."""
+
+    documents: tuple[int, ...]
+    weights: tuple[float, ...]
+    size: int
+    discrimination: tuple[float, ...] | None = None
+    easiness: tuple[float, ...] | None = None
+    mix: float = 1.0
+
+    def estimate(self, observed: list[float]) -> float:
+        """The task's full mean from the anchor documents' values (in `documents` order)."""
+        y = np.asarray(observed, dtype=float)
+        if len(y) != len(self.documents):
+            raise EvalError(f"estimate: {len(y)} anchor results for {len(self.documents)} anchor documents")
+        anchor_mean = float(np.dot(self.weights, y))
+        if self.discrimination is None or self.mix >= 1.0:
+            return anchor_mean
+        a, c = np.asarray(self.discrimination), np.asarray(self.easiness)
+        return self.mix * anchor_mean + (1.0 - self.mix) * irt_mean(y, list(self.documents), a, c)
+
+
+@dataclasses.dataclass(frozen=True)
+class Anchors:
+    tasks: dict[str, TaskAnchors]
+    fitted_on: tuple[int, ...]  # the trials whose full results chose them
+
+    def documents(self) -> dict[str, list[int]]:
+        return {task: list(anchors.documents) for task, anchors in self.tasks.items()}
+
+    def cost(self) -> float:
+        """Anchor documents over full-limit documents, all tasks together."""
+        return sum(len(a.documents) for a in self.tasks.values()) / sum(a.size for a in self.tasks.values())
+
+    def estimates(self, per_doc: dict[str, Any]) -> dict[str, float]:
+        """Per task, the estimated full mean of the metric from an anchor evaluation's per-document values."""
+        return {task: anchors.estimate(decode(per_doc[task])) for task, anchors in self.tasks.items()}
+
+    def digest(self) -> str:
+        text = ";".join(f"{t}:{','.join(map(str, a.documents))}" for t, a in sorted(self.tasks.items()))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def anchor_count(anchors: int | float, size: int) -> int:
+    """Anchors of a task of `size` documents: a count (at most size) or a fraction (rounded up, at least 1)."""
+    if isinstance(anchors, float) and anchors < 1.0:
+        return max(1, math.ceil(round(anchors * size, 9)))
+    return max(1, min(size, int(anchors)))
+
+
+def fit(matrices: dict[str, np.ndarray], anchors: int | float, method: str = "gp-irt", mix: float | None = None,
+        fitted_on: tuple[int, ...] = ()) -> Anchors:
+    """Anchors per task from `matrices[task]`: models x documents of full-limit per-document values."""
+    tasks = {}
+    for task, values in matrices.items():
+        values = np.asarray(values, dtype=float)
+        documents, weights = choose(values, anchor_count(anchors, values.shape[1]))
+        plain = TaskAnchors(tuple(documents), tuple(weights), values.shape[1])
+        if method == "anchors":
+            tasks[task] = plain
+            continue
+        a, c, _ = fit_irt(values)
+        chosen = mix if mix is not None else choose_mix(values, documents, weights)
+        tasks[task] = dataclasses.replace(plain, discrimination=tuple(map(float, a)), easiness=tuple(map(float, c)),
+                                          mix=float(chosen))
+    return Anchors(tasks, tuple(fitted_on))
+
+
+def choose(values: np.ndarray, k: int) -> tuple[list[int], list[float]]:
+    """k anchor documents of a models x documents matrix and their weights (summing to 1).
+
+    The documents' correctness patterns (columns) are clustered by k-means into at most k clusters (no
+    more than there are distinct patterns), started from farthest points (the first: the document
+    nearest the mean pattern; ties by index), 50 Lloyd steps. The k anchors are shared among the
+    clusters in proportion to their sizes (largest remainder, at least one each); a cluster's anchors
+    are its documents nearest its centre, ties spread evenly over the cluster in index order, each
+    weighted by its share of the cluster's documents. No random draws."""
+    points = values.T  # documents x models
+    n = len(points)
+    k = min(k, n)
+    clusters = min(k, len(np.unique(points, axis=0)))
+    centre = points.mean(axis=0)
+    chosen = [int(np.argmin(((points - centre) ** 2).sum(axis=1)))]
+    distance = ((points - points[chosen[0]]) ** 2).sum(axis=1)
+    while len(chosen) < clusters:
+        pick = int(np.argmax(distance))  # the first farthest: a pattern not chosen yet
+        chosen.append(pick)
+        distance = np.minimum(distance, ((points - points[pick]) ** 2).sum(axis=1))
+    centres = points[chosen].astype(float)
+    for _ in range(50):
+        label = np.argmin(((points[:, None, :] - centres[None]) ** 2).sum(axis=2), axis=1)
+        moved = np.array([points[label == j].mean(axis=0) if (label == j).any() else centres[j]
+                          for j in range(clusters)])
+        if np.allclose(moved, centres):
+            break
+        centres = moved
+    label = np.argmin(((points[:, None, :] - centres[None]) ** 2).sum(axis=2), axis=1)
+    groups = [np.flatnonzero(label == j) for j in range(clusters)]
+    groups = [g for g in groups if len(g)]
+    share = _allocate([len(g) for g in groups], k)
+    documents, weights = [], []
+    for group, count, j in zip(groups, share, range(len(groups))):
+        gap = ((points[group] - points[group].mean(axis=0)) ** 2).sum(axis=1)
+        levels = np.unique(np.round(gap, 12))
+        picked: list[int] = []
+        for level in levels:  # the nearest first; within one distance, evenly spread in index order
+            tied = group[np.round(gap, 12) == level]
+            need = min(count - len(picked), len(tied))
+            picked += [int(tied[int((i + 0.5) * len(tied) / need)]) for i in range(need)]
+            if len(picked) == count:
+                break
+        documents += picked
+        weights += [len(group) / count / n] * count
+    order = np.argsort(documents)
+    return [documents[i] for i in order], [weights[i] for i in order]
+
+
+def _allocate(sizes: list[int], k: int) -> list[int]:
+    """k items shared in proportion to `sizes`: at least one each (k >= len(sizes)), at most the size,
+    the rest by largest remainder (ties to the earlier)."""
+    share = [1] * len(sizes)
+    total = sum(sizes)
+    while sum(share) < k:
+        want = [k * size / total - have if have < size else -math.inf for size, have in zip(sizes, share)]
+        share[int(np.argmax(want))] += 1
+    return share
+
+
+def fit_irt(values: np.ndarray, steps: int = IRT_STEPS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A 2PL model of a models x documents matrix of values in [0, 1] (read as probabilities of a right
+    answer): discrimination a (documents), easiness c (documents), ability theta (models), by full-batch
+    gradient ascent on the log-likelihood with a Gaussian prior on every parameter, from a deterministic
+    start (theta: standardised model means; a: 1; c: the smoothed logit of each document's mean)."""
+    y = np.clip(np.asarray(values, dtype=float), 0.0, 1.0)
+    m, n = y.shape
+    means = y.mean(axis=1)
+    theta = (means - means.mean()) / (means.std() or 1.0)
+    a = np.ones(n)
+    p0 = (y.sum(axis=0) + 0.5) / (m + 1.0)
+    c = np.log(p0 / (1 - p0))
+    for _ in range(steps):
+        p = _sigmoid(theta[:, None] * a[None] + c[None])
+        r = y - p
+        g_theta = (r * a[None]).mean(axis=1) - PRIOR * theta / n
+        g_a = (r * theta[:, None]).mean(axis=0) - PRIOR * (a - 1.0) / m
+        g_c = r.mean(axis=0) - PRIOR * c / m
+        theta, a, c = theta + IRT_RATE * g_theta, a + IRT_RATE * g_a, c + IRT_RATE * g_c
+    return a, c, theta
+
+
+def ability(observed: np.ndarray, a: np.ndarray, c: np.ndarray) -> float:
+    """The MAP ability (standard normal prior) of a model given its values on the documents with
+    parameters (a, c): the best point of a fixed grid (deterministic, no optimiser state)."""
+    p = _sigmoid(ABILITY_GRID[:, None] * a[None] + c[None])
+    p = np.clip(p, 1e-9, 1 - 1e-9)
+    log_post = (observed[None] * np.log(p) + (1 - observed[None]) * np.log(1 - p)).sum(axis=1) - ABILITY_GRID ** 2 / 2
+    return float(ABILITY_GRID[int(np.argmax(log_post))])
+
+
+def irt_mean(observed: np.ndarray, documents: list[int], a: np.ndarray, c: np.ndarray) -> float:
+    """(observed anchor values + the IRT's predicted values of every other document) / documents."""
+    theta = ability(observed, a[documents], c[documents])
+    predicted = _sigmoid(theta * a + c)
+    predicted[documents] = observed
+    return float(predicted.mean())
+
+
+def choose_mix(values: np.ndarray, documents: list[int], weights: list[float]) -> float:
+    """lambda by leaving each model out: the IRT fitted on the others, the left-out model's anchor mean
+    and IRT estimate against its real mean; the grid value with the least squared error (the larger on ties)."""
+    m = values.shape[0]
+    if m < 3:
+        return 1.0
+    anchor, irt, truth = [], [], []
+    for i in range(m):
+        rest = np.delete(values, i, axis=0)
+        a, c, _ = fit_irt(rest, steps=IRT_STEPS // 2)
+        y = values[i, documents]
+        anchor.append(float(np.dot(weights, y)))
+        irt.append(irt_mean(y, documents, a, c))
+        truth.append(float(values[i].mean()))
+    anchor_v, irt_v, truth_v = map(np.asarray, (anchor, irt, truth))
+    errors = [float((((lam * anchor_v + (1 - lam) * irt_v) - truth_v) ** 2).mean()) for lam in MIX_GRID]
+    best = min(errors)
+    return max(lam for lam, e in zip(MIX_GRID, errors) if e <= best + 1e-15)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -30, 30)))
+
+
+def estimated_quality(estimates: dict[str, float], weights: dict[str, float], higher: dict[str, bool]) -> float:
+    """The weighted quality (evaluate.quality's formula) from per-task estimated metrics."""
+    total = sum(weights.values())
+    return sum(w * (estimates[t] if higher.get(t, True) else -estimates[t]) for t, w in weights.items()) / total
+
+
+# -- rank agreement -------------------------------------------------------------------------------
+
+def kendall(a: list[float], b: list[float]) -> float | None:
+    """Kendall's tau-b; None below 3 values or for a constant side."""
+    if len(a) < 3:
+        return None
+    concordant = discordant = ties_a = ties_b = 0
+    for i in range(len(a)):
+        for j in range(i + 1, len(a)):
+            da, db = np.sign(a[i] - a[j]), np.sign(b[i] - b[j])
+            if da == 0 and db == 0:
+                continue
+            if da == 0:
+                ties_a += 1
+            elif db == 0:
+                ties_b += 1
+            elif da == db:
+                concordant += 1
+            else:
+                discordant += 1
+    denominator = math.sqrt((concordant + discordant + ties_a) * (concordant + discordant + ties_b))
+    return (concordant - discordant) / denominator if denominator > 0 else None
+
+
+def agreement(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The estimator's error on the promoted candidates (estimate before promotion vs measured full
+    quality): pairs, Spearman, Kendall, mean absolute error. Like racing.agreement, these are each
+    generation's best by estimate: a narrow range of quality, harder to rank than all candidates."""
+    pairs = [(r["estimate"]["quality"], r["quality"]) for r in records
+             if r.get("state") == "complete" and isinstance(r.get("estimate"), dict)]
+    est, full = [p[0] for p in pairs], [p[1] for p in pairs]
+    return {"pairs": len(pairs), "spearman": spearman(est, full), "kendall": kendall(est, full),
+            "mae": float(np.mean(np.abs(np.subtract(est, full)))) if pairs else None}
+
+
+def agreement_line(found: dict[str, Any]) -> str:
+    if found["spearman"] is None:
+        return (f"estimate vs full limit: {found['pairs']} promoted candidates scored on both, too few (or all "
+                f"equal) for a rank correlation")
+    return (f"estimate vs full limit: Spearman {found['spearman']:.2f}, Kendall {found['kendall']:.2f}, mean "
+            f"absolute error {found['mae']:.4f} over the {found['pairs']} promoted candidates scored on both "
+            f"(low: raise eval.estimate.anchors)")
+
+
+# -- the run's anchors and one generation -----------------------------------------------------------
+
+def matrices(records: list[dict[str, Any]], tasks: list[str]) -> tuple[dict[str, np.ndarray], tuple[int, ...]]:
+    """Per task, models x documents of the full-limit per-document values of `records` (complete ones
+    with per_doc for every task, all of one length per task); and their trial ids, in id order."""
+    usable = sorted((r for r in records if r.get("state") == "complete"
+                     and all(t in (r.get("per_doc") or {}) for t in tasks)), key=lambda r: r["trial"])
+    if not usable:
+        return {}, ()
+    sizes = {task: len(decode(usable[0]["per_doc"][task])) for task in tasks}
+    usable = [r for r in usable if all(len(decode(r["per_doc"][t])) == sizes[t] for t in tasks)]
+    return ({task: np.array([decode(r["per_doc"][task]) for r in usable]) for task in tasks},
+            tuple(r["trial"] for r in usable))
+
+
+def run_anchors(eval_config: EvalConfig, records: list[dict[str, Any]], generation: int, first: int) -> Anchors:
+    """The anchors of `generation` (of a stage whose first generation is `first`): fitted on the full
+    results of the stage's references and, with refit, of every earlier generation's full-limit trials."""
+    settings = eval_config.estimate
+    tasks = [task.name for task in eval_config.tasks]
+    limit = eval_config.limit
+    basis = [r for r in records if r.get("generation", 0) >= first and r.get("state") == "complete"
+             and (r.get("sample") or {}).get("limit", limit) == limit
+             and (r.get("label") is not None and r["generation"] == first
+                  or settings.refit and r.get("label") is None and r["generation"] < generation)]
+    found, ids = matrices(basis, tasks)
+    if len(ids) < 2:
+        raise EvalError(f"eval.estimate: anchors need the full per-document results of at least 2 scored models "
+                        f"(the references: search.references must be true), found {len(ids)}; every task's metric "
+                        f"must be a mean of per-document scores")
+    return fit(found, settings.anchors, settings.method, settings.mix, ids)
+
+
+def race(eval_config: EvalConfig, pool: Any, references: list[Trial], candidates: list[Trial],
+         journal: dict[int, dict], run: RunDir, generation: int, first: int,
+         evaluate: Callable[..., dict[int, TrialResult]]) -> tuple[list[float], list[TrialResult]]:
+    """Score one generation: references on the full limit, candidates on the anchors, the best share
+    by estimated quality on the full limit; the candidates' losses and results (racing's rule)."""
+    settings = eval_config.estimate
+    if references:
+        evaluate(pool, references, journal, run, generation)
+    anchors = run_anchors(eval_config, run.records(), generation, first)
+    documents = tuple((task, tuple(docs)) for task, docs in anchors.documents().items())
+    run.repair_journal(ESTIMATE)
+    cheap = [dataclasses.replace(trial, documents=documents) for trial in candidates]
+    weights = {task.name: task.weight for task in eval_config.tasks}
+    spec_higher = {task.name: task.higher_is_better for task in eval_config.tasks}
+
+    def estimated(result: TrialResult) -> TrialResult:
+        if not result.ok:
+            return result
+        higher = {t: (spec_higher[t] if spec_higher[t] is not None else
+                      (result.sample or {}).get("higher_is_better", {}).get(t, True)) for t in weights}
+        value = estimated_quality(anchors.estimates(result.per_doc), weights, higher)
+        return dataclasses.replace(result, quality=value)
+
+    def line(trial: Trial, result: TrialResult) -> dict[str, Any]:
+        entry = {**record(trial, result), "anchors": anchors.digest(), "fitted_on": list(anchors.fitted_on)}
+        if result.ok:
+            entry["estimate"] = {"quality": estimated(result).quality, "anchor_quality": result.quality,
+                                 "method": settings.method, "cost": anchors.cost()}
+        return entry
+
+    raw = evaluate(pool, cheap, run.finished(ESTIMATE), run, generation, line=line, file=ESTIMATE)
+    guessed = {trial.id: estimated(raw[trial.id]) for trial in candidates}
+    chosen = promoted(candidates, guessed, settings.promote)
+    for trial in cheap:
+        if trial.id not in chosen and trial.id not in journal:
+            entry = line(trial, raw[trial.id])
+            if raw[trial.id].ok:
+                entry.update(state=TrialState.PRUNED.value, quality=entry["estimate"]["quality"])
+            run.append(entry, JOURNAL)
+    climbing = [trial for trial in candidates if trial.id in chosen]
+
+    def full(trial: Trial, result: TrialResult) -> dict[str, Any]:
+        entry = full_line(trial, result, eval_config.limit, None, None)
+        entry["estimate"] = {"quality": guessed[trial.id].quality, "anchors": anchors.digest(),
+                             "method": settings.method}
+        return entry
+
+    measured = evaluate(pool, climbing, journal, run, generation, line=full)
+    losses = fitness([guessed[trial.id] for trial in candidates], [measured.get(trial.id) for trial in candidates],
+                     generation)
+    return losses, [measured.get(trial.id) or guessed[trial.id] for trial in candidates]

@@ -1,0 +1,196 @@
+"""eval.estimate (evomerge/estimate.py): anchors, estimates, the journal, resume.
+
+The loop is the real one; the pool is a deterministic fake with per-document results (a document is
+right when the trial's fake ability, plus a per-(trial, document) wobble, beats its difficulty), and
+scores exactly the documents a trial names."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evomerge import estimate
+from evomerge.config import validate
+from evomerge.errors import ConfigError
+from evomerge.genome import GenomeLayout
+from evomerge.run_dir import RunDir, canonical
+from evomerge.samples import encode, sample_of
+from evomerge.search import run_loop
+from evomerge.trial import TrialResult, TrialState
+
+from fakes import FakePool, make_config
+
+BOUNDS = {"weight": (0.0, 1.5), "density": (0.1, 1.0), "t": (0.0, 1.0)}
+DOCS = 100
+DIFFICULTY = np.random.default_rng(7).random(DOCS) * 1.2 - 0.3  # fixed per document
+
+
+def estimate_config(generations: int = 4, anchors=10, promote: float = 0.34, **more):
+    raw = make_config("cma", generations).to_yaml_dict()
+    raw["eval"].update(limit=DOCS, estimate={"anchors": anchors, "promote": promote, **more})
+    return validate(raw)
+
+
+class DocPool(FakePool):
+    """FakePool with per-document 0/1 results; a trial with `documents` is scored on those only."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.scored: list[tuple[int, int]] = []  # (trial, documents scored)
+
+    def result(self, trial) -> TrialResult:
+        base = super().result(trial)
+        if not base.ok:
+            return base
+        wobble = 0.15 * np.sin(13.0 * trial.id + 7.1 * np.arange(DOCS))
+        values = (base.quality + wobble > DIFFICULTY).astype(float)
+        docs = list(range(DOCS)) if trial.documents is None else list(dict(trial.documents)["t"])
+        kept = values[docs]
+        self.scored.append((trial.id, len(docs)))
+        return TrialResult(trial.id, TrialState.COMPLETE, quality=float(kept.mean()), metrics={"t": float(kept.mean())},
+                           flops=base.flops, seconds=base.seconds, worker="fake",
+                           sample=sample_of(DOCS, {"t": [(d, str(d)) for d in docs]}),
+                           per_doc={"t": encode(kept.tolist())})
+
+
+def start(tmp_path: Path, config, name: str = "run") -> tuple[RunDir, GenomeLayout]:
+    layout = GenomeLayout.build("task_arithmetic", "layer", 3, 2, BOUNDS)
+    return RunDir.create(tmp_path / name, config, layout.describe()), layout
+
+
+# -- the estimator ---------------------------------------------------------------------------------
+
+def _models(count: int = 8, docs: int = 60, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    ability, difficulty = rng.normal(size=count), rng.normal(size=docs)
+    return (rng.random((count, docs)) < 1 / (1 + np.exp(-(ability[:, None] - difficulty[None])))).astype(float)
+
+
+def test_anchors_are_deterministic_and_weights_sum_to_one() -> None:
+    values = _models()
+    first, again = estimate.fit({"t": values}, 6), estimate.fit({"t": values.copy()}, 6)
+    assert first == again
+    anchors = first.tasks["t"]
+    assert len(anchors.documents) == 6 and list(anchors.documents) == sorted(set(anchors.documents))
+    assert math.isclose(sum(anchors.weights), 1.0)
+    assert estimate.fit({"t": values}, 0.1).tasks["t"].documents.__len__() == 6  # a fraction of 60
+
+
+@pytest.mark.parametrize("method", ["anchors", "gp-irt"])
+def test_estimate_is_exact_when_every_document_is_an_anchor(method: str) -> None:
+    values = _models(docs=20)
+    fitted = estimate.fit({"t": values}, 20, method=method)
+    assert fitted.tasks["t"].documents == tuple(range(20))
+    for row in _models(count=3, docs=20, seed=9):
+        assert math.isclose(fitted.tasks["t"].estimate(list(row)), row.mean(), abs_tol=1e-12)
+
+
+def test_gp_irt_mixes_anchor_mean_and_irt_by_lambda() -> None:
+    values = _models(count=12, docs=80)
+    plain = estimate.fit({"t": values}, 8, method="anchors").tasks["t"]
+    irt_only = estimate.fit({"t": values}, 8, method="gp-irt", mix=0.0).tasks["t"]
+    half = estimate.fit({"t": values}, 8, method="gp-irt", mix=0.5).tasks["t"]
+    y = values[3, list(plain.documents)].tolist()
+    a, b = plain.estimate(y), irt_only.estimate(y)
+    assert a != b
+    assert math.isclose(half.estimate(y), 0.5 * a + 0.5 * b)
+    # the IRT part keeps the observed anchors as they are: (observed + predicted others) / n
+    predicted = estimate.irt_mean(np.array(y), list(plain.documents), np.array(irt_only.discrimination),
+                                  np.array(irt_only.easiness))
+    assert math.isclose(b, predicted)
+    chosen = estimate.fit({"t": values}, 8).tasks["t"].mix
+    assert chosen in estimate.MIX_GRID
+
+
+def test_irt_ranks_models_by_ability() -> None:
+    values = _models(count=10, docs=200)
+    _, _, theta = estimate.fit_irt(values)
+    assert estimate.kendall(list(theta), list(values.mean(axis=1))) > 0.8
+
+
+def test_weighted_quality_from_per_task_estimates() -> None:
+    value = estimate.estimated_quality({"a": 0.5, "b": 0.2}, {"a": 1.0, "b": 3.0}, {"a": True, "b": False})
+    assert math.isclose(value, (0.5 - 3 * 0.2) / 4)
+
+
+def test_kendall() -> None:
+    assert estimate.kendall([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert estimate.kendall([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    assert estimate.kendall([1, 2], [1, 2]) is None
+
+
+@pytest.mark.parametrize("eval_extra, message", [
+    ({"subsample": {}, "estimate": {}}, "eval: subsample and estimate: give one of them"),
+    ({"estimate": {"anchors": 2.5}}, "eval.estimate.anchors: expected a whole number of documents"),
+    ({"estimate": {"method": "mp-irt"}}, "eval.estimate.method"),
+])
+def test_bad_estimate_config_is_one_line(eval_extra, message) -> None:
+    raw = make_config().to_yaml_dict()
+    raw["eval"].update(limit=100, **eval_extra)
+    with pytest.raises(ConfigError) as error:
+        validate(raw)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+# -- through the real loop ----------------------------------------------------------------------------
+
+def test_estimate_run_scores_anchors_promotes_and_ranks_measured_only(tmp_path: Path) -> None:
+    config = estimate_config()
+    run, layout = start(tmp_path, config)
+    pool = DocPool()
+    summary = run_loop(run, config, layout, pool)
+    records = run.records()
+    references = [r for r in records if r["label"] is not None]
+    assert references and all(r["state"] == "complete" and r["sample"]["documents"] == {"t": DOCS}
+                              for r in references)
+    pruned = [r for r in records if r["state"] == "pruned"]
+    complete = [r for r in records if r["state"] == "complete" and r["label"] is None]
+    assert pruned and complete
+    assert all("estimate" in r and r["quality"] == r["estimate"]["quality"] for r in pruned)
+    assert all(r["estimate"]["quality"] is not None and r["sample"]["documents"] == {"t": DOCS} for r in complete)
+    per_generation = {}
+    for r in complete:
+        per_generation[r["generation"]] = per_generation.get(r["generation"], 0) + 1
+    assert set(per_generation.values()) == {math.ceil(0.34 * 6)}
+    # every candidate first on the 10 anchors; the promoted ones again on all documents
+    anchor_runs = [n for _, n in pool.scored if n < DOCS]
+    assert len(anchor_runs) == 6 * 4 and set(anchor_runs) == {10}
+    assert summary["best"]["trial"] in {r["trial"] for r in complete + references}
+    assert summary["estimate"]["pairs"] == len(complete)
+    assert summary["estimate"]["spearman"] is not None and summary["estimate"]["mae"] is not None
+    lines = run.records(estimate.ESTIMATE)
+    assert len(lines) == 24 and len({tuple(line["fitted_on"]) for line in lines}) == 4  # refit each generation
+
+
+def test_without_refit_the_anchors_stay(tmp_path: Path) -> None:
+    config = estimate_config(generations=3, refit=False)
+    run, layout = start(tmp_path, config)
+    run_loop(run, config, layout, DocPool())
+    assert len({line["anchors"] for line in run.records(estimate.ESTIMATE)}) == 1
+
+
+def test_seeded_estimate_run_repeats(tmp_path: Path) -> None:
+    config = estimate_config(generations=3)
+    runs = []
+    for name in ("a", "b"):
+        run, layout = start(tmp_path, config, name)
+        run_loop(run, config, layout, DocPool())
+        runs.append((canonical(run.records()), canonical(run.records(estimate.ESTIMATE))))
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("stop_after", [3, 10, 18])
+def test_resume_mid_generation_equals_uninterrupted(tmp_path: Path, stop_after: int) -> None:
+    config = estimate_config(generations=3)
+    run, layout = start(tmp_path, config, "whole")
+    run_loop(run, config, layout, DocPool())
+    expected, expected_anchor = canonical(run.records()), canonical(run.records(estimate.ESTIMATE))
+    run, layout = start(tmp_path, config, "cut")
+    with pytest.raises(KeyboardInterrupt):
+        run_loop(run, config, layout, DocPool(stop_after=stop_after))
+    run_loop(RunDir.open(run.path), config, layout, DocPool())
+    assert canonical(run.records()) == expected
+    assert canonical(run.records(estimate.ESTIMATE)) == expected_anchor
