@@ -1,6 +1,6 @@
 """Which router, trained by the run itself, routes the demo's prompts best (issue 14).
 
-Usage: python benchmarks/routing_learned.py ZOO [--labels RUN/router/labels.jsonl] [--limit N]
+Usage: python benchmarks/routing_learned.py ZOO [--labels RUN/router_training/labels.jsonl] [--limit N]
 
 On a demo zoo (its `scorers` router models are NOT used), for the three experts (a search's own
 training labels are reused with --labels; the fitness documents are the first --limit of each task):
@@ -109,7 +109,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("zoo")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "routing_learned.json"))
-    parser.add_argument("--labels", help="a run's router/labels.jsonl (same members): reused, not computed")
+    parser.add_argument("--labels", help="a run's router_training/labels.jsonl (same members): reused, not computed")
     parser.add_argument("--limit", type=int, default=100, help="fitness documents per task")
     args = parser.parse_args()
     zoo = Path(args.zoo).resolve()

@@ -290,15 +290,6 @@ def agreement(records: list[dict[str, Any]]) -> dict[str, Any]:
             "mae": float(np.mean(np.abs(np.subtract(est, full)))) if pairs else None}
 
 
-def agreement_line(found: dict[str, Any]) -> str:
-    if found["spearman"] is None:
-        return (f"estimate vs full limit: {found['pairs']} promoted candidates scored on both, too few (or all "
-                f"equal) for a rank correlation")
-    return (f"estimate vs full limit: Spearman {found['spearman']:.2f}, Kendall {found['kendall']:.2f}, mean "
-            f"absolute error {found['mae']:.4f} over the {found['pairs']} promoted candidates scored on both "
-            f"(low: raise eval.estimate.anchors)")
-
-
 # -- the run's anchors and one generation -----------------------------------------------------------
 
 def matrices(records: list[dict[str, Any]], tasks: list[str]) -> tuple[dict[str, np.ndarray], tuple[int, ...]]:

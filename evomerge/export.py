@@ -213,8 +213,8 @@ def evaluate_folder(config: RunConfig, folder: str | Path, limit: int | float | 
         from evomerge.policies import TrainedRouter, read_policy
 
         record, member_folders, scorer_folders = read_policy(Path(folder) / "policy.json")
-        if "router" in record:
-            router = TrainedRouter.load(Path(folder) / record["router"])
+        if "router_file" in record:
+            router = TrainedRouter.load(Path(folder) / record["router_file"])
         sources = {name: load_model(str(path), config.models, device)
                    for name, path in zip(policy["members"], member_folders) if name != "merged"}
         scorers = [(load_model(str(path), config.models, device), load_tokenizer(str(path), config.models))

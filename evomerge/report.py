@@ -187,9 +187,7 @@ def format_text(summary: dict[str, Any]) -> str:
     if summary.get("subsample"):
         lines.append(subset_agreement_line(summary["subsample"]))
     if summary.get("estimate"):
-        from evomerge.estimate import agreement_line
-
-        lines.append(agreement_line(summary["estimate"]))
+        lines.append(agreement_line(summary["estimate"], "estimate", "raise eval.estimate.anchors"))
     lines += sample_lines(summary)
     lines.append("")
     # one space before every column, so that wide values (a perplexity in the thousands) stay apart
@@ -235,14 +233,20 @@ def format_text(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def subset_agreement_line(agreement: dict[str, Any]) -> str:
-    """One line on how alike the subset and the full limit ranked the promoted candidates."""
-    if agreement["spearman"] is None:
-        return (f"subset vs full limit: {agreement['pairs']} promoted candidates scored on both, "
+def agreement_line(found: dict[str, Any], cheap: str, advice: str) -> str:
+    """One line on how alike a cheap score (`cheap`: the subset, the anchors' estimate) and the full
+    limit ranked the promoted candidates; `advice`: what to raise when the agreement is low."""
+    if found["spearman"] is None:
+        return (f"{cheap} vs full limit: {found['pairs']} promoted candidates scored on both, "
                 f"too few (or all equal) for a rank correlation")
-    return (f"subset vs full limit: Spearman {agreement['spearman']:.2f} over the {agreement['pairs']} promoted "
-            f"candidates scored on both (low: the subset is too small to rank them; raise "
-            f"eval.subsample.fraction)")
+    more = (f", Kendall {found['kendall']:.2f}, mean absolute error {found['mae']:.4f}"
+            if found.get("kendall") is not None else "")
+    return (f"{cheap} vs full limit: Spearman {found['spearman']:.2f}{more} over the {found['pairs']} promoted "
+            f"candidates scored on both (low: {advice})")
+
+
+def subset_agreement_line(agreement: dict[str, Any]) -> str:
+    return agreement_line(agreement, "subset", "the subset is too small to rank them; raise eval.subsample.fraction")
 
 
 def _sentence(text: str) -> str:

@@ -15,9 +15,9 @@ logged sample (lower-is-better metrics as 1 - value), clipped to [0, 1], is that
 label for the document. The router's input is the prompt as a policy sees it: the request's
 context (few-shot examples and chat template included), never the task's name.
 
-`prepare_router` runs in the driver before the search: it writes `router/labels.jsonl` and
-`router/router.safetensors` under the run directory (each atomically, the labels first) and
-journals each in `router/journal.jsonl`; a resumed run finds them and computes nothing.
+`prepare_router` runs in the driver before the search: it writes `router_training/labels.jsonl` and
+`router_training/router.safetensors` under the run directory (each atomically, the labels first) and
+journals each in `router_training/journal.jsonl`; a resumed run finds them and computes nothing.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["ROUTER_DIR", "LABELS_FILE", "router_tasks", "member_labels", "prepare_router", "labelled_members",
            "run_router_file"]
 
-ROUTER_DIR = "router"
+ROUTER_DIR = "router_training"
 LABELS_FILE = "labels.jsonl"
 USER_SPLIT = "evomerge_router"  # the split user-given documents are loaded as
 
@@ -183,7 +183,7 @@ def prepare_router(config: RunConfig, run_path: str | Path) -> RunConfig:
         router = train_router([row["prompt"] for row in rows], torch.tensor([row["labels"] for row in rows]),
                               labelled_members(config))
         router.save(router_path)
-        _journal(folder, {"event": "router", "file": ROUTER_FILE, "documents": len(rows),
+        _journal(folder, {"event": "trained", "file": ROUTER_FILE, "documents": len(rows),
                           "train_accuracy": train_accuracy(router, rows),
                           "seconds": round(time.perf_counter() - labelled, 3)})
         logger.info("classifier router: %d documents, trained in %.1f s", len(rows), time.perf_counter() - start)

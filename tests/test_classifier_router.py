@@ -127,12 +127,12 @@ def test_classifier_search_export_and_load(zoo, ray_cluster, tmp_path) -> None:
         "strategy": "random", "population": 3, "generations": 1})})
     summary = search(config, tmp_path / "run")
     run = RunDir.open(tmp_path / "run")
-    labels = [json.loads(line) for line in (run.path / "router" / "labels.jsonl").read_text().splitlines()]
+    labels = [json.loads(line) for line in (run.path / "router_training" / "labels.jsonl").read_text().splitlines()]
     assert len(labels) == 24 * len(SKILLS) and all(len(row["labels"]) == 3 for row in labels)
-    journal = (run.path / "router" / "journal.jsonl").read_text().splitlines()
-    assert [json.loads(line)["event"] for line in journal] == ["labels", "router"]
+    journal = (run.path / "router_training" / "journal.jsonl").read_text().splitlines()
+    assert [json.loads(line)["event"] for line in journal] == ["labels", "trained"]
     prepare_router(config, run.path)  # what resume does: the run's router is found, nothing is trained again
-    assert (run.path / "router" / "journal.jsonl").read_text().splitlines() == journal
+    assert (run.path / "router_training" / "journal.jsonl").read_text().splitlines() == journal
 
     routed = [r for r in run.records() if r["state"] == "complete" and r["recipe"].get("policy")]
     assert len(routed) == 3 and summary["pareto"]
@@ -148,7 +148,7 @@ def test_classifier_search_export_and_load(zoo, ray_cluster, tmp_path) -> None:
     server = load(tmp_path / "out" / "policy.json")
     assert isinstance(server.policy, ClassifierRouter)
     prompts = [ex["prompt"] for s in SKILLS for ex in eval_examples(s, 16)]
-    router = TrainedRouter.load(run.path / "router" / "router.safetensors")
+    router = TrainedRouter.load(run.path / "router_training" / "router.safetensors")
     in_search = ClassifierRouter(server.policy.members, router, **record["recipe"]["policy"]["params"])
     assert torch.equal(server.policy.member_scores(prompts), in_search.member_scores(prompts))
     answers = server.generate(prompts[:4], max_new_tokens=8)

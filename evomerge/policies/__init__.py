@@ -89,7 +89,7 @@ def save_policy(path: str | os.PathLike, kind: str, params: dict[str, Any],
     if scorer_folders is not None:
         record["scorers"] = [where(f) for f in scorer_folders]
     if router_file is not None:
-        record["router"] = where(router_file)
+        record["router_file"] = where(router_file)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -202,7 +202,7 @@ def load(path: str | os.PathLike, device: str = "cpu", batch_size: int | str = 1
 
     scorers = members(scorer_folders) if scorer_folders is not None else None
     params = _decode(record["params"])
-    router = TrainedRouter.load(policy_file(path).parent / record["router"]) if "router" in record else None
+    router = TrainedRouter.load(policy_file(path).parent / record["router_file"]) if "router_file" in record else None
     policy = make_policy(record["kind"], members(member_folders), params, record.get("seed", 0), scorers, router)
     if isinstance(policy, Blend):
         policy.per_prompt = True
