@@ -208,7 +208,7 @@ class ClassifierRouter(PolicyLM):
               scorers: Sequence[Member] | None = None, router: TrainedRouter | None = None) -> ClassifierRouter:
         if router is None:
             raise ValueError(f"policy {cls.kind}: needs its trained router (policy.router, or the run's "
-                             f"router/{ROUTER_FILE})")
+                             f"router_training/{ROUTER_FILE})")
         if "outputs" not in params:
             raise ValueError(f"policy {cls.kind}: parameter outputs is required")
         return cls(members, router, params["outputs"], params.get("threshold", 0.5), params.get("cost_weight", 0.0))
