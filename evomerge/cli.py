@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("run_dir", type=Path)
     cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="change the budget, e.g. --set search.generations=20 (search.generations, "
-                          "workers.*, eval.limit, eval.batch_size)")
+                          "workers.*, eval.batch_size; eval.limit only with --force once trials are journaled)")
     cmd.add_argument("--force", action="store_true", help="allow changes that invalidate earlier trials")
     cmd.set_defaults(func=cmd_resume)
 
