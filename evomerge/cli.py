@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run's folder (search --run-dir)")
     cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="change the budget (repeatable): search.generations, dataflow.generations, workers.*, "
-                          "eval.limit, eval.batch_size; any other field only with --force")
+                          "eval.batch_size, tracking.*; eval.limit only with --force once trials are journaled; "
+                          "any other field only with --force")
     cmd.add_argument("--force", action="store_true",
                      help="allow --set to change other fields too; the journal keeps the trials scored before")
     cmd.set_defaults(func=cmd_resume)

@@ -66,7 +66,8 @@ def test_report_json(finished_run, capsys) -> None:
     assert (run_dir / "pareto.png").stat().st_size > 0 and (run_dir / "progress.png").stat().st_size > 0
     page = (run_dir / "report.md").read_text()
     best = report["best_evolved"] or report["best"]
-    assert f"| **best evolved** | {best['trial']} | {best['quality']:.4f} |" in page
+    error = best["stderr"]["quality"]  # issue 19: the quality with its standard error
+    assert f"| **best evolved** | {best['trial']} | {best['quality']:.4f} ± {error:.4f} |" in page
     assert "## Pareto front" in page and "![pareto](pareto.png)" in page
     assert all(f"| {r['label']} | {r['trial']} |" in page for r in report["references"])
 

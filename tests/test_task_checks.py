@@ -48,7 +48,10 @@ def test_a_tag_is_refused_with_what_to_name_instead(tmp_path) -> None:
 
 def test_a_missing_data_file_names_the_task_and_the_file(tmp_path) -> None:
     folder = tasks_folder(tmp_path, data="gone.jsonl")
-    with pytest.raises(EvalError, match=r"eval.tasks.mc_a: data file\(s\) .*gone.jsonl.* not found") as caught:
+    # named where evomerge looked: beside the task YAML (issue 19), not in the working directory
+    expected = (rf"eval.tasks.mc_a: data file\(s\) '{folder / 'gone.jsonl'}' not found "
+                rf"\(data_files are read relative to the task YAML's folder '{folder}'\)")
+    with pytest.raises(EvalError, match=expected) as caught:
         check_tasks(config(folder, "mc_a"))
     assert "\n" not in str(caught.value)
 
