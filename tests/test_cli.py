@@ -16,7 +16,7 @@ from evomerge import cli
 from evomerge.cli import TRACEBACK_ONLY, run
 from evomerge.errors import ConfigError
 
-COMMANDS = ("search", "resume", "report", "export", "serve", "merge", "zoo", "demo")
+COMMANDS = ("search", "resume", "report", "export", "serve", "calibrate", "merge", "zoo", "demo")
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                     os.environ.get("PYTHONPATH", "")])}
 
