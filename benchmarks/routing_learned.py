@@ -50,7 +50,7 @@ def fitness_labels(config) -> list[dict]:
 
 
 def base_hidden(config, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
-    from evomerge.sources import load_model, load_tokenizer
+    from evomerge.models.sources import load_model, load_tokenizer
 
     model = load_model(config.models.base, config.models, torch.device("cpu"))
     tok = load_tokenizer(config.models.base, config.models)
@@ -65,7 +65,7 @@ def base_hidden(config, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
 
 
 def prompt_nll(config, name: str, texts: list[str]) -> list[float]:
-    from evomerge.sources import load_model, load_tokenizer
+    from evomerge.models.sources import load_model, load_tokenizer
 
     path = config.models.by_member_name[name]
     model = load_model(path, config.models, torch.device("cpu"))
@@ -127,7 +127,7 @@ def main() -> None:
     train_texts, test_texts = [r["prompt"] for r in train], [r["prompt"] for r in test]
 
     # one model's FLOPs per example on the fitness documents (the base answering; all members have its size)
-    from evomerge.sources import load_model, load_tokenizer
+    from evomerge.models.sources import load_model, load_tokenizer
 
     from evomerge.flops import CostModel
 

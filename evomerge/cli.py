@@ -23,9 +23,13 @@ DEMO_CONFIG = Path("search_spaces/demo.yaml")
 
 
 def main(argv: list[str] | None = None) -> int:
+    global RUN_PATH
     args = build_parser().parse_args(argv)  # a usage error exits here: one line, code 2
     setup_logging(args.verbose)
-    return run(args.func, args, process=argv is None)
+    try:
+        return run(args.func, args, process=argv is None)
+    finally:
+        RUN_PATH = None  # the next command (main called in-process again) starts with none
 
 
 RUN_PATH: Path | None = None  # the run directory the command works on, once known (for the interrupt message)
