@@ -28,7 +28,7 @@ def run_quick(script: str, tmp_path: Path, *extra: str) -> tuple[str, str]:
 
 def check_section(text: str, name: str, script: str) -> str:
     """The section `name`, with the machine and the command in it."""
-    match = re.search(rf"<!-- begin {name} -->(.*?)<!-- end {name} -->", text, re.S)
+    match = re.search(rf"<!-- begin {re.escape(name)} -->(.*?)<!-- end {re.escape(name)} -->", text, re.S)
     assert match, f"no section {name!r} in:\n{text}"
     section = match.group(1)
     assert "cores, torch" in section
