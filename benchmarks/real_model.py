@@ -87,8 +87,8 @@ def merge_phase(zoo: Path, work: Path, repeats: int) -> str:
     the preallocated model), for linear, ties and dare_ties on the same random per-layer genes:
     with the prepared store (after its first merge) and from scratch. Returns a RESULTS body."""
     import torch
-    from evomerge.merge.merger import load_merge_target
 
+    from evomerge.merge.merger import load_merge_target
     from evomerge.merge.prepared import Prepared
     from evomerge.search import genome_layout
 

@@ -127,9 +127,8 @@ def main() -> None:
     train_texts, test_texts = [r["prompt"] for r in train], [r["prompt"] for r in test]
 
     # one model's FLOPs per example on the fitness documents (the base answering; all members have its size)
-    from evomerge.models.sources import load_model, load_tokenizer
-
     from evomerge.flops import CostModel
+    from evomerge.models.sources import load_model, load_tokenizer
 
     base = load_model(config.models.base, config.models, torch.device("cpu"))
     tok = load_tokenizer(config.models.base, config.models)

@@ -123,8 +123,8 @@ def member_labels(config: RunConfig, tasks: dict[str, Any] | None = None, limit:
     from lm_eval.evaluator import evaluate
 
     from evomerge.evaluate import FEWSHOT_SEED
-    from evomerge.policies.base import Member
     from evomerge.models.sources import load_model, load_tokenizer, pick_device
+    from evomerge.policies.base import Member
 
     tasks = router_tasks(config) if tasks is None else tasks
     for task in tasks["tasks"].values():
