@@ -25,7 +25,7 @@ import yaml
 from evomerge.config import RunConfig
 from evomerge.merge import get_method
 from evomerge.policies import policy_class
-from evomerge.report import summarize
+from evomerge.report import pm, summarize
 from evomerge.run_dir import RunDir
 
 CARD = "README.md"
@@ -144,8 +144,9 @@ def recipe_lines(recipe: dict[str, Any]) -> list[str]:
 
 def scores_intro(config: RunConfig) -> str:
     tasks = ", ".join(f"`{t.name}` ({t.metric})" for t in config.eval.tasks)
-    return (f"Tasks {tasks}, `eval.limit` {config.eval.limit}; quality is their weighted mean. The references are "
-            f"this run's own trials of each source and of the uniform merge.") + "\n"
+    return (f"Tasks {tasks}, `eval.limit` {config.eval.limit}; quality is their weighted mean, ± its standard "
+            f"error over the documents where the journal has one. The references are this run's own trials of "
+            f"each source and of the uniform merge.") + "\n"
 
 
 def score_table(record: dict[str, Any], summary: dict[str, Any]) -> list[str]:
@@ -159,8 +160,9 @@ def score_table(record: dict[str, Any], summary: dict[str, Any]) -> list[str]:
             lines.append(f"| {label} | {row['trial']} | failed | | " + " | ".join("" for _ in tasks) + " |")
             continue
         flops = "-" if row.get("flops") is None else f"{row['flops']:.4g}"
-        lines.append(f"| {label} | {row['trial']} | {row['quality']:.4f} | {flops} | "
-                     + " | ".join(f"{row['metrics'].get(t, float('nan')):.4f}" for t in tasks) + " |")
+        errors = row.get("stderr") or {}  # lm-eval's standard errors over the documents (issue 19)
+        lines.append(f"| {label} | {row['trial']} | {pm(row['quality'], errors.get('quality'))} | {flops} | "
+                     + " | ".join(pm(row['metrics'].get(t, float('nan')), errors.get(t)) for t in tasks) + " |")
     if not summary["references"]:
         lines += ["", "The run evaluated no references (`search.references: false`)."]
     return lines

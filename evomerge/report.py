@@ -204,7 +204,7 @@ def format_text(summary: dict[str, Any]) -> str:
         flops = "-" if row.get("flops") is None else f"{row['flops']:.{flops_digits(summary)}g}"
         errors = row.get("stderr") or {}
         lines.append(f"{name:<22}{row['trial']:>6} {row['quality']:>9.4f} {_se(errors.get('quality')):>7} {flops:>10}"
-                     + "".join(f" {_pm(row['metrics'].get(t, float('nan')), errors.get(t)):>16}" for t in tasks))
+                     + "".join(f" {pm(row['metrics'].get(t, float('nan')), errors.get(t)):>16}" for t in tasks))
     lines.append(samples.significance_line(summary.get("significance") if "delta" in (summary.get("significance")
                                                                                  or {}) else None,
                                            (summary.get("significance") or {}).get("reason", "")))
@@ -276,8 +276,8 @@ def format_markdown(summary: dict[str, Any], plots: list[str] = ()) -> str:
             continue
         flops = "-" if row.get("flops") is None else f"{row['flops']:.{flops_digits(summary)}g}"
         errors = row.get("stderr") or {}
-        lines.append(f"| {name} | {row['trial']} | {_pm(row['quality'], errors.get('quality'))} | {flops} | "
-                     + " | ".join(_pm(row['metrics'].get(t, float('nan')), errors.get(t)) for t in tasks) + " |")
+        lines.append(f"| {name} | {row['trial']} | {pm(row['quality'], errors.get('quality'))} | {flops} | "
+                     + " | ".join(pm(row['metrics'].get(t, float('nan')), errors.get(t)) for t in tasks) + " |")
     test = summary.get("significance") or {}
     lines += ["", samples.significance_line(test if "delta" in test else None, test.get("reason", ""))]
     lines += ["", "## Generations", "",
@@ -294,7 +294,7 @@ def format_markdown(summary: dict[str, Any], plots: list[str] = ()) -> str:
         for e in summary["pareto"]:
             policy = (e.get("policy") or {}).get("kind", NO_POLICY)
             served = ", ".join(f"{member} {share:.0%}" for member, share in (e.get("served") or {}).items())
-            lines.append(f"| {e['trial']} | {e['label'] or ''} | {_pm(e['quality'], e.get('stderr'))} | "
+            lines.append(f"| {e['trial']} | {e['label'] or ''} | {pm(e['quality'], e.get('stderr'))} | "
                          f"{e['flops']:.{flops_digits(summary)}g} | {policy} | {served} |")
     gap = summary.get("routellm")
     if gap is not None:
@@ -317,7 +317,7 @@ def _se(value: float | None) -> str:
     return "" if value is None else f"±{value:.4f}"
 
 
-def _pm(value: float, error: float | None) -> str:
+def pm(value: float, error: float | None) -> str:
     return f"{value:.4f}" if error is None else f"{value:.4f} ± {error:.4f}"
 
 

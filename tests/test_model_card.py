@@ -43,3 +43,14 @@ def test_the_card_parses_and_holds_the_scores_and_the_front(routed: bool) -> Non
     assert "| weight | expert:0 | 1 | 0.5 | 1.5 |" in card.text  # mean, min, max over the groups
     assert "evomerge export runs/x --trial 4 --out my-merge --verify" in card.text
     assert ("policies.load" in card.text) == routed and ("AutoModelForCausalLM" in card.text) != routed
+
+
+def test_the_card_shows_standard_errors_where_the_journal_has_them() -> None:
+    from evomerge.model_card import card_text
+
+    config = make_config()
+    records = [record(0, 0.2, 1e6, "base"), record(1, 0.5, 1e6)]
+    records[1]["stderr"] = {"t": 0.05, "quality": 0.05}
+    card = ModelCard(card_text(config, records[1], summarize(records, config), False, "m", Path("runs/x")))
+    assert "| **this model** (evolved) | 1 | 0.5000 ± 0.0500 | 1e+06 | 0.5000 ± 0.0500 |" in card.text
+    assert "| base | 0 | 0.2000 | 1e+06 | 0.2000 |" in card.text  # none journaled: none shown
