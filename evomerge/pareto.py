@@ -157,6 +157,9 @@ class ParetoArchive:
     def __len__(self) -> int:
         return len(self._trials)
 
+    def __contains__(self, trial_id: int) -> bool:
+        return trial_id in self._trials
+
     def add(self, trial_id: int, quality: float, flops: float) -> bool:
         """Record a trial; True when it enters the front (no front member dominates it).
 

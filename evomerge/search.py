@@ -369,7 +369,7 @@ def evaluate(pool: Pool, trials: list[Trial], journal: dict[int, dict], run: Run
             if result.ok:
                 best = result.quality if best is None else max(best, result.quality)
                 if file == JOURNAL and entry["state"] == TrialState.COMPLETE.value:
-                    if entry.get("flops") is not None:
+                    if entry.get("flops") is not None and trial.id not in front:  # a reference scored again
                         front.add(trial.id, result.quality, entry["flops"])
                     if trial.label is None:
                         evolved = result.quality if evolved is None else max(evolved, result.quality)

@@ -30,8 +30,11 @@ def interrupt(args: list[str], trigger, after: float = 0.0) -> tuple[int, str]:
     """Run the CLI in its own process group; when a stderr line or the run directory satisfies
     `trigger`, wait `after` seconds and SIGINT the group. Return (exit code, stderr)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # as from a terminal: SIGINT at its default even when this test runs where it is ignored (a
+    # background job of a non-interactive shell, as CI may be), so Python installs its handler
     process = subprocess.Popen(args, cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                               text=True, start_new_session=True)
+                               text=True, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     assert process.stderr is not None
     for line in process.stderr:

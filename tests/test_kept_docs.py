@@ -65,7 +65,8 @@ def test_lm_eval_scores_and_answers_are_the_same_with_kept_docs(zoo, tmp_path) -
     folder = _task_with_process_docs(tmp_path)
     for name in ("demo_add", "demo_rev"):
         (folder / f"{name}.yaml").write_text((DEMO_TASKS / f"{name}.yaml").read_text().replace(
-            f"test: {name}.jsonl", f"test: {DEMO_TASKS / name}.jsonl"))
+            f"test: {name}.jsonl", f"test: {DEMO_TASKS / name}.jsonl").replace(
+            f"train: {name}_train.jsonl", f"train: {DEMO_TASKS / name}_train.jsonl"))
     names = ["kd_task", "demo_add", "demo_rev"]
     member = Member.from_folder(zoo["add"], name="add")
 
