@@ -325,11 +325,11 @@ class PolicyConfig(_Bounded):
     # a policy that takes a router the run trains (the classifier: evomerge/policies/classifier.py,
     # data: evomerge/router_data.py), trained on each source member's results on router-training
     # documents. `router_data`: task name -> a JSONL file of documents for a task whose YAML names no
-    # training/validation split; `router`: a trained router file to use instead of training one (the
+    # training/validation split; `router_file`: a trained router file to use instead of training one (the
     # run sets it to its own); `cost_weight`: fixed weight of a member's relative cost (None: a gene,
     # `bounds.cost_weight`).
     router_data: dict[str, str] | None = None
-    router: str | None = None
+    router_file: str | None = None
     cost_weight: float | None = Field(default=None, ge=0)
     bounds: dict[str, tuple[float, float]] = Field(default_factory=dict)
 
@@ -370,7 +370,8 @@ class PolicyConfig(_Bounded):
                 raise ValueError(f"scorers: only a {users} has scorers (kind is {self.kind})")
             if len(self.scorers) != len(self.members):
                 raise ValueError(f"scorers: expected one per member ({len(self.members)}), got {len(self.scorers)}")
-        learned = {"router_data": self.router_data, "router": self.router, "cost_weight": self.cost_weight}
+        learned = {"router_data": self.router_data, "router_file": self.router_file,
+                   "cost_weight": self.cost_weight}
         for name, value in learned.items():
             if value is not None and not self.trains_router:
                 users = " or ".join(kind for kind, cls in POLICIES.items() if cls.takes_router)
@@ -680,16 +681,16 @@ def resolve_paths(config: RunConfig, folder: Path, source: str = "config") -> Ru
                        for task, path in config.policy.router_data.items()}
         problems += [f"policy.router_data.{task}: no such file {path!r}" for task, path in router_data.items()
                      if not Path(path).is_file()]
-    router = config.policy.router
+    router = config.policy.router_file
     if router is not None:
         router = str((folder / router).expanduser().resolve())
         if not Path(router).is_file():
-            problems.append(f"policy.router: no such file {router!r}")
+            problems.append(f"policy.router_file: no such file {router!r}")
     if problems:
         raise ConfigError(f"{source}: {len(problems)} error(s): " + "; ".join(problems))
     models = config.models.model_copy(update={"base": base, "experts": experts})
     evals = config.eval.model_copy(update={"include_path": includes})
-    policy = config.policy.model_copy(update={"scorers": scorers, "router_data": router_data, "router": router})
+    policy = config.policy.model_copy(update={"scorers": scorers, "router_data": router_data, "router_file": router})
     return config.model_copy(update={"models": models, "eval": evals, "policy": policy})
 
 

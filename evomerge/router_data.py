@@ -161,10 +161,10 @@ def member_labels(config: RunConfig, tasks: dict[str, Any] | None = None, limit:
 
 
 def prepare_router(config: RunConfig, run_path: str | Path) -> RunConfig:
-    """The config the workers get: for a classifier policy without `policy.router`, the router of this
-    run (trained now, or found in the run directory when resumed) set as `policy.router`."""
+    """The config the workers get: for a classifier policy without `policy.router_file`, the router of this
+    run (trained now, or found in the run directory when resumed) set as `policy.router_file`."""
     policy = config.policy
-    if not policy.trains_router or policy.router is not None:
+    if not policy.trains_router or policy.router_file is not None:
         return config
     folder = Path(run_path) / ROUTER_DIR
     router_path = folder / ROUTER_FILE
@@ -187,14 +187,14 @@ def prepare_router(config: RunConfig, run_path: str | Path) -> RunConfig:
                           "train_accuracy": train_accuracy(router, rows),
                           "seconds": round(time.perf_counter() - labelled, 3)})
         logger.info("classifier router: %d documents, trained in %.1f s", len(rows), time.perf_counter() - start)
-    return config.model_copy(update={"policy": policy.model_copy(update={"router": str(router_path.resolve())})})
+    return config.model_copy(update={"policy": policy.model_copy(update={"router_file": str(router_path.resolve())})})
 
 
 def run_router_file(config: RunConfig, run_path: str | Path) -> Path:
-    """The trained router a classifier run uses: `policy.router` if given, else the run's own."""
-    path = Path(config.policy.router) if config.policy.router else Path(run_path) / ROUTER_DIR / ROUTER_FILE
+    """The trained router a classifier run uses: `policy.router_file` if given, else the run's own."""
+    path = Path(config.policy.router_file) if config.policy.router_file else Path(run_path) / ROUTER_DIR / ROUTER_FILE
     if not path.is_file():
-        raise EvalError(f"policy.router: no trained router at {path} (the run trains it before its first trial)")
+        raise EvalError(f"policy.router_file: no trained router at {path} (the run trains it before its first trial)")
     return path
 
 

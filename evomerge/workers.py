@@ -61,7 +61,7 @@ class CandidateRunner:
         if config.policy.trains_router:  # trained by the driver before the search (evomerge/router_data.py)
             from evomerge.policies.classifier import TrainedRouter
 
-            router = TrainedRouter.load(config.policy.router)
+            router = TrainedRouter.load(config.policy.router_file)
         self.evaluator = Evaluator(config.eval, self.model, self.tokenizer, sources, seed=config.seed,
                                    scorers=scorers, router=router)
         # A moe run upcycles each candidate's merge into one preallocated mixture (evomerge/moe.py).

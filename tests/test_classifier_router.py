@@ -198,6 +198,6 @@ def test_classifier_fields_belong_to_the_classifier(tmp_path) -> None:
     with pytest.raises(ConfigError, match="router_data: only a classifier policy has it"):
         load_config(write_config(tmp_path / "a", zoo, policy={
             "kind": "cascade", "members": ["merged", "expert:0"], "router_data": {"demo_add": "x.jsonl"}}))
-    with pytest.raises(ConfigError, match="policy.router: no such file"):
+    with pytest.raises(ConfigError, match="policy.router_file: no such file"):
         load_config(write_config(tmp_path / "b", zoo, policy={
-            "kind": "classifier", "members": ["merged", "expert:0"], "router": "missing.safetensors"}))
+            "kind": "classifier", "members": ["merged", "expert:0"], "router_file": "missing.safetensors"}))

@@ -207,7 +207,7 @@ class ClassifierRouter(PolicyLM):
     def build(cls, members: Sequence[Member], params: dict[str, Any], seed: int = 0,
               scorers: Sequence[Member] | None = None, router: TrainedRouter | None = None) -> ClassifierRouter:
         if router is None:
-            raise ValueError(f"policy {cls.kind}: needs its trained router (policy.router, or the run's "
+            raise ValueError(f"policy {cls.kind}: needs its trained router (policy.router_file, or the run's "
                              f"router_training/{ROUTER_FILE})")
         if "outputs" not in params:
             raise ValueError(f"policy {cls.kind}: parameter outputs is required")
