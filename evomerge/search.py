@@ -262,9 +262,10 @@ def run_stage(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLay
         strategy.tell(genomes, fitness, costs(told))
         generation += 1
         run.save_checkpoint(Checkpoint(generation, next_id, strategy.get_state(), stage=index, ahead=ahead))
-        summary = summarize(run.records(), config)
+        records = run.records()  # read once for the summary and the tracker
+        summary = summarize(records, config)
         run.write_summary(summary)
-        tracker.generation(summary, run.records())
+        tracker.generation(summary, records)
         logger.info(generation_line(summary))
 
 
@@ -290,8 +291,7 @@ def stale_references(run: RunDir, config: RunConfig, stage: str, generation: int
     for r in run.records():
         if r["label"] is None or r.get("stage", "ps") != stage or r["generation"] != generation:
             continue
-        limit = (r.get("sample") or {}).get("limit", config.eval.limit if not rescore else object())
-        if rescore or limit != config.eval.limit:
+        if rescore or (r.get("sample") or {}).get("limit", config.eval.limit) != config.eval.limit:
             stale.append(Trial(r["trial"], r["generation"], Recipe.from_json(r["recipe"]), stage=stage))
     if stale:
         logger.warning("scoring the %d references again on eval.limit %s (they were scored on other documents)",
