@@ -141,7 +141,7 @@ def run_loop(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLayo
     """
     checkpoint = run.load_checkpoint()
     stop = 0
-    workers = Workers(config, pool)
+    workers = Workers(config, pool, warm_up=layout.decode([0.5] * layout.size))
     tracker = Tracker()
     run.lock()
     try:
@@ -170,16 +170,18 @@ def run_loop(run: RunDir, config: RunConfig, layout: GenomeLayout | DataflowLayo
 
 class Workers:
     """The pool every stage of a run shares: given, or started when a stage first has a
-    generation to run (a finished run needs no workers); closed once when the run ends."""
+    generation to run (a finished run needs no workers); closed once when the run ends. A started
+    pool's workers warm up on `warm_up` (the middle of the first stage's box): the driver's layout,
+    so no worker checks the sources and tasks again."""
 
-    def __init__(self, config: RunConfig, pool: Pool | None = None):
-        self.config, self.pool = config, pool
+    def __init__(self, config: RunConfig, pool: Pool | None = None, warm_up: Recipe | None = None):
+        self.config, self.pool, self.warm_up = config, pool, warm_up
 
     def get(self) -> Pool:
         if self.pool is None:
             from evomerge.workers import WorkerPool
 
-            self.pool = WorkerPool(self.config)
+            self.pool = WorkerPool(self.config, warm_up=self.warm_up)
         return self.pool
 
     def close(self) -> None:

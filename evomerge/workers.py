@@ -27,6 +27,7 @@ from evomerge import samples
 from evomerge.config import RunConfig, WorkersConfig
 from evomerge.errors import ClusterLostError, WorkerStartError
 from evomerge.evaluate import Evaluator, quality
+from evomerge.genome import Recipe
 from evomerge.merge.merger import load_merge_target
 from evomerge.merge.prepared import Prepared
 from evomerge.models.sources import load_model, load_tokenizer, pick_device, spread_over_gpus
@@ -84,21 +85,19 @@ class CandidateRunner:
     def identity(self) -> str:
         return self.name
 
-    def warm_up(self) -> float:
+    def warm_up(self, recipe: Recipe | None = None) -> float:
         """Do a candidate's one-time work now, so that the first candidate costs what the others
-        do: read every source page (memory-mapped files), merge the middle of the search box
-        (first-call allocations, the prepared store's magnitude orders and DARE draws) and score
-        it on one document per task (lm-eval's set-up). Returns the seconds it took; a failure is
-        logged, not raised (the candidates report their own)."""
+        do: read every source page (memory-mapped files) and, given a `recipe` (the driver sends
+        the middle of the search box), merge it (first-call allocations, the prepared store's
+        magnitude orders and DARE draws) and score it on one document per task (lm-eval's set-up).
+        Returns the seconds it took; a failure is logged, not raised (the candidates report their own)."""
         start = time.perf_counter()
         try:
             for tensors in (self.merger.base, *self.merger.experts):
                 for tensor in tensors.values():
                     page_in(tensor)
-            from evomerge.search import genome_layout
-
-            layout = genome_layout(self.config)
-            self.run(Trial(-1, -1, layout.decode([0.5] * layout.size), limit=1))
+            if recipe is not None:
+                self.run(Trial(-1, -1, recipe, limit=1))
         except Exception:  # noqa: BLE001 - the warm-up only saves time; a real candidate will show the error
             logger.warning("worker warm-up failed:\n%s", traceback.format_exc(limit=5))
         self.warm_up_seconds = time.perf_counter() - start
@@ -207,14 +206,16 @@ SETTLE_S = 2.0  # after a worker loss, before telling a dead worker from a dead 
 class WorkerPool:
     """`workers.count` Ray actors, each a CandidateRunner; trials go to whichever is free first."""
 
-    def __init__(self, config: RunConfig):
+    def __init__(self, config: RunConfig, warm_up: Recipe | None = None):
+        """`warm_up`: the recipe each new actor merges and scores on one document before its first
+        trial (`CandidateRunner.warm_up`); the search sends the middle of its first stage's box."""
         import ray
 
         start = time.perf_counter()
         self._connected = start_ray(config.workers)
         logger.info("Ray %s in %.1f s; starting %d workers (each loads the models and tasks)",
                     "started" if self._connected else "joined", time.perf_counter() - start, config.workers.count)
-        self._config = config
+        self._config, self._warm_up = config, warm_up
         threads = max(1, int(config.workers.cpus_per_worker))
         self._actor_class = ray.remote(CandidateRunner).options(
             num_cpus=config.workers.cpus_per_worker, num_gpus=config.workers.gpus_per_worker,
@@ -242,7 +243,7 @@ class WorkerPool:
 
     def _new_actor(self):
         actor = self._actor_class.remote(self._config, self._threads)
-        actor.warm_up.remote()  # runs before the actor's first trial (an actor runs its calls in order)
+        actor.warm_up.remote(self._warm_up)  # runs before the actor's first trial (an actor runs its calls in order)
         return actor
 
     def run(self, trials: list[Trial], then: list[Trial] = ()) -> Iterator[tuple[Trial, TrialResult]]:

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from evomerge.cli import main
 
@@ -133,6 +134,27 @@ def test_non_finite_weights_are_named(zoo, tmp_path, capsys) -> None:
     path = write_config(tmp_path, zoo, models={"experts": [str(other)]})
     code, err = run_cli(["search", str(path), "--run-dir", str(tmp_path / "r")], capsys)
     assert code == 2 and f"models.experts.0: tensor {poisoned!r} in model.safetensors has non-finite values" in err
+
+
+@pytest.mark.parametrize("values, finite", [
+    ([1.0, 2.0], True),
+    ([60000.0] * 8, True),  # the float16 sum overflows to inf: checked value by value, and accepted
+    ([1.0, float("inf")], False),
+    ([float("inf"), float("-inf")], False),  # a sum of NaN
+    ([1.0, float("nan")], False),
+])
+def test_the_finite_check_uses_the_sum_only_as_a_proof(tmp_path, values, finite) -> None:
+    from safetensors.torch import save_file
+
+    from evomerge.errors import ModelMismatchError
+    from evomerge.models.sources import _check_finite
+
+    save_file({"w": torch.tensor(values, dtype=torch.float16)}, tmp_path / "model.safetensors")
+    if finite:
+        _check_finite("models.base", tmp_path)
+    else:
+        with pytest.raises(ModelMismatchError, match="tensor 'w' in model.safetensors has non-finite values"):
+            _check_finite("models.base", tmp_path)
 
 
 @pytest.mark.parametrize("name", ["journal.jsonl", "subsample.jsonl", "genome.dfs.json", "report.md",

@@ -74,7 +74,7 @@ def test_real_base_merges_and_scores_through_ray(tmp_path: Path, ray_cluster) ->
     (tmp_path / "real.yaml").write_text(yaml.safe_dump(raw))
     config = load_config(tmp_path / "real.yaml")
     recipe = Recipe("ties", "global", 30, {ALL: {"weight": [0.7, 0.3], "density": [0.5, 0.5]}})
-    with WorkerPool(config) as pool:
+    with WorkerPool(config, warm_up=recipe) as pool:
         [(trial, result)] = list(pool.run([Trial(0, 0, recipe)]))
     assert result.ok, result.error
     assert 0.0 <= result.metrics["real_add"] <= 1.0

