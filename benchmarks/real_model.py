@@ -54,8 +54,8 @@ def measure(config, count: int, seed: int = 0) -> dict:
     start = time.perf_counter()
     runner = CandidateRunner(config, threads=1)
     load = time.perf_counter() - start
-    warm = runner.warm_up()
     layout = genome_layout(config)
+    warm = runner.warm_up(layout.decode([0.5] * layout.size))  # as a search's workers do
     rng = np.random.default_rng(seed)
     rows, qualities, trials = [], [], []
     for i, x in enumerate(rng.uniform(0, 1, size=(count, layout.size))):
