@@ -68,6 +68,8 @@ def main() -> None:
     parse.add_argument("--replay", type=harness._absolute, action="append", default=[],
                        help="a run directory searched with full evaluation, replayed as an estimate run")
     parse.add_argument("--promote", type=float, default=0.25, help="the replay's promote share")
+    parse.add_argument("--also", action="append", default=[],
+                       help="CACHE.npz[:HISTORY]: another cache of this script (another zoo or seed), tabled too")
     args = parse.parse_args()
     if args.quick:
         args.candidates, args.history, args.draws, args.limit = 6, 3, 10, args.limit or 8
@@ -94,23 +96,7 @@ def main() -> None:
                 np.savez(args.cache, **cached)
     drawn = draw(populations, layout.size, config, args)  # caches written before genomes were kept
     references = cached["references"]
-    rows, best, floors = [], {}, []
-    for population in populations:
-        scored = cached[population]
-        genomes = cached.get(f"{population}-genomes", drawn[population])
-        full = quality(scored[args.history:], weights)
-        print(f"{population}: full-limit quality {full.min():.3f}-{full.max():.3f}", flush=True)
-        floors.append([population, str(len(full)), f"{full.min():.3f}-{full.max():.3f}", f"{full.std():.4f}"]
-                      + noise_floor(scored[args.history:], weights, 0.1, args.seed))
-        for fraction in FRACTIONS:
-            found = compare(references, scored[:args.history], genomes[:args.history], scored[args.history:],
-                            genomes[args.history:], weights, fraction, args)
-            for name, (rho, tau, mae) in found.items():
-                rows.append([population, f"{fraction:.0%}", name, _f(rho), _f(tau), _f(mae, 4)])
-                print("  " + " | ".join(rows[-1]), flush=True)
-                if fraction <= GOAL_COST and not math.isnan(rho):
-                    best[(population, name)] = max(best.get((population, name), -1.0), rho)
-
+    rows, best, floors = populations_table(cached, populations, args.history, drawn, weights, args)
     ours = min((v for (p, name), v in best.items() if name == OURS), default=math.nan)
     body = (f"The demo search space (`search_spaces/demo.yaml`, eval.limit {config.eval.limit}, "
             f"{len(config.eval.tasks)} tasks, exact match) on {zoo_name(zoo)}: "
@@ -133,9 +119,43 @@ def main() -> None:
             + f"\n\n**genome with refit at <= {GOAL_COST:.0%} cost: Spearman {_f(ours)} (worse population)** "
               f"(goal >= {GOAL}): {harness.verdict(ours, GOAL)}"
             + (" (undefined)." if math.isnan(ours) else "."))
+    for also in args.also:  # another zoo's cache, written by this script with its own --cache
+        path, _, history = str(also).partition(":")
+        other = dict(np.load(path))
+        history = int(history or args.history)
+        rows, _, floors = populations_table(other, populations, history, draw(populations, layout.size, config, args)
+                                            if history == args.history else {}, weights, args)
+        body += (f"\n\nThe cache `{Path(path).name}` (same search space; its own zoo, see the reading), "
+                 f"{history} fitted + {len(other[populations[0]]) - history} ranked candidates per population:\n\n"
+                 + harness.table(rows, ["candidates", "cost", "cheap score", "Spearman", "Kendall", "MAE"])
+                 + "\n\n" + harness.table(floors, ["candidates", "N", "full-limit quality", "spread (sd)",
+                                                    "binomial sd of a 10% sample mean", "noise (sd, relative)",
+                                                    "Spearman that allows", "random 10% measured"]))
     for run in args.replay:
         body += "\n\n" + replay(run, args)
     harness.write_section(harness.results_path(args), SECTION, host, body)
+
+
+def populations_table(cached: dict, populations: list[str], history: int, drawn: dict, weights: np.ndarray, args):
+    """Rows (population, cost, cheap score, Spearman, Kendall, MAE), the best Spearman per (population,
+    score) at <= GOAL_COST, and the noise-floor rows, of one cache."""
+    rows, best, floors = [], {}, []
+    for population in populations:
+        scored = cached[population]
+        genomes = cached[f"{population}-genomes"] if f"{population}-genomes" in cached else drawn[population]
+        full = quality(scored[history:], weights)
+        print(f"{population}: full-limit quality {full.min():.3f}-{full.max():.3f}", flush=True)
+        floors.append([population, str(len(full)), f"{full.min():.3f}-{full.max():.3f}", f"{full.std():.4f}"]
+                      + noise_floor(scored[history:], weights, 0.1, args.seed))
+        for fraction in FRACTIONS:
+            found = compare(cached["references"], scored[:history], genomes[:history], scored[history:],
+                            genomes[history:], weights, fraction, args)
+            for name, (rho, tau, mae) in found.items():
+                rows.append([population, f"{fraction:.0%}", name, _f(rho), _f(tau), _f(mae, 4)])
+                print("  " + " | ".join(rows[-1]), flush=True)
+                if fraction <= GOAL_COST and not math.isnan(rho):
+                    best[(population, name)] = max(best.get((population, name), -1.0), rho)
+    return rows, best, floors
 
 
 def draw(populations: list[str], size: int, config, args) -> dict[str, np.ndarray]:
