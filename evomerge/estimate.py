@@ -41,7 +41,8 @@ rule. `estimate.jsonl` receives every anchor result (read back at resume); `jour
 promoted candidates as `complete` (measured quality, `estimate` kept beside it) and the others as
 `pruned` with `estimate` (their quality is the estimate: never ranked, on the front or exported).
 Per-document values are the task metric's values (0/1 for exact match and acc, any number in [0, 1]
-otherwise, read as a probability by the IRT fit); quality is the weighted, signed mean of the per-task
+otherwise, read as a probability by the IRT fit; the genome model takes any numbers, its predictions kept
+within their range and its logit shift only for values in [0, 1]); quality is the weighted, signed mean of the per-task
 estimates, as evaluate.quality computes it from measured scores.
 """
 
@@ -113,12 +114,14 @@ class GenomeModel:
     noise: float
     shift: float
     offsets: dict[str, int]
+    low: float = 0.0  # the range predictions are kept in: [0, 1], or wider where a metric's values are
+    high: float = 1.0
 
     def predict(self, genome: Any) -> np.ndarray:
-        """Every document's predicted value (a probability of a right answer) for one genome."""
+        """Every document's predicted value (for 0/1 metrics: the probability of a right answer) for one genome."""
         g = np.asarray(genome, dtype=float)[None]
         k = np.exp(-((g[:, None] - self.genomes[None]) ** 2).sum(axis=2) / (2 * self.scale ** 2))
-        return np.clip(self.mean + (k @ self.coefficients)[0], 0.0, 1.0)
+        return np.clip(self.mean + (k @ self.coefficients)[0], self.low, self.high)
 
     def task_estimate(self, predicted: np.ndarray, documents: list[int], observed: np.ndarray) -> float:
         """A task's full mean: observed anchors as they are, the others predicted (shifted by the MAP logit
@@ -370,8 +373,9 @@ def fit_genome(matrices: dict[str, np.ndarray], genomes: list[Any], candidates: 
                 best = (error, length, noise, inverse)
     _, length, noise, inverse = best
     coefficients = inverse @ z
-    held_out = np.clip(y - coefficients / np.diag(inverse)[:, None], 0.0, 1.0)  # each fitted one left out
-    model = GenomeModel(g, coefficients, mean, float(length), float(noise), 0.0, offsets)
+    low, high = min(0.0, float(y.min())), max(1.0, float(y.max()))
+    held_out = np.clip(y - coefficients / np.diag(inverse)[:, None], low, high)  # each fitted one left out
+    model = GenomeModel(g, coefficients, mean, float(length), float(noise), 0.0, offsets, low, high)
     predicted = np.array([model.predict(c) for c in candidates]) if len(candidates) else held_out
     spread = (predicted * (1 - predicted)).sum(axis=0)
     chosen: dict[str, TaskAnchors] = {}
@@ -382,7 +386,8 @@ def fit_genome(matrices: dict[str, np.ndarray], genomes: list[Any], candidates: 
         documents = tuple(sorted(int(i) for i in order[:k_task]))
         chosen[task] = TaskAnchors(documents, tuple([1.0 / k_task] * k_task), n)
     errors = []
-    for scale in SHIFTS:  # the shift's prior scale by leaving each fitted candidate out
+    for scale in SHIFTS if (low, high) == (0.0, 1.0) else SHIFTS[:1]:  # by leaving each fitted one out; a
+        # logit shift only for values in [0, 1]
         trial = dataclasses.replace(model, shift=scale)
         error = 0.0
         for row in range(len(g)):

@@ -138,6 +138,17 @@ def test_genome_model_is_deterministic_and_exact_on_every_document() -> None:
         fitted.estimates({"t": encode(row[list(documents)].tolist())})
 
 
+def test_genome_model_keeps_a_metric_beyond_one_in_its_range_without_a_logit_shift() -> None:
+    genomes, values = _near_duplicates(30)
+    scaled = 5.0 * values  # a per-document metric on 0..5
+    fitted = estimate.fit_genome({"t": scaled[:20]}, list(genomes[:20]), list(genomes[20:]), 12)
+    assert fitted.model.shift == 0.0 and (fitted.model.low, fitted.model.high) == (0.0, 5.0)
+    docs = list(fitted.tasks["t"].documents)
+    found = [fitted.estimates({"t": encode(row[docs].tolist())}, g)["t"] for row, g in zip(scaled[20:], genomes[20:])]
+    plain = estimate.fit_genome({"t": values[:20]}, list(genomes[:20]), list(genomes[20:]), 12)
+    assert plain.model.high == 1.0 and all(0.0 <= f <= 5.0 for f in found) and max(found) > 1.0
+
+
 def test_genome_model_ranks_near_duplicates_better_than_the_documents_alone() -> None:
     genomes, values = _near_duplicates(70)
     fitted_on, ranked = slice(0, 30), slice(30, 70)
