@@ -201,13 +201,15 @@ class EstimateConfig(_Frozen):
     documents per task (a count, or a fraction of the task's documents below 1), chosen from the
     full results of the references (and, with `refit`, of every earlier generation's full-limit
     candidates); its full quality is estimated (`method`: anchors = the weighted anchor mean; gp-irt
-    = that mixed with an IRT estimate by `mix`, None: chosen by leaving each fitted model out), and
-    the best `promote` share by estimate is scored on the full `eval.limit`."""
+    = that mixed with an IRT estimate by `mix`, None: chosen by leaving each fitted model out; genome
+    = a per-document model over the genome of the fully evaluated candidates, with the anchors where it
+    is least sure, gp-irt until three candidates are fully evaluated), and the best `promote` share by
+    estimate is scored on the full `eval.limit`."""
 
     anchors: float = Field(default=0.1, gt=0.0, allow_inf_nan=False)
     promote: float = Field(default=0.25, gt=0.0, le=1.0, allow_inf_nan=False)
     refit: bool = True
-    method: Literal["anchors", "gp-irt"] = "gp-irt"
+    method: Literal["anchors", "gp-irt", "genome"] = "genome"
     mix: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
 
     @field_validator("anchors")

@@ -13,6 +13,21 @@ Facts this follows (tinyBenchmarks, Polo et al., ICML 2024; MERGE3, arXiv 2502.1
   mixes the two: lambda x anchor mean + (1 - lambda) x IRT estimate; lambda is chosen by leaving each
   fitted model out in turn (the value on a fixed grid with the least squared error), unless given.
 
+- *genome* (the default; for candidates that are near-duplicates, as one run's candidates are): a
+  per-document model over the genome. MERGE3's mp-IRT uses the fact that a merged model's ability
+  follows from its recipe (its ability is a combination of the endpoint models'); here each
+  document's result is predicted from the candidate's genome by Gaussian-process regression (an RBF
+  kernel over the [0, 1] genome box, prior mean = the document's mean) on the fully evaluated
+  candidates of the run, length scale and noise chosen by the exact leave-one-out error on those
+  candidates (a fixed grid). Anchors are the documents the model is least sure about for this
+  generation's candidates (largest sum of p (1 - p)): documents every candidate answers alike carry no
+  rank information and are predicted instead. A candidate's estimate is, per task, (its observed anchor
+  results + the predicted probabilities of every other document) / n, the predictions moved by one
+  logit shift per task fitted on the candidate's anchor residuals (MAP, a Gaussian prior whose scale,
+  0 included, is chosen by leaving each fitted candidate out). With fewer than `MIN_GENOMES` fully
+  evaluated candidates of the stage (the first generations: only the references, which have no
+  genome), the estimate falls back to gp-IRT.
+
 Here the models are the run's own: generation 0's references (sources and uniform merge, always scored
 on the full limit) and, with `refit`, every candidate promoted to the full limit in an earlier
 generation. The anchors of generation g are a function of the journal's full records of generations
@@ -26,7 +41,8 @@ rule. `estimate.jsonl` receives every anchor result (read back at resume); `jour
 promoted candidates as `complete` (measured quality, `estimate` kept beside it) and the others as
 `pruned` with `estimate` (their quality is the estimate: never ranked, on the front or exported).
 Per-document values are the task metric's values (0/1 for exact match and acc, any number in [0, 1]
-otherwise, read as a probability by the IRT fit); quality is the weighted, signed mean of the per-task
+otherwise, read as a probability by the IRT fit; the genome model takes any numbers, its predictions kept
+within their range and its logit shift only for values in [0, 1]); quality is the weighted, signed mean of the per-task
 estimates, as evaluate.quality computes it from measured scores.
 """
 
@@ -52,6 +68,11 @@ IRT_STEPS = 400
 IRT_RATE = 2.0
 PRIOR = 1.0  # the Gaussian prior's precision on abilities, discriminations and easiness (keeps all-right items finite)
 ABILITY_GRID = np.linspace(-6.0, 6.0, 481)
+MIN_GENOMES = 3  # fully evaluated candidates (with a genome) the genome model needs; fewer: gp-irt
+SCALES = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.8, 1.3)  # RBF length scales, x sqrt(genes)
+NOISES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # the kernel's noise term (the kernel's own variance is 1)
+SHIFTS = (0.0, 0.25, 0.5, 1.0)  # prior scales of a candidate's logit shift (0: none)
+SHIFT_GRID = np.linspace(-3.0, 3.0, 121)
 
 
 # -- the estimator ------------------------------------------------------------------------------
@@ -80,10 +101,51 @@ class TaskAnchors:
         return self.mix * anchor_mean + (1.0 - self.mix) * irt_mean(y, list(self.documents), a, c)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class GenomeModel:
+    """Per-document predictions from a genome: Gaussian-process regression (RBF kernel, length `scale`,
+    noise `noise`) of the fully evaluated candidates' per-document values (all tasks side by side, task
+    `t` at columns offsets[t]:offsets[t] + size), and the prior scale of a candidate's logit shift."""
+
+    genomes: np.ndarray  # fitted candidates x genes
+    coefficients: np.ndarray  # (K + noise I)^-1 (Y - mean): fitted candidates x documents
+    mean: np.ndarray  # documents
+    scale: float
+    noise: float
+    shift: float
+    offsets: dict[str, int]
+    low: float = 0.0  # the range predictions are kept in: [0, 1], or wider where a metric's values are
+    high: float = 1.0
+
+    def predict(self, genome: Any) -> np.ndarray:
+        """Every document's predicted value (for 0/1 metrics: the probability of a right answer) for one genome."""
+        g = np.asarray(genome, dtype=float)[None]
+        k = np.exp(-((g[:, None] - self.genomes[None]) ** 2).sum(axis=2) / (2 * self.scale ** 2))
+        return np.clip(self.mean + (k @ self.coefficients)[0], self.low, self.high)
+
+    def task_estimate(self, predicted: np.ndarray, documents: list[int], observed: np.ndarray) -> float:
+        """A task's full mean: observed anchors as they are, the others predicted (shifted by the MAP logit
+        shift of the anchors' residuals)."""
+        rest = np.ones(len(predicted), dtype=bool)
+        rest[documents] = False
+        others = shifted(predicted[rest], map_shift(predicted[documents], observed, self.shift))
+        return float((observed.sum() + others.sum()) / len(predicted))
+
+    def describe(self) -> dict[str, Any]:
+        return {"fitted": len(self.genomes), "scale": self.scale, "noise": self.noise, "shift": self.shift}
+
+
 @dataclasses.dataclass(frozen=True)
 class Anchors:
     tasks: dict[str, TaskAnchors]
     fitted_on: tuple[int, ...]  # the trials whose full results chose them
+    model: GenomeModel | None = dataclasses.field(default=None, compare=False)  # method genome (None: fell back)
+
+    @property
+    def method(self) -> str:
+        if self.model is not None:
+            return "genome"
+        return "gp-irt" if any(a.discrimination is not None for a in self.tasks.values()) else "anchors"
 
     def documents(self) -> dict[str, list[int]]:
         return {task: list(anchors.documents) for task, anchors in self.tasks.items()}
@@ -92,9 +154,24 @@ class Anchors:
         """Anchor documents over full-limit documents, all tasks together."""
         return sum(len(a.documents) for a in self.tasks.values()) / sum(a.size for a in self.tasks.values())
 
-    def estimates(self, per_doc: dict[str, Any]) -> dict[str, float]:
-        """Per task, the estimated full mean of the metric from an anchor evaluation's per-document values."""
-        return {task: anchors.estimate(decode(per_doc[task])) for task, anchors in self.tasks.items()}
+    def estimates(self, per_doc: dict[str, Any], genome: Any = None) -> dict[str, float]:
+        """Per task, the estimated full mean of the metric from an anchor evaluation's per-document values
+        (and, with the genome model, the candidate's genome)."""
+        if self.model is None:
+            return {task: anchors.estimate(decode(per_doc[task])) for task, anchors in self.tasks.items()}
+        if genome is None:
+            raise EvalError("estimate: the genome model needs the candidate's genome")
+        predicted = self.model.predict(genome)
+        found = {}
+        for task, anchors in self.tasks.items():
+            observed = np.asarray(decode(per_doc[task]), dtype=float)
+            if len(observed) != len(anchors.documents):
+                raise EvalError(f"estimate: {len(observed)} anchor results for {len(anchors.documents)} "
+                                f"anchor documents of task {task}")
+            start = self.model.offsets[task]
+            found[task] = self.model.task_estimate(predicted[start:start + anchors.size], list(anchors.documents),
+                                                   observed)
+        return found
 
     def digest(self) -> str:
         text = ";".join(f"{t}:{','.join(map(str, a.documents))}" for t, a in sorted(self.tasks.items()))
@@ -249,6 +326,80 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(x, -30, 30)))
 
 
+def shifted(p: np.ndarray, shift: float) -> np.ndarray:
+    """Probabilities moved by a logit shift (none: as they are)."""
+    if shift == 0.0:
+        return p
+    q = np.clip(p, 0.01, 0.99)
+    return _sigmoid(np.log(q / (1 - q)) + shift)
+
+
+def map_shift(predicted: np.ndarray, observed: np.ndarray, scale: float) -> float:
+    """The MAP logit shift of `predicted` given the observed values, prior N(0, scale^2) (0: no shift);
+    the best point of a fixed grid."""
+    if scale == 0.0 or len(observed) == 0:
+        return 0.0
+    q = np.clip(np.clip(predicted, 0.01, 0.99), 1e-9, 1 - 1e-9)
+    p = np.clip(_sigmoid(np.log(q / (1 - q))[None] + SHIFT_GRID[:, None]), 1e-9, 1 - 1e-9)
+    log_post = ((observed[None] * np.log(p) + (1 - observed[None]) * np.log(1 - p)).sum(axis=1)
+                - SHIFT_GRID ** 2 / (2 * scale ** 2))
+    return float(SHIFT_GRID[int(np.argmax(log_post))])
+
+
+def _kernel(a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
+    return np.exp(-((a[:, None] - b[None]) ** 2).sum(axis=2) / (2 * scale ** 2))
+
+
+def fit_genome(matrices: dict[str, np.ndarray], genomes: list[Any], candidates: list[Any], anchors: int | float,
+               fitted_on: tuple[int, ...] = ()) -> Anchors:
+    """The genome model (module docstring) from `matrices[task]` (fitted candidates x documents) and their
+    `genomes`, with anchors chosen for `candidates` (this generation's genomes)."""
+    tasks = list(matrices)
+    sizes = {task: np.asarray(matrices[task]).shape[1] for task in tasks}
+    offsets = dict(zip(tasks, np.cumsum([0] + [sizes[t] for t in tasks])[:-1].tolist()))
+    y = np.concatenate([np.asarray(matrices[task], dtype=float) for task in tasks], axis=1)
+    g = np.asarray(genomes, dtype=float)
+    mean = y.mean(axis=0)
+    z = y - mean
+    best = None
+    for scale in SCALES:
+        length = scale * math.sqrt(g.shape[1])
+        k = _kernel(g, g, length)
+        for noise in NOISES:
+            inverse = np.linalg.inv(k + noise * np.eye(len(g)))
+            loo = (inverse @ z) / np.diag(inverse)[:, None]  # exact leave-one-out residuals
+            error = float((loo ** 2).sum())
+            if best is None or error < best[0] - 1e-12:
+                best = (error, length, noise, inverse)
+    _, length, noise, inverse = best
+    coefficients = inverse @ z
+    low, high = min(0.0, float(y.min())), max(1.0, float(y.max()))
+    held_out = np.clip(y - coefficients / np.diag(inverse)[:, None], low, high)  # each fitted one left out
+    model = GenomeModel(g, coefficients, mean, float(length), float(noise), 0.0, offsets, low, high)
+    predicted = np.array([model.predict(c) for c in candidates]) if len(candidates) else held_out
+    spread = (predicted * (1 - predicted)).sum(axis=0)
+    chosen: dict[str, TaskAnchors] = {}
+    for task in tasks:
+        n, start = sizes[task], offsets[task]
+        k_task = anchor_count(anchors, n)
+        order = np.argsort(-spread[start:start + n], kind="stable")  # the least sure first, ties by index
+        documents = tuple(sorted(int(i) for i in order[:k_task]))
+        chosen[task] = TaskAnchors(documents, tuple([1.0 / k_task] * k_task), n)
+    errors = []
+    for scale in SHIFTS if (low, high) == (0.0, 1.0) else SHIFTS[:1]:  # by leaving each fitted one out; a
+        # logit shift only for values in [0, 1]
+        trial = dataclasses.replace(model, shift=scale)
+        error = 0.0
+        for row in range(len(g)):
+            for task in tasks:
+                start, docs = offsets[task], list(chosen[task].documents)
+                p, truth = held_out[row, start:start + sizes[task]], y[row, start:start + sizes[task]]
+                error += (trial.task_estimate(p, docs, truth[docs]) - truth.mean()) ** 2
+        errors.append(error)
+    shift = SHIFTS[int(np.argmin(errors))]
+    return Anchors(chosen, tuple(fitted_on), dataclasses.replace(model, shift=float(shift)))
+
+
 def estimated_quality(estimates: dict[str, float], weights: dict[str, float], higher: dict[str, bool]) -> float:
     """The weighted quality (evaluate.quality's formula) from per-task estimated metrics."""
     total = sum(weights.values())
@@ -305,9 +456,12 @@ def matrices(records: list[dict[str, Any]], tasks: list[str]) -> tuple[dict[str,
             tuple(r["trial"] for r in usable))
 
 
-def run_anchors(eval_config: EvalConfig, records: list[dict[str, Any]], generation: int, first: int) -> Anchors:
+def run_anchors(eval_config: EvalConfig, records: list[dict[str, Any]], generation: int, first: int,
+                candidates: list[Any] = ()) -> Anchors:
     """The anchors of `generation` (of a stage whose first generation is `first`): fitted on the full
-    results of the stage's references and, with refit, of every earlier generation's full-limit trials."""
+    results of the stage's references and, with refit, of every earlier generation's full-limit trials;
+    with method genome, on those trials' genomes and chosen for the `candidates`' genomes (gp-irt while
+    fewer than MIN_GENOMES such trials are there)."""
     settings = eval_config.estimate
     tasks = [task.name for task in eval_config.tasks]
     limit = eval_config.limit
@@ -315,12 +469,19 @@ def run_anchors(eval_config: EvalConfig, records: list[dict[str, Any]], generati
              and (r.get("sample") or {}).get("limit", limit) == limit
              and (r.get("label") is not None and r["generation"] == first
                   or settings.refit and r.get("label") is None and r["generation"] < generation)]
+    if settings.method == "genome" and candidates:
+        width = len(candidates[0])
+        fitted = [r for r in basis if r.get("label") is None and len(r.get("genome") or ()) == width]
+        found, ids = matrices(fitted, tasks)
+        if len(ids) >= MIN_GENOMES:
+            genome = {r["trial"]: r["genome"] for r in fitted}
+            return fit_genome(found, [genome[i] for i in ids], list(candidates), settings.anchors, ids)
     found, ids = matrices(basis, tasks)
     if len(ids) < 2:
         raise EvalError(f"eval.estimate: anchors need the full per-document results of at least 2 scored models "
                         f"(the references: search.references must be true), found {len(ids)}; every task's metric "
                         f"must be a mean of per-document scores")
-    return fit(found, settings.anchors, settings.method, settings.mix, ids)
+    return fit(found, settings.anchors, "anchors" if settings.method == "anchors" else "gp-irt", settings.mix, ids)
 
 
 def race(eval_config: EvalConfig, pool: Any, references: list[Trial], candidates: list[Trial],
@@ -331,30 +492,32 @@ def race(eval_config: EvalConfig, pool: Any, references: list[Trial], candidates
     settings = eval_config.estimate
     if references:
         evaluate(pool, references, journal, run, generation)
-    anchors = run_anchors(eval_config, run.records(), generation, first)
+    anchors = run_anchors(eval_config, run.records(), generation, first, [trial.genome for trial in candidates])
     documents = tuple((task, tuple(docs)) for task, docs in anchors.documents().items())
     run.repair_journal(ESTIMATE)
     cheap = [dataclasses.replace(trial, documents=documents) for trial in candidates]
     weights = {task.name: task.weight for task in eval_config.tasks}
     spec_higher = {task.name: task.higher_is_better for task in eval_config.tasks}
 
-    def estimated(result: TrialResult) -> TrialResult:
+    def estimated(trial: Trial, result: TrialResult) -> TrialResult:
         if not result.ok:
             return result
         higher = {t: (spec_higher[t] if spec_higher[t] is not None else
                       (result.sample or {}).get("higher_is_better", {}).get(t, True)) for t in weights}
-        value = estimated_quality(anchors.estimates(result.per_doc), weights, higher)
+        value = estimated_quality(anchors.estimates(result.per_doc, trial.genome), weights, higher)
         return dataclasses.replace(result, quality=value)
 
     def line(trial: Trial, result: TrialResult) -> dict[str, Any]:
         entry = {**record(trial, result), "anchors": anchors.digest(), "fitted_on": list(anchors.fitted_on)}
         if result.ok:
-            entry["estimate"] = {"quality": estimated(result).quality, "anchor_quality": result.quality,
-                                 "method": settings.method, "cost": anchors.cost()}
+            entry["estimate"] = {"quality": estimated(trial, result).quality, "anchor_quality": result.quality,
+                                 "method": anchors.method, "cost": anchors.cost()}
+            if anchors.model is not None:
+                entry["estimate"]["model"] = anchors.model.describe()
         return entry
 
     raw = evaluate(pool, cheap, run.finished(ESTIMATE), run, generation, line=line, file=ESTIMATE)
-    guessed = {trial.id: estimated(raw[trial.id]) for trial in candidates}
+    guessed = {trial.id: estimated(trial, raw[trial.id]) for trial in candidates}
     chosen = promoted(candidates, guessed, settings.promote)
     for trial in cheap:
         if trial.id not in chosen and trial.id not in journal:
@@ -367,7 +530,7 @@ def race(eval_config: EvalConfig, pool: Any, references: list[Trial], candidates
     def full(trial: Trial, result: TrialResult) -> dict[str, Any]:
         entry = full_line(trial, result, eval_config.limit, None, None)
         entry["estimate"] = {"quality": guessed[trial.id].quality, "anchors": anchors.digest(),
-                             "method": settings.method}
+                             "method": anchors.method}
         return entry
 
     measured = evaluate(pool, climbing, journal, run, generation, line=full)

@@ -174,7 +174,18 @@ def test_search_efficiency_dispatch_pairs_quick(tmp_path, zoo) -> None:
 def test_estimate_quick(tmp_path, zoo) -> None:
     out, text = run_quick("estimate.py", tmp_path, "--zoo", str(zoo["base"].parent))
     section = check_section(text, "6c. Cheaper fitness: anchor estimates (eval.estimate)", "estimate.py")
-    for population in ("uniform", "cma-like"):  # per cost share: subsample, random and the four estimators
-        for name in ("subsample (first)", "random (mean)", "anchors, refs", "gp-irt, refit"):
+    for population in ("uniform", "cma-like"):  # per cost share: subsample, random and the five estimators
+        for name in ("subsample (first)", "random (mean)", "anchors, refs", "gp-irt, refit", "genome, refit"):
             assert re.search(rf"\| {population} \| 10% \| {re.escape(name)} \|( [^|]+ \|){{3}}", section), section
-    assert "gp-irt with refit at <= 10% cost: Spearman" in section
+        assert re.search(rf"\| {population} \| 6 \| [^|]+ \|( [^|]+ \|){{5}}", section), section  # its noise floor
+    assert "genome with refit at <= 10% cost: Spearman" in section
+
+
+@pytest.mark.slow
+def test_estimate_search_quick(tmp_path, zoo) -> None:
+    out, text = run_quick("estimate_search.py", tmp_path, "--zoo", str(zoo["base"].parent))
+    section = check_section(text, "6d. Cheaper fitness at equal compute (eval.estimate vs eval.subsample vs full)",
+                            "estimate_search.py")
+    for arm, generations in (("full", 2), ("subsample", 2), ("estimate", 5)):  # about the same documents
+        assert re.search(rf"\| 0 \| {arm} \| {generations} \|( [^|]+ \|){{6}}", section), section
+    assert re.search(r"Mean best over seeds: full 0\.\d{4}, subsample 0\.\d{4}, estimate 0\.\d{4}\.", section), section

@@ -14,7 +14,7 @@ import pytest
 
 from evomerge import estimate
 from evomerge.config import validate
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, EvalError
 from evomerge.genome import GenomeLayout
 from evomerge.run_dir import RunDir, canonical
 from evomerge.samples import encode, sample_of
@@ -111,6 +111,79 @@ def test_irt_ranks_models_by_ability() -> None:
     assert estimate.kendall(list(theta), list(values.mean(axis=1))) > 0.8
 
 
+def _near_duplicates(count: int, docs: int = 120, seed: int = 3, genes: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates near one point of a genome box whose right answers follow the genome: document j is
+    right when a fixed linear score of the genome beats its threshold (near-duplicates differ on the few
+    documents whose threshold lies between them)."""
+    rng = np.random.default_rng(seed)
+    direction, threshold = rng.normal(size=(docs, genes)), rng.normal(scale=0.4, size=docs)
+    genomes = np.clip(0.5 + 0.15 * rng.standard_normal((count, genes)), 0, 1)
+    return genomes, ((genomes - 0.5) @ direction.T > threshold).astype(float)
+
+
+def test_genome_model_is_deterministic_and_exact_on_every_document() -> None:
+    genomes, values = _near_duplicates(30)
+    fitted, again = (estimate.fit_genome({"t": values[:20]}, list(genomes[:20]), list(genomes[20:]), 12)
+                     for _ in range(2))
+    assert fitted == again and fitted.method == "genome" and fitted.model.describe() == again.model.describe()
+    documents = fitted.tasks["t"].documents
+    assert len(documents) == 12 and list(documents) == sorted(set(documents))
+    row = values[25]
+    found = fitted.estimates({"t": encode(row[list(documents)].tolist())}, genomes[25])["t"]
+    assert found == again.estimates({"t": encode(row[list(documents)].tolist())}, genomes[25])["t"]
+    every = estimate.fit_genome({"t": values[:20]}, list(genomes[:20]), list(genomes[20:]), 120)
+    assert every.tasks["t"].documents == tuple(range(120))
+    assert math.isclose(every.estimates({"t": encode(row.tolist())}, genomes[25])["t"], row.mean(), abs_tol=1e-12)
+    with pytest.raises(EvalError, match="genome"):
+        fitted.estimates({"t": encode(row[list(documents)].tolist())})
+
+
+def test_genome_model_keeps_a_metric_beyond_one_in_its_range_without_a_logit_shift() -> None:
+    genomes, values = _near_duplicates(30)
+    scaled = 5.0 * values  # a per-document metric on 0..5
+    fitted = estimate.fit_genome({"t": scaled[:20]}, list(genomes[:20]), list(genomes[20:]), 12)
+    assert fitted.model.shift == 0.0 and (fitted.model.low, fitted.model.high) == (0.0, 5.0)
+    docs = list(fitted.tasks["t"].documents)
+    found = [fitted.estimates({"t": encode(row[docs].tolist())}, g)["t"] for row, g in zip(scaled[20:], genomes[20:])]
+    plain = estimate.fit_genome({"t": values[:20]}, list(genomes[:20]), list(genomes[20:]), 12)
+    assert plain.model.high == 1.0 and all(0.0 <= f <= 5.0 for f in found) and max(found) > 1.0
+
+
+def test_genome_model_ranks_near_duplicates_better_than_the_documents_alone() -> None:
+    genomes, values = _near_duplicates(70)
+    fitted_on, ranked = slice(0, 30), slice(30, 70)
+    full = values[ranked].mean(axis=1)
+    genome = estimate.fit_genome({"t": values[fitted_on]}, list(genomes[fitted_on]), list(genomes[ranked]), 12)
+    docs = list(genome.tasks["t"].documents)
+    ours = [genome.estimates({"t": encode(row[docs].tolist())}, g)["t"]
+            for row, g in zip(values[ranked], genomes[ranked])]
+    irt = estimate.fit({"t": values[fitted_on]}, 12)
+    theirs = [irt.tasks["t"].estimate(row[list(irt.tasks["t"].documents)].tolist()) for row in values[ranked]]
+    first = values[ranked][:, :12].mean(axis=1)
+    assert estimate.spearman(ours, list(full)) > max(estimate.spearman(theirs, list(full)),
+                                                     estimate.spearman(list(first), list(full))) + 0.1
+    # the anchors are where the fitted candidates disagree, not where every one answers alike
+    assert all(0 < values[fitted_on][:, d].mean() < 1 for d in docs)
+
+
+def test_run_anchors_fall_back_to_gp_irt_until_three_candidates_are_fitted() -> None:
+    config = estimate_config()
+    genomes, values = _near_duplicates(8, docs=DOCS)
+
+    def line(trial: int, label, genome, row) -> dict:
+        return {"trial": trial, "generation": 0 if label else 1, "label": label, "state": "complete",
+                "genome": None if genome is None else list(genome), "per_doc": {"t": encode(row.tolist())},
+                "sample": {"limit": DOCS}}
+
+    references = [line(i, f"ref{i}", None, values[i]) for i in range(3)]
+    fitted = [line(10 + i, None, genomes[3 + i], values[3 + i]) for i in range(3)]
+    candidates = [tuple(g) for g in genomes[6:]]
+    early = estimate.run_anchors(config.eval, references + fitted[:2], 2, 0, candidates)
+    later = estimate.run_anchors(config.eval, references + fitted, 2, 0, candidates)
+    assert early.method == "gp-irt" and early.fitted_on == (0, 1, 2, 10, 11)
+    assert later.method == "genome" and later.fitted_on == (10, 11, 12)
+
+
 def test_weighted_quality_from_per_task_estimates() -> None:
     value = estimate.estimated_quality({"a": 0.5, "b": 0.2}, {"a": 1.0, "b": 3.0}, {"a": True, "b": False})
     assert math.isclose(value, (0.5 - 3 * 0.2) / 4)
@@ -163,6 +236,10 @@ def test_estimate_run_scores_anchors_promotes_and_ranks_measured_only(tmp_path: 
     assert summary["estimate"]["spearman"] is not None and summary["estimate"]["mae"] is not None
     lines = run.records(estimate.ESTIMATE)
     assert len(lines) == 24 and len({tuple(line["fitted_on"]) for line in lines}) == 4  # refit each generation
+    # the genome model once three candidates are fully evaluated (after generation 0), gp-irt before
+    methods = {line["generation"]: line["estimate"]["method"] for line in lines}
+    assert methods == {0: "gp-irt", 1: "genome", 2: "genome", 3: "genome"}
+    assert all(r["estimate"]["method"] == methods[r["generation"]] for r in complete)
 
 
 def test_without_refit_the_anchors_stay(tmp_path: Path) -> None:
