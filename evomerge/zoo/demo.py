@@ -309,8 +309,8 @@ def _train_file(path: Path) -> Path:
     return path.with_name(path.stem + "_train.jsonl")
 
 
-#: An lm-eval generate_until task with exact match over `{prompt, answer}` documents, and a `train` split.
-GENERATE_TASK_YAML = """\
+#: The head of an lm-eval task over local JSONL documents with a `train` split (for router training).
+TASK_YAML_HEAD = """\
 # {header}
 task: {task}
 dataset_path: json
@@ -320,6 +320,9 @@ dataset_kwargs:
     train: {train_file}
 test_split: test
 training_split: train  # router-training documents (disjoint from test), never scored for fitness
+"""
+#: A generate_until task with exact match over `{prompt, answer}` documents.
+GENERATE_TASK_YAML = TASK_YAML_HEAD + """\
 output_type: generate_until
 doc_to_text: "{{{{prompt}}}}"
 doc_to_target: "{{{{answer}}}}"
@@ -659,6 +662,23 @@ def _build(out_dir: str | os.PathLike, recipe: Recipe, seed: int) -> dict[str, P
     }
     write_zoo_json(out, meta)
     logger.info("zoo: built %s in %.1f s; scores %s", out, timings["total_s"], scores)
+    return paths
+
+
+def reuse_or_build(out: Path, paths: dict[str, Path], name: str, build: Callable[[], None], force: bool = False
+                   ) -> dict[str, Path]:
+    """`paths` of the zoo in `out`: as they are when `out`/zoo.json says a build finished there (unless
+    `force`), else after `build()`, run with one torch thread (on a shared, loaded machine one thread
+    is fastest: no spinning)."""
+    if (out / "zoo.json").is_file() and not force:
+        logger.info("%s: %s is built already (zoo.json); reusing it", name, out)
+        return paths
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        build()
+    finally:
+        torch.set_num_threads(threads)
     return paths
 
 
