@@ -7,8 +7,8 @@ text, so numbers and keywords are multi-character tokens), and the tasks:
 
 - ``second_max`` (generate_until, exact match): the largest of 3-5 two-digit numbers, ``max 31 17 58=`` -> ``58``;
 - ``second_succ`` (generate_until, exact match): each digit's successor, ``succ 4819=`` -> ``5920``;
-- ``second_even`` (multiple_choice, acc): which of four numbers is even, ``even 13 27 44 91?``,
-  scored by the log-likelihood of each choice (`` 44``);
+- ``second_min`` (multiple_choice, acc): the smallest of four two-digit numbers, ``min 31 17 58 44?``,
+  scored by the log-likelihood of each choice (`` 17``);
 - ``second_mix`` (generate_until, exact match): documents of ``max`` and ``succ`` in one task, so
   that a task-level choice of member answers only part of it and per-prompt routing is needed.
 
@@ -55,13 +55,13 @@ logger = logging.getLogger(__name__)
 __all__ = ["SKILLS", "TASKS", "SECOND_RECIPE", "QUICK_SECOND_RECIPE", "build_second_zoo", "make_tokenizer",
            "make_config", "task_documents", "write_second_tasks", "choice_accuracy"]
 
-#: One expert each; `even` is scored as multiple choice.
-SKILLS = ("max", "succ", "even")
+#: One expert each; `min` is scored as multiple choice.
+SKILLS = ("max", "succ", "min")
 #: The skills whose documents make up the mixed task `second_mix`.
 MIXED = ("max", "succ")
 #: lm-eval task name -> the skills its documents come from.
 TASKS = {**{f"second_{s}": (s,) for s in SKILLS}, "second_mix": MIXED}
-MULTIPLE_CHOICE = frozenset({"second_even"})
+MULTIPLE_CHOICE = frozenset({"second_min"})
 EVAL_SEED, TRAIN_SEED = 2468, 1357
 EVAL_SIZE = TRAIN_SIZE = 200
 MAX_GEN_TOKS = 8
@@ -91,18 +91,17 @@ def _on_digits(op: str, shift: int, lo: int, hi: int) -> Callable[[random.Random
     return generate
 
 
-def _even(rng: random.Random) -> tuple[str, str]:
-    """``even N N N N?``: four two-digit numbers, one of them even; the answer is it, after lm-eval's
+def _min(rng: random.Random) -> tuple[str, str]:
+    """``min N N N N?``: four distinct two-digit numbers; the answer is the smallest, after lm-eval's
     multiple-choice delimiter (a space)."""
-    numbers = [rng.randrange(10, 100, 2), *rng.sample(range(11, 100, 2), 3)]
-    rng.shuffle(numbers)
-    return f"even {' '.join(map(str, numbers))}?", f" {next(n for n in numbers if n % 2 == 0)}"
+    numbers = rng.sample(range(10, 100), 4)
+    return f"min {' '.join(map(str, numbers))}?", f" {min(numbers)}"
 
 
 GENERATORS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "max": _listing("max", max, 3, 5),  # the largest of 3-5 two-digit numbers
     "succ": _on_digits("succ", 1, 4, 6),  # each digit's successor: succ 4819= -> 5920
-    "even": _even,
+    "min": _min,
     # related skills that only the base model sees: reading lists, copying digits, short cases
     "first": _listing("first", lambda drawn: drawn[0], 2, 5),
     "last": _listing("last", lambda drawn: drawn[-1], 2, 5),
@@ -113,10 +112,11 @@ GENERATORS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
 
 SECOND_RECIPE = replace(
     FULL_RECIPE,
-    base_mix={"first": 1.0, "last": 1.0, "copy": 1.0, "max_short": 0.5, "succ_short": 1.0,
-              "max": 0.05, "succ": 0.05, "even": 0.05},
-    replay_mix={"max": 1.0, "succ": 1.0, "even": 1.0, "first": 0.3, "last": 0.3, "copy": 0.3, "max_short": 0.3,
+    base_mix={"first": 1.0, "last": 1.0, "copy": 1.0, "max_short": 0.5, "succ_short": 0.5,
+              "max": 0.05, "succ": 0.05, "min": 0.05},
+    replay_mix={"max": 1.0, "succ": 1.0, "min": 1.0, "first": 0.3, "last": 0.3, "copy": 0.3, "max_short": 0.3,
                 "succ_short": 0.3},
+    expert_lr=7e-4,
     router_steps=0,  # no hand-made router models: routers are the run's business (policy.kind classifier)
     score_limit=100,
 )
