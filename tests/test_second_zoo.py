@@ -48,15 +48,15 @@ def test_documents_are_held_out_and_the_mixed_task_needs_two_experts() -> None:
     everything = [p for ps in prompts.values() for p in ps]
     assert len(set(everything)) == len(everything)  # no prompt in two lists
     assert {p.split()[0] for p in prompts["second_mix", "test"]} == set(S.MIXED)
-    for doc in S.task_documents("second_min"):
-        assert doc["choices"][doc["label"]] == str(min(map(int, doc["choices"]))) and len(set(doc["choices"])) == 4
+    for doc in S.task_documents("second_even"):
+        assert int(doc["choices"][doc["label"]]) % 2 == 0 and sum(int(c) % 2 == 0 for c in doc["choices"]) == 1
     # no training batch holds a task's prompt, and the batches show every format
     excluded = S.excluded_prompts()
     for mix in (S.SECOND_RECIPE.base_mix, S.SECOND_RECIPE.replay_mix):
         sampler = _Sampler(mix, S.make_tokenizer(), random.Random(0), excluded, S.GENERATORS)
         seen = {sampler.example()[0] for _ in range(3000)}
         assert not seen & excluded
-        assert {p.split()[0] for p in seen} >= {"max", "succ", "min"}
+        assert {p.split()[0] for p in seen} >= {"max", "succ", "even"}
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +98,13 @@ def test_zoo_scores_are_what_lm_eval_computes(second_zoo) -> None:
 
     manager = TaskManager(include_path=str(second_zoo["base"].parent / "tasks"), include_defaults=False)
     task_dict = manager.load([task_spec(manager, t) for t in S.TASKS])
-    path = second_zoo["min"]
+    path = second_zoo["even"]
     model, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
     limit = 20
     results = evaluate(lm=HFLM(pretrained=model, tokenizer=tok, batch_size=16), task_dict=task_dict, limit=limit,
                        bootstrap_iters=0)["results"]
     mine = S.task_scores(model, tok, limit)
-    assert mine["second_min"] == pytest.approx(results["second_min"]["acc,none"], abs=1e-9)
+    assert mine["second_even"] == pytest.approx(results["second_even"]["acc,none"], abs=1e-9)
     for task in ("second_max", "second_succ", "second_mix"):
         assert abs(mine[task] - results[task]["exact_match,none"]) <= 0.1
 

@@ -5,16 +5,16 @@ particulars: the architecture (``Qwen2ForCausalLM``: q/k/v biases, grouped-query
 untied embeddings), the tokenizer (a byte-level BPE trained here on the zoo's own training
 text, so numbers and keywords are multi-character tokens), and the tasks:
 
-- ``second_max`` (generate_until, exact match): the largest of 3-5 two-digit numbers, ``max 31 17 58=`` -> ``58``;
-- ``second_succ`` (generate_until, exact match): each digit's successor, ``succ 4819=`` -> ``5920``;
-- ``second_min`` (multiple_choice, acc): the smallest of four two-digit numbers, ``min 31 17 58 44?``,
-  scored by the log-likelihood of each choice (`` 17``);
+- ``second_max`` (generate_until, exact match): the largest of 3-5 numbers, ``max 31 7 58=`` -> ``58``;
+- ``second_succ`` (generate_until, exact match): each letter's successor, ``succ kqz=`` -> ``lra``;
+- ``second_even`` (multiple_choice, acc): which of four numbers is even, ``even 13 27 44 91?``,
+  scored by the log-likelihood of each choice (`` 44``);
 - ``second_mix`` (generate_until, exact match): documents of ``max`` and ``succ`` in one task, so
   that a task-level choice of member answers only part of it and per-prompt routing is needed.
 
-The base is pre-trained on related skills (first and last number of a list, copying digits, the
-larger of two digits, successors of one or two digits) and sees each skill's prompt format at a
-low rate, then one expert per skill is fine-tuned from it, with the demo's trainer (`evomerge.zoo.demo.train_sources`).
+The base is pre-trained on related skills (copy, first number, short maxima, short successors,
+two-choice parity) that also show each skill's prompt format at a low rate, then one expert per
+skill is fine-tuned from it, with the demo's trainer (`evomerge.zoo.demo.train_sources`).
 Every task has held-out ``test`` documents and a ``train`` split for router training; no
 training batch holds a prompt of either. ``build_second_zoo`` writes the models, the lm-eval
 tasks (``tasks/``) and ``zoo.json`` (what the build measured) into one folder, and reuses a
@@ -41,6 +41,8 @@ from evomerge.zoo.demo import (
     QUICK_RECIPE,
     TASK_YAML_HEAD,
     Recipe,
+    _on_word,
+    _shifted,
     distinct_examples,
     encoder,
     greedy_exact_match,
@@ -55,13 +57,13 @@ logger = logging.getLogger(__name__)
 __all__ = ["SKILLS", "TASKS", "SECOND_RECIPE", "QUICK_SECOND_RECIPE", "build_second_zoo", "make_tokenizer",
            "make_config", "task_documents", "write_second_tasks", "choice_accuracy"]
 
-#: One expert each; `min` is scored as multiple choice.
-SKILLS = ("max", "succ", "min")
+#: One expert each; `even` is scored as multiple choice.
+SKILLS = ("max", "succ", "even")
 #: The skills whose documents make up the mixed task `second_mix`.
 MIXED = ("max", "succ")
 #: lm-eval task name -> the skills its documents come from.
 TASKS = {**{f"second_{s}": (s,) for s in SKILLS}, "second_mix": MIXED}
-MULTIPLE_CHOICE = frozenset({"second_min"})
+MULTIPLE_CHOICE = frozenset({"second_even"})
 EVAL_SEED, TRAIN_SEED = 2468, 1357
 EVAL_SIZE = TRAIN_SIZE = 200
 MAX_GEN_TOKS = 8
@@ -73,50 +75,47 @@ TOKENIZER_CORPUS = 4000  # training texts the BPE is fitted on
 # --------------------------------------------------------------------------- skills
 
 
-def _listing(op: str, answer: Callable[[list[int]], int], lo: int, hi: int, numbers: range = range(10, 100)
+def _numbers(rng: random.Random, lo: int, hi: int) -> list[int]:
+    return rng.sample(range(100), rng.randint(lo, hi))
+
+
+def _listing(op: str, answer: Callable[[list[int]], int], lo: int, hi: int
              ) -> Callable[[random.Random], tuple[str, str]]:
-    """A generator of ``op N N N=`` prompts over lo..hi distinct `numbers`, answered by `answer`."""
+    """A generator of ``op N N N=`` prompts over lo..hi distinct numbers below 100."""
     def generate(rng: random.Random) -> tuple[str, str]:
-        drawn = rng.sample(numbers, rng.randint(lo, hi))
-        return f"{op} {' '.join(map(str, drawn))}=", str(answer(drawn))
+        numbers = _numbers(rng, lo, hi)
+        return f"{op} {' '.join(map(str, numbers))}=", str(answer(numbers))
     return generate
 
 
-def _on_digits(op: str, shift: int, lo: int, hi: int) -> Callable[[random.Random], tuple[str, str]]:
-    """A generator of ``op DIGITS=`` prompts over lo..hi digits, each digit plus `shift` (mod 10) in
-    the answer (the tokenizer keeps digits apart: one token each, as Qwen2's does)."""
-    def generate(rng: random.Random) -> tuple[str, str]:
-        digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(lo, hi)))
-        return f"{op} {digits}=", "".join(str((int(d) + shift) % 10) for d in digits)
-    return generate
-
-
-def _min(rng: random.Random) -> tuple[str, str]:
-    """``min N N N N?``: four distinct two-digit numbers; the answer is the smallest, after lm-eval's
+def _even(count: int) -> Callable[[random.Random], tuple[str, str]]:
+    """``even N N N N?`` with one even number among ``count``; the answer is it, after lm-eval's
     multiple-choice delimiter (a space)."""
-    numbers = rng.sample(range(10, 100), 4)
-    return f"min {' '.join(map(str, numbers))}?", f" {min(numbers)}"
+    def generate(rng: random.Random) -> tuple[str, str]:
+        numbers = [rng.randrange(0, 100, 2), *rng.sample(range(1, 100, 2), count - 1)]
+        rng.shuffle(numbers)
+        return f"even {' '.join(map(str, numbers))}?", f" {next(n for n in numbers if n % 2 == 0)}"
+    return generate
 
 
 GENERATORS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
-    "max": _listing("max", max, 3, 5),  # the largest of 3-5 two-digit numbers
-    "succ": _on_digits("succ", 1, 4, 6),  # each digit's successor: succ 4819= -> 5920
-    "min": _min,
-    # related skills that only the base model sees: reading lists, copying digits, short cases
-    "first": _listing("first", lambda drawn: drawn[0], 2, 5),
-    "last": _listing("last", lambda drawn: drawn[-1], 2, 5),
-    "copy": _on_digits("cp", 0, 2, 6),
-    "max_short": _listing("max", max, 2, 2, range(10)),  # of two digits
-    "succ_short": _on_digits("succ", 1, 1, 2),
+    "max": _listing("max", max, 3, 5),
+    "succ": _on_word("succ", _shifted, 3, 6),
+    "even": _even(4),
+    # related skills that only the base model sees
+    "copy": _on_word("cp", str, 2, 6),
+    "first": _listing("first", lambda numbers: numbers[0], 2, 5),
+    "max_short": _listing("max", max, 2, 2),
+    "succ_short": _on_word("succ", _shifted, 1, 2),
+    "even_short": _even(2),
 }
 
 SECOND_RECIPE = replace(
     FULL_RECIPE,
-    base_mix={"first": 1.0, "last": 1.0, "copy": 1.0, "max_short": 0.5, "succ_short": 0.5,
-              "max": 0.05, "succ": 0.05, "min": 0.05},
-    replay_mix={"max": 1.0, "succ": 1.0, "min": 1.0, "first": 0.3, "last": 0.3, "copy": 0.3, "max_short": 0.3,
-                "succ_short": 0.3},
-    expert_lr=7e-4,
+    base_mix={"copy": 1.0, "first": 1.0, "max_short": 1.5, "succ_short": 1.0, "even_short": 1.0,
+              "max": 0.1, "succ": 0.05, "even": 0.1},
+    replay_mix={"max": 1.0, "succ": 1.0, "even": 1.0, "copy": 0.3, "first": 0.3, "max_short": 0.3,
+                "succ_short": 0.3, "even_short": 0.3},
     router_steps=0,  # no hand-made router models: routers are the run's business (policy.kind classifier)
     score_limit=100,
 )
