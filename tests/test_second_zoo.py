@@ -65,7 +65,7 @@ def second_zoo(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.slow
-def test_quick_build_is_a_deterministic_qwen2_zoo_with_its_tasks(second_zoo, tmp_path) -> None:
+def test_quick_build_is_a_deterministic_qwen2_zoo_with_its_tasks(second_zoo, tmp_path, capsys) -> None:
     from transformers import AutoModelForCausalLM
 
     folder = second_zoo["base"].parent
@@ -81,6 +81,12 @@ def test_quick_build_is_a_deterministic_qwen2_zoo_with_its_tasks(second_zoo, tmp
     assert all(0 < v < 0.1 for v in meta["relative_task_vector_norm"].values())
     assert sorted(p.name for p in (folder / "tasks").glob("*.yaml")) == sorted(f"{t}.yaml" for t in S.TASKS)
     assert S.build_second_zoo(folder) == second_zoo  # a finished build is reused
+    from evomerge.cli import main
+
+    assert main(["zoo", "--second", str(folder)]) == 0  # the command reuses it too
+    assert f"base: {second_zoo['base']}" in capsys.readouterr().out
+    assert main(["zoo", "--second", "--real", str(folder)]) == 2
+    assert capsys.readouterr().err.strip().endswith("--real, --second: one zoo at a time")
     again = S.build_second_zoo(tmp_path / "again", quick=True)
     for name, path in second_zoo.items():
         a, b = load_file(path / "model.safetensors"), load_file(again[name] / "model.safetensors")
