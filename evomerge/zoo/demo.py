@@ -244,12 +244,12 @@ def make_config(recipe: Recipe = FULL_RECIPE, *, router: bool = False):
     )
 
 
-def _generation_config():
+def generation_config(tok):
+    """Greedy generation with `tok`'s special tokens."""
     from transformers import GenerationConfig
 
-    return GenerationConfig(
-        pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, do_sample=False
-    )
+    return GenerationConfig(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                            eos_token_id=tok.eos_token_id, do_sample=False)
 
 
 # --------------------------------------------------------------------------- evaluation data
@@ -263,13 +263,14 @@ def eval_examples(skill: str, n: int = EVAL_SIZE, seed: int = EVAL_SEED) -> list
 
 
 def distinct_examples(generate: Callable[[random.Random], tuple[str, str]], n: int, rng: random.Random,
-                      key: str) -> list[dict]:
-    """``n`` examples ``{key: question, "answer": answer}`` with distinct questions, drawn in order."""
+                      key: str, excluded: frozenset[str] | set[str] = frozenset()) -> list[dict]:
+    """``n`` examples ``{key: question, "answer": answer}`` with distinct questions, none in ``excluded``,
+    drawn in order."""
     seen: set[str] = set()
     out: list[dict] = []
     while len(out) < n:
         question, answer = generate(rng)
-        if question not in seen:
+        if question not in seen and question not in excluded:
             seen.add(question)
             out.append({key: question, "answer": answer})
     return out
@@ -280,15 +281,7 @@ def router_train_examples(skill: str, n: int = TRAIN_SIZE, seed: int = TRAIN_SEE
     of them an evaluation prompt. The zoo's models were built before this split existed and were
     not kept from these prompts: a prompt here may have been in an expert's training batches."""
     excluded = {ex["prompt"] for ex in eval_examples(skill)}
-    rng = random.Random(f"train-{skill}-{seed}")
-    seen: set[str] = set()
-    out: list[dict] = []
-    while len(out) < n:
-        prompt, answer = GENERATORS[skill](rng)
-        if prompt not in seen and prompt not in excluded:
-            seen.add(prompt)
-            out.append({"prompt": prompt, "answer": answer})
-    return out
+    return distinct_examples(GENERATORS[skill], n, random.Random(f"train-{skill}-{seed}"), "prompt", excluded)
 
 
 def training_excluded_prompts() -> frozenset[str]:
@@ -316,9 +309,10 @@ def _train_file(path: Path) -> Path:
     return path.with_name(path.stem + "_train.jsonl")
 
 
-_TASK_YAML = """\
-# The demo skill "{skill}": held-out prompts written by evomerge.zoo.write_eval_data (never trained on).
-task: demo_{skill}
+#: The head of an lm-eval task over local JSONL documents with a `train` split (for router training).
+TASK_YAML_HEAD = """\
+# {header}
+task: {task}
 dataset_path: json
 dataset_kwargs:
   data_files:
@@ -326,6 +320,9 @@ dataset_kwargs:
     train: {train_file}
 test_split: test
 training_split: train  # router-training documents (disjoint from test), never scored for fitness
+"""
+#: A generate_until task with exact match over `{prompt, answer}` documents.
+GENERATE_TASK_YAML = TASK_YAML_HEAD + """\
 output_type: generate_until
 doc_to_text: "{{{{prompt}}}}"
 doc_to_target: "{{{{answer}}}}"
@@ -360,8 +357,10 @@ def write_demo_tasks(task_dir: str | os.PathLike, *, absolute: bool = False) -> 
         ref = path.resolve().as_posix() if absolute else path.name
         out[skill] = task_dir / f"demo_{skill}.yaml"
         out[skill].write_text(
-            _TASK_YAML.format(skill=skill, data_file=ref, max_gen_toks=MAX_GEN_TOKS,
-                              train_file=_train_file(Path(ref)).as_posix()), encoding="utf-8"
+            GENERATE_TASK_YAML.format(
+                task=f"demo_{skill}", data_file=ref, max_gen_toks=MAX_GEN_TOKS,
+                header=f'The demo skill "{skill}": held-out prompts written by evomerge.zoo.write_eval_data '
+                       "(never trained on).", train_file=_train_file(Path(ref)).as_posix()), encoding="utf-8"
         )
     return out
 
@@ -370,19 +369,22 @@ def write_demo_tasks(task_dir: str | os.PathLike, *, absolute: bool = False) -> 
 
 
 class _Sampler:
-    """Deterministic batches of (input_ids, labels) from a weighted task mix."""
+    """Deterministic batches of (input_ids, labels) from a weighted task mix of `generators` (default:
+    the demo's), each text encoded by `tok` (no special tokens)."""
 
-    def __init__(self, mix: dict[str, float], tok, rng: random.Random, excluded: frozenset[str]):
+    def __init__(self, mix: dict[str, float], tok, rng: random.Random, excluded: frozenset[str],
+                 generators: dict[str, Callable[[random.Random], tuple[str, str]]] | None = None):
         self.names = sorted(mix)
         self.weights = [mix[k] for k in self.names]
         self.rng = rng
         self.excluded = excluded
-        self.vocab = tok.get_vocab()
+        self.generators = GENERATORS if generators is None else generators
+        self.encode = encoder(tok)
         self._pending: list = []
         self._pending_size = 0
 
     def example(self) -> tuple[str, str]:
-        gen = GENERATORS[self.rng.choices(self.names, self.weights)[0]]
+        gen = self.generators[self.rng.choices(self.names, self.weights)[0]]
         while True:
             prompt, answer = gen(self.rng)
             if prompt not in self.excluded:
@@ -402,8 +404,7 @@ class _Sampler:
     BUCKET = 1
 
     def _encode(self, prompt: str, answer: str) -> tuple[list[int], list[int]]:
-        p = [self.vocab[c] for c in prompt]
-        a = [self.vocab[c] for c in answer + "\n"]
+        p, a = self.encode(prompt), self.encode(answer + "\n")  # as generation sees them: prompt, then answer
         return p + a, [-100] * len(p) + a
 
     @staticmethod
@@ -422,8 +423,14 @@ class _PromptSampler(_Sampler):
     prefix router scores), no answer."""
 
     def _encode(self, prompt: str, answer: str) -> tuple[list[int], list[int]]:
-        p = [self.vocab[c] for c in prompt]
+        p = self.encode(prompt)
         return [BOS_ID] + p, [-100] + p
+
+
+def encoder(tok) -> Callable[[str], list[int]]:
+    """`text -> token ids` of a fast tokenizer, without special tokens (as lm-eval's HFLM encodes)."""
+    backend = tok.backend_tokenizer
+    return lambda text: backend.encode(text, add_special_tokens=False).ids
 
 
 def _consistency_loss(model, teacher, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -492,22 +499,25 @@ def greedy_exact_match(model, tok, examples: Iterable[dict], max_new_tokens: int
     demo tasks, without padding (prompts are grouped by length).
     """
     model.eval()
-    vocab = tok.get_vocab()
-    nl = vocab["\n"]
-    groups: dict[int, list[dict]] = {}
+    encode = encoder(tok)
+    (nl,) = encode("\n")  # the stop string is one token in the zoos' tokenizers
+    stops = (nl, tok.eos_token_id)
+    groups: dict[int, list[tuple[dict, list[int]]]] = {}
     examples = list(examples)
     for ex in examples:
-        groups.setdefault(len(ex["prompt"]), []).append(ex)
+        ids = encode(ex["prompt"])
+        groups.setdefault(len(ids), []).append((ex, ids))
     correct = 0
-    for group in groups.values():
-        ids = torch.tensor([[vocab[c] for c in ex["prompt"]] for ex in group])
+    for rows in groups.values():
+        group = [ex for ex, _ in rows]
+        ids = torch.tensor([row for _, row in rows])
         done = torch.zeros(len(group), dtype=torch.bool)
         outs: list[list[int]] = [[] for _ in group]
         for _ in range(max_new_tokens):
             nxt = model(input_ids=ids).logits[:, -1].argmax(-1)
             for i, t in enumerate(nxt.tolist()):
                 if not done[i]:
-                    if t in (nl, EOS_ID):
+                    if t in stops:
                         done[i] = True
                     else:
                         outs[i].append(t)
@@ -559,6 +569,49 @@ def _save(model, tok, path: Path) -> None:
     tok.save_pretrained(path)
 
 
+def train_sources(out: Path, recipe: Recipe, seed: int, tok, new_model: Callable[[], Any], skills: Iterable[str],
+                  generators: dict[str, Callable[[random.Random], tuple[str, str]]] | None = None,
+                  excluded: frozenset[str] = frozenset()) -> tuple[Any, dict[str, Any], dict[str, dict]]:
+    """Train a base (`new_model()` after seeding torch, on `recipe.base_mix`) and one expert per skill
+    fine-tuned from it (with the replay consistency term on `recipe.replay_mix` less the skill), each
+    saved with `tok` under `out`/<name>; returns (base, {skill: expert}, training records). No
+    training batch holds a prompt of `excluded`."""
+    torch.manual_seed(seed)
+    base = new_model()
+    base.generation_config = generation_config(tok)
+    logger.info("zoo: base model, %d parameters", sum(p.numel() for p in base.parameters()))
+    sampler = _Sampler(recipe.base_mix, tok, random.Random(f"base-{seed}"), excluded, generators)
+    training = {"base": _train(base, sampler, steps=recipe.base_steps, lr=recipe.base_lr, batch=recipe.base_batch,
+                               warmup=recipe.base_warmup, weight_decay=recipe.weight_decay, name="base")}
+    _save(base, tok, out / "base")
+
+    experts = {}
+    for skill in skills:
+        torch.manual_seed(seed)
+        expert = copy.deepcopy(base)
+        sampler = _Sampler({skill: 1.0}, tok, random.Random(f"expert-{skill}-{seed}"), excluded, generators)
+        replay = _Sampler({k: w for k, w in recipe.replay_mix.items() if k != skill}, tok,
+                          random.Random(f"replay-{skill}-{seed}"), excluded, generators)
+        training[skill] = _train(expert, sampler, steps=recipe.expert_steps, lr=recipe.expert_lr,
+                                 batch=recipe.expert_batch, warmup=recipe.expert_warmup,
+                                 weight_decay=recipe.weight_decay, name=skill, teacher=base, replay=replay,
+                                 replay_batch=recipe.expert_replay_batch, consistency=recipe.expert_consistency)
+        _save(expert, tok, out / skill)
+        experts[skill] = expert
+    return base, experts, training
+
+
+def source_scores(score: Callable[[Any], dict], base, experts: dict[str, Any]) -> tuple[dict, dict]:
+    """(`score` of the base, each expert, their uniform average and their task arithmetic at 1.0;
+    each expert's relative task-vector norm): what a zoo's zoo.json records."""
+    base_sd = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    expert_sds = {s: {k: v.detach().clone() for k, v in e.state_dict().items()} for s, e in experts.items()}
+    scores = {"base": score(base), **{s: score(e) for s, e in experts.items()}}
+    scores.update(merge_scores(score, copy.deepcopy(base), base_sd, list(expert_sds.values())))
+    norms = {s: round(relative_norm(base_sd, sd), 4) for s, sd in expert_sds.items()}
+    return scores, norms
+
+
 def _build(out_dir: str | os.PathLike, recipe: Recipe, seed: int) -> dict[str, Path]:
     from transformers import LlamaForCausalLM
 
@@ -568,54 +621,9 @@ def _build(out_dir: str | os.PathLike, recipe: Recipe, seed: int) -> dict[str, P
     tok = make_tokenizer()
     excluded = training_excluded_prompts()
     timings: dict[str, float] = {}
-
-    torch.manual_seed(seed)
-    base = LlamaForCausalLM(make_config(recipe))
-    base.generation_config = _generation_config()
-    logger.info("zoo: base model, %d parameters", sum(p.numel() for p in base.parameters()))
-    sampler = _Sampler(recipe.base_mix, tok, random.Random(f"base-{seed}"), excluded)
-    training = {
-        "base": _train(
-            base,
-            sampler,
-            steps=recipe.base_steps,
-            lr=recipe.base_lr,
-            batch=recipe.base_batch,
-            warmup=recipe.base_warmup,
-            weight_decay=recipe.weight_decay,
-            name="base",
-        )
-    }
-    _save(base, tok, out / "base")
-    paths = {"base": out / "base"}
-
-    experts = {}
-    for skill in SKILLS:
-        torch.manual_seed(seed)
-        expert = copy.deepcopy(base)
-        sampler = _Sampler({skill: 1.0}, tok, random.Random(f"expert-{skill}-{seed}"), excluded)
-        training[skill] = _train(
-            expert,
-            sampler,
-            steps=recipe.expert_steps,
-            lr=recipe.expert_lr,
-            batch=recipe.expert_batch,
-            warmup=recipe.expert_warmup,
-            weight_decay=recipe.weight_decay,
-            name=skill,
-            teacher=base,
-            replay=_Sampler(
-                {k: w for k, w in recipe.replay_mix.items() if k != skill},
-                tok,
-                random.Random(f"replay-{skill}-{seed}"),
-                excluded,
-            ),
-            replay_batch=recipe.expert_replay_batch,
-            consistency=recipe.expert_consistency,
-        )
-        _save(expert, tok, out / skill)
-        paths[skill] = out / skill
-        experts[skill] = expert
+    base, experts, training = train_sources(out, recipe, seed, tok, lambda: LlamaForCausalLM(make_config(recipe)),
+                                            SKILLS, excluded=excluded)
+    paths = {"base": out / "base", **{skill: out / skill for skill in SKILLS}}
     timings["train_and_save_s"] = round(time.perf_counter() - t_start, 2)
 
     t0 = time.perf_counter()
@@ -623,7 +631,7 @@ def _build(out_dir: str | os.PathLike, recipe: Recipe, seed: int) -> dict[str, P
     for name, mix in {"mix": {s: 1.0 for s in SKILLS}, **{s: {s: 1.0} for s in SKILLS}}.items():
         torch.manual_seed(seed)
         router = LlamaForCausalLM(make_config(recipe, router=True))
-        router.generation_config = _generation_config()
+        router.generation_config = generation_config(tok)
         sampler = _PromptSampler(mix, tok, random.Random(f"router-{name}-{seed}"), excluded)
         training[f"router-{name}"] = _train(router, sampler, steps=recipe.router_steps, lr=recipe.router_lr,
                                             batch=recipe.router_batch, warmup=recipe.base_warmup,
@@ -634,13 +642,7 @@ def _build(out_dir: str | os.PathLike, recipe: Recipe, seed: int) -> dict[str, P
 
     # Scores on the first `score_limit` held-out examples of each demo task.
     t0 = time.perf_counter()
-    base_sd = {k: v.detach().clone() for k, v in base.state_dict().items()}
-    expert_sds = [{k: v.detach().clone() for k, v in experts[s].state_dict().items()} for s in SKILLS]
-    scores = {"base": _scores(base, tok, recipe.score_limit)}
-    for s in SKILLS:
-        scores[s] = _scores(experts[s], tok, recipe.score_limit)
-    scores.update(merge_scores(lambda model: _scores(model, tok, recipe.score_limit), copy.deepcopy(base),
-                               base_sd, expert_sds))
+    scores, norms = source_scores(lambda model: _scores(model, tok, recipe.score_limit), base, experts)
     timings["score_s"] = round(time.perf_counter() - t0, 2)
     timings["total_s"] = round(time.perf_counter() - t_start, 2)
 
@@ -652,9 +654,7 @@ def _build(out_dir: str | os.PathLike, recipe: Recipe, seed: int) -> dict[str, P
         "eval_seed": EVAL_SEED,
         "training": training,
         "routers": routers,
-        "relative_task_vector_norm": {
-            s: round(relative_norm(base_sd, sd), 4) for s, sd in zip(SKILLS, expert_sds)
-        },
+        "relative_task_vector_norm": norms,
         "scores": scores,
         "scores_note": f"greedy exact match on the first {recipe.score_limit} examples of each "
         "evals/demo task (what lm-eval's generate_until + exact_match computes)",
@@ -662,6 +662,23 @@ def _build(out_dir: str | os.PathLike, recipe: Recipe, seed: int) -> dict[str, P
     }
     write_zoo_json(out, meta)
     logger.info("zoo: built %s in %.1f s; scores %s", out, timings["total_s"], scores)
+    return paths
+
+
+def reuse_or_build(out: Path, paths: dict[str, Path], name: str, build: Callable[[], None], force: bool = False
+                   ) -> dict[str, Path]:
+    """`paths` of the zoo in `out`: as they are when `out`/zoo.json says a build finished there (unless
+    `force`), else after `build()`, run with one torch thread (on a shared, loaded machine one thread
+    is fastest: no spinning)."""
+    if (out / "zoo.json").is_file() and not force:
+        logger.info("%s: %s is built already (zoo.json); reusing it", name, out)
+        return paths
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        build()
+    finally:
+        torch.set_num_threads(threads)
     return paths
 
 

@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.zoo.demo import distinct_examples, merge_scores, relative_norm, write_zoo_json
+from evomerge.zoo.demo import distinct_examples, merge_scores, relative_norm, reuse_or_build, write_zoo_json
 
 logger = logging.getLogger(__name__)
 
@@ -349,15 +349,7 @@ def build_real_zoo(out_dir: str | os.PathLike, *, recipe: RealRecipe = FULL_REAL
     a finished build (its zoo.json) is returned as it is unless ``force``."""
     out = Path(out_dir)
     paths = {"base": out / "base", **{s: out / s for s in SKILLS}}
-    if (out / "zoo.json").is_file() and not force:
-        logger.info("real zoo: %s is built already (zoo.json); reusing it", out)
-        return paths
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # on a shared, loaded machine one thread is fastest (no spinning)
-    try:
-        return _build(out, recipe, seed, paths)
-    finally:
-        torch.set_num_threads(threads)
+    return reuse_or_build(out, paths, "real zoo", lambda: _build(out, recipe, seed, paths), force)
 
 
 def _build(out: Path, recipe: RealRecipe, seed: int, paths: dict[str, Path]) -> dict[str, Path]:
