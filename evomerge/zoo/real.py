@@ -56,6 +56,10 @@ SYSTEM_PROMPT = "Reply with the answer only."
 #: Held-out evaluation data seed, independent of the build seed.
 EVAL_SEED = 4321
 EVAL_SIZE = 100
+#: Router-training documents per task (the tasks' `train` split, for a classifier router the run
+#: trains itself): questions drawn with their own seed, none equal to a held-out one.
+TRAIN_SEED = 777
+TRAIN_SIZE = 30
 MAX_GEN_TOKS = 24
 
 # --------------------------------------------------------------------------- skills
@@ -305,7 +309,9 @@ dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data_file}
+    train: {train_file}
 test_split: test
+training_split: train  # router-training documents (disjoint from test), never scored for fitness
 output_type: generate_until
 doc_to_text: "{{{{prompt}}}}"
 doc_to_target: "{{{{answer}}}}"
@@ -320,21 +326,29 @@ metadata:
 """
 
 
-def write_real_tasks(task_dir: str | os.PathLike, tokenizer, *, n: int = EVAL_SIZE) -> dict[str, Path]:
-    """Write the lm-eval tasks ``real_<skill>`` into ``task_dir``: ``real_<skill>.yaml`` and its
+def write_real_tasks(task_dir: str | os.PathLike, tokenizer, *, n: int = EVAL_SIZE,
+                     train: int = TRAIN_SIZE) -> dict[str, Path]:
+    """Write the lm-eval tasks ``real_<skill>`` into ``task_dir``: ``real_<skill>.yaml``, its
     held-out data ``real_<skill>.jsonl`` (``{"prompt", "answer", "question"}`` a line, the prompt
-    rendered with the tokenizer's chat template). Returns ``{skill: yaml_path}``."""
+    rendered with the tokenizer's chat template) and ``train`` router-training documents
+    ``real_<skill>_train.jsonl`` (none equal to a held-out one). Returns ``{skill: yaml_path}``."""
     task_dir = Path(task_dir)
     task_dir.mkdir(parents=True, exist_ok=True)
     out: dict[str, Path] = {}
     for skill in SKILLS:
-        data = task_dir / f"real_{skill}.jsonl"
-        lines = [json.dumps({"prompt": chat_prompt(tokenizer, ex["question"]), **ex}, sort_keys=True)
-                 for ex in real_examples(skill, n)]
-        data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        held = real_examples(skill, n)
+        questions = {ex["question"] for ex in held}
+        routing = [ex for ex in real_examples(skill, 3 * train, seed=TRAIN_SEED) if ex["question"] not in questions]
+        files = {}
+        for split, examples in (("test", held), ("train", routing[:train])):
+            files[split] = task_dir / (f"real_{skill}.jsonl" if split == "test" else f"real_{skill}_train.jsonl")
+            lines = [json.dumps({"prompt": chat_prompt(tokenizer, ex["question"]), **ex}, sort_keys=True)
+                     for ex in examples]
+            files[split].write_text("\n".join(lines) + "\n", encoding="utf-8")
         out[skill] = task_dir / f"real_{skill}.yaml"
-        out[skill].write_text(_TASK_YAML.format(skill=skill, system=SYSTEM_PROMPT, data_file=data.name,
-                                                max_gen_toks=MAX_GEN_TOKS), encoding="utf-8")
+        out[skill].write_text(_TASK_YAML.format(skill=skill, system=SYSTEM_PROMPT, data_file=files["test"].name,
+                                                train_file=files["train"].name, max_gen_toks=MAX_GEN_TOKS),
+                              encoding="utf-8")
     return out
 
 
