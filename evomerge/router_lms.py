@@ -6,8 +6,12 @@ models, and counts their FLOPs the same way).
 
 Which prompts a member's router LM trains on (from the run's labels, `router_data.member_labels`:
 each source member's score on each router-training document):
-- a source member (`base`, `expert:I`): the prompts where its label is the best of all source
-  members and above 0 (ties: every tied member trains on the prompt);
+- a source member (`base`, `expert:I`): the prompts it alone serves best (its label above 0 and above
+  every other source member's). A prompt on which several members tie at the best trains none of
+  them: any of them serves it, and letting it train each of them blurs every specialist (on the demo
+  zoo the experts also answer a quarter of each other's prompts: with ties shared, 34% of the add
+  expert's training prompts were rev or sort prompts, 0% without; benchmarks/routing_learned.py
+  measures both rules);
 - `merged`: every router-training prompt. The merge changes with every candidate, so no label
   describes it; a router LM trained on all prompts is a generalist, whose likelihood of a prompt's
   prefix beats the specialists' where no source serves that kind of prompt (the prompts no expert
@@ -56,17 +60,20 @@ _HEADS = ("num_attention_heads", "n_head", "num_heads")
 _KV_HEADS = ("num_key_value_heads", "multi_query_group_num")
 
 
-def member_prompts(rows: Sequence[dict[str, Any]], members: Sequence[str], labelled: Sequence[str]) -> list[list[str]]:
+def member_prompts(rows: Sequence[dict[str, Any]], members: Sequence[str], labelled: Sequence[str],
+                   ties: str = "none") -> list[list[str]]:
     """The training prompts of each member's router LM (`members`: the policy's, in order;
-    `labelled`: the source members each row's `labels` follow), by the rule of the module docstring."""
+    `labelled`: the source members each row's `labels` follow), by the rule of the module docstring.
+    `ties="all"`: a prompt on which several members tie at the best trains each of them (measured
+    against the default in benchmarks/routing_learned.py)."""
     out: list[list[str]] = []
     for name in members:
         if name == "merged":
             out.append([row["prompt"] for row in rows])
             continue
         m = list(labelled).index(name)
-        out.append([row["prompt"] for row in rows
-                    if row["labels"][m] > 0 and row["labels"][m] >= max(row["labels"])])
+        out.append([row["prompt"] for row in rows if row["labels"][m] > 0 and row["labels"][m] >= max(row["labels"])
+                    and (ties == "all" or sum(v >= row["labels"][m] for v in row["labels"]) == 1)])
     return out
 
 

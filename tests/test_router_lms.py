@@ -24,8 +24,10 @@ def test_each_member_learns_the_prompts_it_serves_best() -> None:
     rows = [{"prompt": "a", "labels": [1.0, 0.0, 0.0]}, {"prompt": "b", "labels": [0.0, 1.0, 1.0]},
             {"prompt": "c", "labels": [0.0, 0.0, 0.0]}, {"prompt": "d", "labels": [0.5, 0.0, 0.25]}]
     prompts = member_prompts(rows, MEMBERS, ["expert:0", "expert:1", "expert:2"])
-    # merged: every prompt (a generalist); ties train every tied member; nobody right: no expert trains on it
-    assert prompts == [["a", "b", "c", "d"], ["a", "d"], ["b"], ["b"]]
+    # merged: every prompt (a generalist); a prompt trains the one member that serves it best: not one
+    # on which members tie ("b"), nor one nobody answers ("c")
+    assert prompts == [["a", "b", "c", "d"], ["a", "d"], [], []]
+    assert member_prompts(rows, MEMBERS, MEMBERS[1:], ties="all") == [["a", "b", "c", "d"], ["a", "d"], ["b"], ["b"]]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
