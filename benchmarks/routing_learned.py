@@ -176,6 +176,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "routing_learned.json"))
     parser.add_argument("--labels", help="a run's router_training/labels.jsonl (same members): reused, not computed")
     parser.add_argument("--limit", type=int, default=100, help="fitness documents per task")
+    parser.add_argument("--fitness-labels", help="a JSONL file of the fitness documents' labels: read if it exists, "
+                                                 "else computed and written there")
     args = parser.parse_args()
     zoo = Path(args.zoo).resolve()
     config = load_config(REPO / "search_spaces" / "demo_route_learned.yaml", [
@@ -187,7 +189,13 @@ def main() -> None:
     train = ([json.loads(line) for line in Path(args.labels).read_text().splitlines() if line]
              if args.labels else member_labels(config))
     t_labels = time.perf_counter() - t0
-    test = fitness_labels(config)
+    saved = Path(args.fitness_labels) if args.fitness_labels else None
+    if saved is not None and saved.is_file():
+        test = [json.loads(line) for line in saved.read_text().splitlines() if line]
+    else:
+        test = fitness_labels(config)
+        if saved is not None:
+            saved.write_text("".join(json.dumps(row) + "\n" for row in test))
     ytrain = torch.tensor([row["labels"] for row in train])
     train_texts, test_texts = [r["prompt"] for r in train], [r["prompt"] for r in test]
 
