@@ -147,6 +147,8 @@ def side_by_side(config, base, tok, router, scorers, texts: list[str], one_model
                 rows[name]["route_again"].append(time.perf_counter() - t0)
             else:
                 policy = PrefixRouter([evaluator.members[m] for m in members], 1, evaluator.scorers)
+                for scorer in evaluator.scorers:  # nothing kept from an earlier call
+                    scorer.kept_nll.clear()
                 t0 = time.perf_counter()
                 policy.scores(texts)
                 rows[name]["route"].append(time.perf_counter() - t0)
