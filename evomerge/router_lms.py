@@ -133,9 +133,11 @@ def _prefix_token_id(tokenizer: Any) -> int:
 
 
 def train_router_lm(base_config: Any, tokenizer: Any, prompts: Sequence[str], tokens: int, seed: int,
-                    steps: int = STEPS, batch: int = BATCH, lr: float = LR) -> tuple[Any, dict[str, Any]]:
-    """One router LM trained on `prompts` (their first `tokens` tokens); (model, facts of the training)."""
+                    steps: int | None = None, batch: int = BATCH, lr: float = LR) -> tuple[Any, dict[str, Any]]:
+    """One router LM trained on `prompts` (their first `tokens` tokens); (model, facts of the training).
+    `steps`: None for `STEPS` (read at call time)."""
     start = time.perf_counter()
+    steps = STEPS if steps is None else int(steps)
     prefix = _prefix_token_id(tokenizer)
     rows = [[prefix] + tokenizer.encode(text, add_special_tokens=False)[:tokens] for text in prompts]
     rows = [row for row in rows if len(row) > 1]

@@ -91,7 +91,8 @@ def test_learned_scorers_are_a_prefix_router_option(tmp_path, zoo) -> None:
 
 
 @pytest.mark.slow
-def test_learned_router_lm_search_export_and_load(zoo, ray_cluster, tmp_path) -> None:
+def test_learned_router_lm_search_export_and_load(zoo, ray_cluster, tmp_path, monkeypatch) -> None:
+    import evomerge.router_lms
     from evomerge.export import evaluate_folder, export
     from evomerge.policies import Member, PrefixRouter, load
     from evomerge.router_data import prepare_router, run_scorers
@@ -101,6 +102,7 @@ def test_learned_router_lm_search_export_and_load(zoo, ray_cluster, tmp_path) ->
     config = load_config(write_config(tmp_path / "cfg", zoo, policy={
         "kind": "prefix_router", "members": MEMBERS, "scorers": "learned", "bounds": {"k": [1, 2]}},
         search={"strategy": "random", "population": 3, "generations": 1}))
+    monkeypatch.setattr(evomerge.router_lms, "STEPS", 60)  # a cheaper training: the path is what is tested
     search(config, tmp_path / "run")
     run = RunDir.open(tmp_path / "run")
     journal = (run.path / "router_training" / "journal.jsonl").read_text().splitlines()
