@@ -309,7 +309,8 @@ class PolicyConfig(_Bounded):
     """How a candidate serves requests: its merged model alone, or a policy over members.
 
     Members are `merged` (the candidate's merge), `base` and `expert:I` (a source model).
-    A prefix router may score prompts with one small router model per member (`scorers`).
+    A prefix router may score prompts with one small router model per member (`scorers`; `learned`:
+    the run trains them, evomerge/router_lms.py).
     Policy genes follow the merge genes in the genome: blend one share per member, router
     `k` unless fixed, cascade one confidence threshold per escalation (mapped onto
     `bounds.threshold` for generation, the mean token log-prob, and `bounds.margin` for
