@@ -15,9 +15,19 @@ training labels are reused with --labels; the fitness documents are the first --
      over the prompt, counted);
    - self-scoring prefix router (each member's mean NLL of the whole prompt, SmallTalk's rule with
      each member as its own router): raw, and relative to the base (NLL_member - NLL_base);
+   - router LMs the run trains itself (`prefix_router` with `policy.scorers: learned`,
+     evomerge/router_lms.py, SmallTalk LM): one small LM per expert on the prompts it serves best,
+     scored on the first k = 1 and 2 prompt tokens; with ties shared and not (`member_prompts(ties=)`);
+     and over merged + experts (the merged member's router LM trained on every prompt: its share is
+     reported, its answers count as wrong here since the merge changes with every candidate);
    - the oracle (each document served by a member that gets it right) and each task served by its
      best source (the issue's "oracle": 0.88 on the demo).
-Writes the numbers as JSON and prints a Markdown table.
+3. cost, side by side in this process: each router's FLOPs per request against one model's, its
+   seconds to route the fitness prompts (first call; the classifier keeps its predictions, so also a
+   second call), and its share of one routed candidate's evaluation (an `Evaluator` scoring the
+   fitness documents through the policy over the experts, the merged member being the base; 3
+   alternating repeats, medians), plus each router's training seconds.
+Writes the numbers as JSON and prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -105,12 +115,71 @@ def judge(choice: list[int], rows: list[dict], tasks: list[str]) -> dict:
             "share": [round(choice.count(m) / len(choice), 3) for m in range(len(MEMBERS))]}
 
 
+def side_by_side(config, base, tok, router, scorers, texts: list[str], one_model: float, repeats: int = 3) -> dict:
+    """Each router's own cost per request and its share of a routed candidate's evaluation, measured
+    alternately in this process: the classifier and the router LMs (k = 1) over merged + experts."""
+    import statistics
+
+    from evomerge.evaluate import Evaluator
+    from evomerge.models.sources import load_model
+    from evomerge.policies import ClassifierRouter, PrefixRouter
+
+    experts = {name: load_model(config.models.by_member_name[name], config.models, torch.device("cpu"))
+               for name in MEMBERS}
+    evaluator = Evaluator(config.eval, base, tok, experts, seed=config.seed,
+                          scorers=[(s.lm.model, tok) for s in scorers], router=router)
+    members = ["merged", *MEMBERS]
+    policies = {"classifier": {"kind": "classifier", "members": members,
+                               "params": {"outputs": [-1, 0, 1, 2], "threshold": 0.05, "cost_weight": 0.0}},
+                "router LMs (k = 1)": {"kind": "prefix_router", "members": members, "params": {"k": 1}}}
+    rows: dict[str, dict[str, list[float]]] = {name: {"route": [], "route_again": [], "candidate": []}
+                                               for name in policies}
+    for _ in range(repeats):
+        for name, spec in policies.items():
+            if name == "classifier":  # a fresh router: no prediction kept from an earlier call
+                fresh = type(router)(router.members, router.weight, router.bias, router.ngrams)
+                policy = ClassifierRouter([evaluator.members[m] for m in members], fresh, **spec["params"])
+                t0 = time.perf_counter()
+                policy.member_scores(texts)
+                rows[name]["route"].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                policy.member_scores(texts)
+                rows[name]["route_again"].append(time.perf_counter() - t0)
+            else:
+                policy = PrefixRouter([evaluator.members[m] for m in members], 1, evaluator.scorers)
+                for scorer in evaluator.scorers:  # nothing kept from an earlier call
+                    scorer.kept_nll.clear()
+                t0 = time.perf_counter()
+                policy.scores(texts)
+                rows[name]["route"].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                policy.scores(texts)
+                rows[name]["route_again"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                evaluator(spec)
+            rows[name]["candidate"].append(time.perf_counter() - t0)
+    out = {}
+    for name, r in rows.items():
+        route, again, cand = (statistics.median(r[key]) for key in ("route", "route_again", "candidate"))
+        flops = (router.flops_per_prompt if name == "classifier"
+                 else sum(s.cost.forward_flops(1) for s in evaluator.scorers))
+        out[name] = {"router_flops_per_request": flops, "router_flops_share_of_one_model": flops / one_model,
+                     "route_seconds_first_call": round(route, 4), "route_seconds_later_call": round(again, 4),
+                     "candidate_seconds": round(cand, 3), "route_share_of_candidate": round(route / cand, 4),
+                     "route_share_of_candidate_later_calls": round(again / cand, 4), "prompts": len(texts),
+                     "repeats": repeats}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("zoo")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "routing_learned.json"))
     parser.add_argument("--labels", help="a run's router_training/labels.jsonl (same members): reused, not computed")
     parser.add_argument("--limit", type=int, default=100, help="fitness documents per task")
+    parser.add_argument("--fitness-labels", help="a JSONL file of the fitness documents' labels: read if it exists, "
+                                                 "else computed and written there")
     args = parser.parse_args()
     zoo = Path(args.zoo).resolve()
     config = load_config(REPO / "search_spaces" / "demo_route_learned.yaml", [
@@ -122,7 +191,13 @@ def main() -> None:
     train = ([json.loads(line) for line in Path(args.labels).read_text().splitlines() if line]
              if args.labels else member_labels(config))
     t_labels = time.perf_counter() - t0
-    test = fitness_labels(config)
+    saved = Path(args.fitness_labels) if args.fitness_labels else None
+    if saved is not None and saved.is_file():
+        test = [json.loads(line) for line in saved.read_text().splitlines() if line]
+    else:
+        test = fitness_labels(config)
+        if saved is not None:
+            saved.write_text("".join(json.dumps(row) + "\n" for row in test))
     ytrain = torch.tensor([row["labels"] for row in train])
     train_texts, test_texts = [r["prompt"] for r in train], [r["prompt"] for r in test]
 
@@ -185,13 +260,52 @@ def main() -> None:
         **judge(half.predict(test_texts).argmax(1).tolist(), test, tasks),
         "router_flops_ratio": half.flops_per_prompt / one_model}
 
+    # router LMs (SmallTalk-style), trained as a run trains them, judged like the classifier
+    from evomerge.policies import Member, PrefixRouter
+    from evomerge.router_lms import member_prompts, train_router_lm
+
+    base_config = __import__("transformers").AutoConfig.from_pretrained(config.models.base)
+    router_lms: dict[str, list] = {}
+    for ties in ("none", "all"):
+        for members in (MEMBERS, ["merged", *MEMBERS]):
+            t0 = time.perf_counter()
+            prompts = member_prompts(train, members, MEMBERS, ties=ties)
+            models = [train_router_lm(base_config, tok, p, tokens=2, seed=config.seed * 1009 + i)[0]
+                      for i, p in enumerate(prompts)]
+            t_lm = time.perf_counter() - t0
+            scorers = [Member.from_model(f"scorer:{i}", m, tok, batch_size=config.eval.batch_size)
+                       for i, m in enumerate(models)]
+            router_lms[f"{ties}/{len(members)}"] = scorers
+            for k in (1, 2):
+                policy = PrefixRouter(scorers, k, scorers)
+                t0 = time.perf_counter()
+                nll, flops = policy.scores(test_texts)
+                t_route = time.perf_counter() - t0
+                pick = [min(range(len(members)), key=lambda m: (nll[m][t], m)) for t in range(len(test))]
+                offset = len(members) - len(MEMBERS)  # merged first: its choices count as wrong here
+                merged_share = sum(c < offset for c in pick) / len(pick)
+                judged = judge([c - offset if c >= offset else -1 for c in pick], test, tasks)
+                name = (f"router LMs, k = {k}, ties {'shared' if ties == 'all' else 'train nobody'}"
+                        + (", merged + experts" if offset else ""))
+                results["routers"][name] = {**judged, "merged_share": round(merged_share, 3),
+                                            "router_flops_ratio": sum(flops) / len(flops) / one_model,
+                                            "train_seconds": round(t_lm, 2), "seconds_per_prompt": t_route / len(test)}
+    results["cost"] = side_by_side(config, base, tok, router, router_lms["none/4"], test_texts, one_model)
+
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     print(f"train documents {len(train)}, fitness documents {len(test)}; labels took {t_labels:.1f} s")
     print("| router | routing accuracy | quality | router FLOPs / one model's | shares (add, rev, sort experts) |")
     print("|---|---|---|---|---|")
     for name, r in results["routers"].items():
         print(f"| {name} | {r['routing_accuracy']:.3f} | {r['quality']:.3f} | {r['router_flops_ratio']:.4f} | "
-              f"{r['share']} |")
+              f"{r['share']}{', merged ' + str(r['merged_share']) if 'merged_share' in r else ''} |")
+    print("\n| router | FLOPs per request | / one model's | route 300 prompts, first call (s) | later call (s) | "
+          "candidate (s) | share of the candidate, first / later |")
+    print("|---|---|---|---|---|---|---|")
+    for name, c in results["cost"].items():
+        print(f"| {name} | {c['router_flops_per_request']:,} | {c['router_flops_share_of_one_model']:.4f} | "
+              f"{c['route_seconds_first_call']} | {c['route_seconds_later_call']} | {c['candidate_seconds']} | "
+              f"{c['route_share_of_candidate']:.3f} / {c['route_share_of_candidate_later_calls']:.4f} |")
 
 
 if __name__ == "__main__":

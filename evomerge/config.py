@@ -311,7 +311,8 @@ class PolicyConfig(_Bounded):
     """How a candidate serves requests: its merged model alone, or a policy over members.
 
     Members are `merged` (the candidate's merge), `base` and `expert:I` (a source model).
-    A prefix router may score prompts with one small router model per member (`scorers`).
+    A prefix router may score prompts with one small router model per member (`scorers`; `learned`:
+    the run trains them, evomerge/router_lms.py).
     Policy genes follow the merge genes in the genome: blend one share per member, router
     `k` unless fixed, cascade one confidence threshold per escalation (mapped onto
     `bounds.threshold` for generation, the mean token log-prob, and `bounds.margin` for
@@ -322,8 +323,9 @@ class PolicyConfig(_Bounded):
     members: list[str] = Field(default_factory=lambda: ["merged"], min_length=1)
     k: int | None = Field(default=None, ge=0)  # the prefix router's fixed prefix length (0: no routing); None: a gene
     # a policy that takes router models: one small model per member (folder or Hugging Face id)
-    # that scores prompts in its place; None: each member scores with its own model.
-    scorers: list[str] | None = None
+    # that scores prompts in its place; `learned`: the run trains one per member from its router-training
+    # documents (evomerge/router_lms.py); None: each member scores with its own model.
+    scorers: list[str] | Literal["learned"] | None = None
     # a policy that takes a router the run trains (the classifier: evomerge/policies/classifier.py,
     # data: evomerge/router_data.py), trained on each source member's results on router-training
     # documents. `router_data`: task name -> a JSONL file of documents for a task whose YAML names no
@@ -351,9 +353,14 @@ class PolicyConfig(_Bounded):
         return self.kind != NO_POLICY
 
     @property
+    def learns_scorers(self) -> bool:
+        """Whether the run trains the policy's router models (`scorers: learned`) before any trial."""
+        return self.scorers == "learned"
+
+    @property
     def trains_router(self) -> bool:
-        """Whether the policy's router is trained by the run (before any trial)."""
-        return self.routes and POLICIES[self.kind].takes_router
+        """Whether the policy's router (a classifier's, or router LMs) is trained by the run (before any trial)."""
+        return self.routes and (POLICIES[self.kind].takes_router or self.learns_scorers)
 
     @field_validator("members")
     @classmethod
@@ -370,13 +377,15 @@ class PolicyConfig(_Bounded):
             if not self.routes or not POLICIES[self.kind].takes_scorers:
                 users = " or ".join(kind for kind, cls in POLICIES.items() if cls.takes_scorers)
                 raise ValueError(f"scorers: only a {users} has scorers (kind is {self.kind})")
-            if len(self.scorers) != len(self.members):
+            if not self.learns_scorers and len(self.scorers) != len(self.members):
                 raise ValueError(f"scorers: expected one per member ({len(self.members)}), got {len(self.scorers)}")
-        learned = {"router_data": self.router_data, "router_file": self.router_file,
-                   "cost_weight": self.cost_weight}
-        for name, value in learned.items():
-            if value is not None and not self.trains_router:
-                users = " or ".join(kind for kind, cls in POLICIES.items() if cls.takes_router)
+        users = " or ".join(kind for kind, cls in POLICIES.items() if cls.takes_router)
+        if self.router_data is not None and not self.trains_router:
+            learners = " or ".join(f"{kind} with scorers: learned" for kind, cls in POLICIES.items()
+                                   if cls.takes_scorers)
+            raise ValueError(f"router_data: only a {users} policy (or a {learners}) has it (kind is {self.kind})")
+        for name, value in {"router_file": self.router_file, "cost_weight": self.cost_weight}.items():
+            if value is not None and not (self.routes and POLICIES[self.kind].takes_router):
                 raise ValueError(f"{name}: only a {users} policy has it (kind is {self.kind})")
         if self.trains_router and self.members.count("merged") == len(self.members):
             raise ValueError(f"members: a {self.kind} needs a source member (base or expert:I) to learn about")
@@ -673,8 +682,8 @@ def resolve_paths(config: RunConfig, folder: Path, source: str = "config") -> Ru
         if not resolved.is_dir():
             problems.append(f"eval.include_path.{i}: no such folder {str(resolved)!r}")
         includes.append(str(resolved))
-    scorers = None
-    if config.policy.scorers is not None:
+    scorers = config.policy.scorers if config.policy.learns_scorers else None
+    if config.policy.scorers is not None and not config.policy.learns_scorers:
         scorers = [_resolve_model(scorer, folder, f"policy.scorers.{i}", problems)
                    for i, scorer in enumerate(config.policy.scorers)]
     router_data = None

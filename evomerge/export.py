@@ -54,8 +54,13 @@ def export(run_dir: str | Path, out: str | Path, trial_id: int | None = None, fo
             paths = config.models.by_member_name
             members = [Path(".") if name == "merged" else copy_member(paths[name], staging / "members", name)
                        for name in policy["members"]]
-            scorers = [copy_member(path, staging / "members", f"scorer-{i}")
-                       for i, path in enumerate(config.policy.scorers or [])] if takes_scorers else None
+            if takes_scorers:  # hand-made router models, or with `scorers: learned` the run's router LMs
+                from evomerge.router_data import run_scorers
+
+                scorers = [copy_member(path, staging / "members", f"scorer-{i}")
+                           for i, path in enumerate(run_scorers(config, run.path) or [])]
+            else:
+                scorers = None
             router_file = None
             if policy_class(policy["kind"]).takes_router:  # its trained router travels with it
                 from evomerge.policies import ROUTER_FILE

@@ -351,14 +351,21 @@ def flat_cost(records: list[dict[str, Any]]) -> bool:
     return bool(costs) and (max(costs) - min(costs)) <= FLAT_COST * max(costs)
 
 
+def draws_front(records: list[dict[str, Any]]) -> bool:
+    """Whether pareto.png draws quality against FLOPs: costs that differ by more than FLAT_COST, or a
+    routed run (its trials trade quality for what routing costs, however small)."""
+    return not flat_cost(records) or any((r.get("recipe") or {}).get("policy") for r in records)
+
+
 def plot(summary: dict[str, Any], records: list[dict[str, Any]], folder: Path) -> list[Path]:
     """Write pareto.png and progress.png into `folder`.
 
     pareto.png: quality vs FLOPs per example, the front and the references marked, with standard
     errors as error bars and trial ids on the front; when every candidate costs the same within
     FLAT_COST (a plain merge: the FLOPs differ only by answer length) a front would be noise, so
-    it shows quality against trial id instead. progress.png: best quality so far per generation
-    beside the best source, and the hypervolume."""
+    it shows quality against trial id instead, unless the run routes (a policy's trials trade quality
+    for what routing costs, however small: the front is what the search was for). progress.png: best
+    quality so far per generation beside the best source, and the hypervolume."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -366,7 +373,7 @@ def plot(summary: dict[str, Any], records: list[dict[str, Any]], folder: Path) -
 
     done = [r for r in samples.ranked(records)
             if r["state"] == TrialState.COMPLETE.value and r.get("flops") is not None]
-    flat = flat_cost(done)
+    flat = not draws_front(done)
     x_of = (lambda r: r["trial"]) if flat else (lambda r: r["flops"])
     se = lambda r: (r.get("stderr") or {}).get("quality")  # noqa: E731
     colours = plt.get_cmap("tab10").colors

@@ -1,4 +1,5 @@
-"""Router-training data of a run, and the classifier router trained on it, once per run.
+"""Router-training data of a run, and the routers trained on it, once per run: the classifier router
+(`policies/classifier.py`) or a prefix router's router LMs (`policy.scorers: learned`, `router_lms.py`).
 
 Documents, per task, in this order:
 1. the task's own `training_split`, when its lm-eval YAML names one;
@@ -16,7 +17,8 @@ label for the document. The router's input is the prompt as a policy sees it: th
 context (few-shot examples and chat template included), never the task's name.
 
 `prepare_router` runs in the driver before the search: it writes `router_training/labels.jsonl` and
-`router_training/router.safetensors` under the run directory (each atomically, the labels first) and
+`router_training/router.safetensors` (or one router LM folder per member under
+`router_training/router_lms/`) under the run directory (each atomically, the labels first) and
 journals each in `router_training/journal.jsonl`; a resumed run finds them and computes nothing.
 """
 
@@ -39,7 +41,7 @@ from evomerge.run_dir import write_atomic
 logger = logging.getLogger(__name__)
 
 __all__ = ["ROUTER_DIR", "LABELS_FILE", "router_tasks", "member_labels", "prepare_router", "labelled_members",
-           "run_router_file"]
+           "run_router_file", "run_scorers"]
 
 ROUTER_DIR = "router_training"
 LABELS_FILE = "labels.jsonl"
@@ -63,7 +65,7 @@ def router_tasks(config: RunConfig) -> dict[str, Any]:
         name = spec.name
         task = loaded["tasks"].get(name)
         if task is None or not hasattr(task, "config"):
-            raise EvalError(f"eval.tasks.{name}: a group; a classifier router needs its tasks named one by one")
+            raise EvalError(f"eval.tasks.{name}: a group; a trained router needs its tasks named one by one")
         cfg = task.config
         fitness_split = cfg.test_split or cfg.validation_split
         split = cfg.training_split or (cfg.validation_split if cfg.validation_split != fitness_split else None)
@@ -162,23 +164,28 @@ def member_labels(config: RunConfig, tasks: dict[str, Any] | None = None, limit:
 
 def prepare_router(config: RunConfig, run_path: str | Path) -> RunConfig:
     """The config the workers get: for a classifier policy without `policy.router_file`, the router of this
-    run (trained now, or found in the run directory when resumed) set as `policy.router_file`."""
+    run (trained now, or found in the run directory when resumed) set as `policy.router_file`; for a prefix
+    router with `policy.scorers: learned`, the run's router LMs (evomerge/router_lms.py) set as its scorers."""
     policy = config.policy
     if not policy.trains_router or policy.router_file is not None:
         return config
     folder = Path(run_path) / ROUTER_DIR
+    if policy.learns_scorers:
+        from evomerge.router_lms import ROUTER_LM_DIR, router_lm_folders, train_router_lms
+
+        folders = router_lm_folders(folder / ROUTER_LM_DIR, policy.members)
+        if not all((f / "config.json").is_file() for f in folders):
+            start = time.perf_counter()
+            rows = _labels(config, folder)
+            train_router_lms(config, rows, labelled_members(config), folder / ROUTER_LM_DIR,
+                             lambda record: _journal(folder, record))
+            logger.info("router LMs: %d members trained in %.1f s", len(folders), time.perf_counter() - start)
+        return config.model_copy(update={"policy": policy.model_copy(update={
+            "scorers": [str(f.resolve()) for f in folders]})})
     router_path = folder / ROUTER_FILE
     if not router_path.is_file():
         start = time.perf_counter()
-        labels_path = folder / LABELS_FILE
-        if labels_path.is_file():
-            rows = [json.loads(line) for line in labels_path.read_text(encoding="utf-8").splitlines() if line]
-        else:
-            rows = member_labels(config)
-            folder.mkdir(parents=True, exist_ok=True)
-            write_atomic(labels_path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode())
-            _journal(folder, {"event": "labels", "documents": len(rows), "members": labelled_members(config),
-                              "seconds": round(time.perf_counter() - start, 3)})
+        rows = _labels(config, folder)
         labelled = time.perf_counter()
         router = train_router([row["prompt"] for row in rows], torch.tensor([row["labels"] for row in rows]),
                               labelled_members(config))
@@ -188,6 +195,35 @@ def prepare_router(config: RunConfig, run_path: str | Path) -> RunConfig:
                           "seconds": round(time.perf_counter() - labelled, 3)})
         logger.info("classifier router: %d documents, trained in %.1f s", len(rows), time.perf_counter() - start)
     return config.model_copy(update={"policy": policy.model_copy(update={"router_file": str(router_path.resolve())})})
+
+
+def _labels(config: RunConfig, folder: Path) -> list[dict[str, Any]]:
+    """The run's labels: read from `folder`/labels.jsonl, else computed now, written and journaled."""
+    labels_path = folder / LABELS_FILE
+    if labels_path.is_file():
+        return [json.loads(line) for line in labels_path.read_text(encoding="utf-8").splitlines() if line]
+    start = time.perf_counter()
+    rows = member_labels(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(labels_path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode())
+    _journal(folder, {"event": "labels", "documents": len(rows), "members": labelled_members(config),
+                      "seconds": round(time.perf_counter() - start, 3)})
+    return rows
+
+
+def run_scorers(config: RunConfig, run_path: str | Path) -> list[str] | None:
+    """The router models a prefix-router run scores with: `policy.scorers`, or with `scorers: learned` the
+    run's own router LMs."""
+    if not config.policy.learns_scorers:
+        return config.policy.scorers
+    from evomerge.router_lms import ROUTER_LM_DIR, router_lm_folders
+
+    folders = router_lm_folders(Path(run_path) / ROUTER_DIR / ROUTER_LM_DIR, config.policy.members)
+    missing = [f for f in folders if not (f / "config.json").is_file()]
+    if missing:
+        raise EvalError(f"policy.scorers: no trained router LM at {missing[0]} (the run trains them before its "
+                        f"first trial)")
+    return [str(f) for f in folders]
 
 
 def run_router_file(config: RunConfig, run_path: str | Path) -> Path:

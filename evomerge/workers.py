@@ -56,10 +56,13 @@ class CandidateRunner:
         paths = models.by_member_name
         sources = {name: load_model(paths[name], models, self.device, spread=spread)
                    for name in config.policy.members if name != "merged"}
+        if config.policy.learns_scorers:
+            raise ValueError("policy.scorers: learned, but the run's router LMs were not set (the driver's "
+                             "router_data.prepare_router trains them before the first trial)")
         scorers = [(load_model(path, models, self.device), load_tokenizer(path, models))
                    for path in config.policy.scorers or []]
         router = None
-        if config.policy.trains_router:  # trained by the driver before the search (evomerge/router_data.py)
+        if config.policy.trains_router and config.policy.router_file:  # trained by the driver before the search
             from evomerge.policies.classifier import TrainedRouter
 
             router = TrainedRouter.load(config.policy.router_file)

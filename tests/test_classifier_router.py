@@ -195,7 +195,8 @@ def test_classifier_fields_belong_to_the_classifier(tmp_path) -> None:
     from evomerge.errors import ConfigError
 
     zoo = _fake_models(tmp_path / "zoo")
-    with pytest.raises(ConfigError, match="router_data: only a classifier policy has it"):
+    with pytest.raises(ConfigError, match=r"router_data: only a classifier policy \(or a prefix_router with "
+                                          r"scorers: learned\) has it"):
         load_config(write_config(tmp_path / "a", zoo, policy={
             "kind": "cascade", "members": ["merged", "expert:0"], "router_data": {"demo_add": "x.jsonl"}}))
     with pytest.raises(ConfigError, match="policy.router_file: no such file"):

@@ -13,7 +13,7 @@ import pytest
 
 from evomerge import samples
 from evomerge.cli import main
-from evomerge.report import flat_cost, format_markdown, format_text, summarize
+from evomerge.report import draws_front, flat_cost, format_markdown, format_text, summarize
 from evomerge.run_dir import RunDir
 from tests.conftest import write_config
 from tests.fakes import make_config
@@ -202,6 +202,15 @@ def test_costs_that_differ_little_are_printed_apart() -> None:
     text = format_text(summarize(records, config))
     assert "1.8979e+07" in text and "1.902e+07" in text and "1.9e+07 " not in text
     assert flat_cost(records)
+
+
+def test_a_routed_run_draws_its_front_however_flat_its_costs() -> None:
+    plain = [line(0, 0.5, docs(50), "base", flops=1.8979e7), line(5, 0.6, docs(60), flops=1.9020e7)]
+    assert flat_cost(plain) and not draws_front(plain)
+    routed = [*plain, {**line(6, 0.7, docs(70), flops=1.9030e7),
+                       "recipe": {"policy": {"kind": "classifier", "members": ["merged", "expert:0"]}}}]
+    assert flat_cost(routed) and draws_front(routed)
+    assert draws_front([line(0, 0.5, docs(50), "base", flops=1.5e7), line(5, 0.6, docs(60), flops=1.6e7)])
 
 
 def test_plots_quality_per_trial_when_costs_are_flat(tmp_path) -> None:

@@ -5,7 +5,7 @@ them by kind):
 
 * ``Blend`` (``blend``): params ``{"probs": [p_0, ...]}`` (non-negative, normalised; uniform if absent);
 * ``PrefixRouter`` (``prefix_router``): params ``{"k": int}`` (optional ``scorers``: one router model
-  per member);
+  per member, hand-made or, with ``policy.scorers: learned``, trained by the run: ``evomerge.router_lms``);
 * ``Cascade`` (``cascade``): params ``{"thresholds": [t_0, ..., t_{n-2}]}`` (members answer in the
   order given), or per request type ``{"thresholds": {"generate_until": [...], "loglikelihood": [...]}}``.
 

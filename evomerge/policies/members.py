@@ -29,6 +29,9 @@ class Member:
     # as tuples: HFLM's own kept encodings (`worker_hflm`) are handed out as tensor copies,
     # which cost a candidate 1% more when read through them (300 prompts on the demo)
     prompts: dict[tuple[str, int], tuple[int, ...]] = field(default_factory=dict, repr=False)
+    # a router model's mean NLL per scored prefix (token ids): a prefix router keeps them for router
+    # models, whose weights never change (policies/router.py), never for members scoring themselves
+    kept_nll: dict[tuple[int, ...], float] = field(default_factory=dict, repr=False)
 
     def prompt_ids(self, context: str, max_gen: int) -> tuple[int, ...]:
         key = (context, max_gen)

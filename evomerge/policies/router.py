@@ -8,6 +8,12 @@ lm-eval does for an empty context): one forward over ``k_eff`` tokens with logit
 everywhere, ``scorer.cost.forward_flops(k_eff)``, for every scorer, once per unit (the
 choices of one question are routed together).  One batched call per scorer.
 
+Router models (``scorers``: hand-made, or with ``policy.scorers: learned`` the router LMs the run
+trains, ``evomerge/router_lms.py``) never change during a run, so each keeps its NLL of every distinct
+prefix it has scored (``Member.kept_nll``): a worker scores the same prompts for every candidate. Their
+FLOPs are still charged to every request, as a server scoring it afresh would spend them. A member
+scoring itself is scored afresh every call (the merged model changes with every candidate).
+
 ``k = 0`` routes nothing: the first member serves every request and no scoring is done or
 counted (the cheap end of a search over ``k``).
 
@@ -23,6 +29,8 @@ from evomerge.policies.base import PolicyLM, Unit
 from evomerge.policies.members import Member
 
 __all__ = ["PrefixRouter"]
+
+KEPT_MAX = 1 << 16  # distinct prefixes a router model keeps scores of; past that it starts again
 
 
 class PrefixRouter(PolicyLM):
@@ -53,6 +61,7 @@ class PrefixRouter(PolicyLM):
         if isinstance(k, bool) or int(k) != k or k < 0:
             raise ValueError(f"{self.kind}: k must be a non-negative integer, got {k!r}")
         self.k = int(k)
+        self.keeps = scorers is not None  # router models: fixed weights, their scores can be kept
         self.scorers = list(scorers) if scorers is not None else list(self.members)
         if len(self.scorers) != len(self.members):
             raise ValueError(f"{self.kind}: {len(self.scorers)} scorers for {len(self.members)} members")
@@ -64,13 +73,19 @@ class PrefixRouter(PolicyLM):
         flops = [0] * len(texts)
         for s, scorer in enumerate(self.scorers):
             lm = scorer.lm
-            prefixes = [lm.tok_encode(text, add_special_tokens=False)[:self.k] for text in texts]
-            todo = [t for t, ids in enumerate(prefixes) if ids]
-            answers = lm._loglikelihood_tokens([(None, [lm.prefix_token_id], prefixes[t]) for t in todo],
+            prefixes = [tuple(lm.tok_encode(text, add_special_tokens=False)[:self.k]) for text in texts]
+            kept = scorer.kept_nll if self.keeps else {}
+            todo = list(dict.fromkeys(ids for ids in prefixes if ids and ids not in kept))
+            answers = lm._loglikelihood_tokens([(None, [lm.prefix_token_id], list(ids)) for ids in todo],
                                                disable_tqdm=True) if todo else []
-            for t, (logprob, _) in zip(todo, answers):
-                nll[s][t] = -float(logprob) / len(prefixes[t])
-                flops[t] += scorer.cost.forward_flops(len(prefixes[t]))
+            if len(kept) + len(todo) > KEPT_MAX:
+                kept.clear()
+            fresh = {ids: -float(logprob) / len(ids) for ids, (logprob, _) in zip(todo, answers)}
+            kept.update(fresh)
+            for t, ids in enumerate(prefixes):
+                if ids:
+                    nll[s][t] = fresh[ids] if ids in fresh else kept[ids]
+                    flops[t] += scorer.cost.forward_flops(len(ids))
         return nll, flops
 
     def route(self, units: list[Unit], request_type: str) -> tuple[list[int], list[int]]:
