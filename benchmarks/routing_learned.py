@@ -138,23 +138,16 @@ def side_by_side(config, base, tok, router, scorers, texts: list[str], one_model
         for name, spec in policies.items():
             if name == "classifier":  # a fresh router: no prediction kept from an earlier call
                 fresh = type(router)(router.members, router.weight, router.bias, router.ngrams)
-                policy = ClassifierRouter([evaluator.members[m] for m in members], fresh, **spec["params"])
-                t0 = time.perf_counter()
-                policy.member_scores(texts)
-                rows[name]["route"].append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                policy.member_scores(texts)
-                rows[name]["route_again"].append(time.perf_counter() - t0)
+                route = ClassifierRouter([evaluator.members[m] for m in members], fresh,
+                                         **spec["params"]).member_scores
             else:
-                policy = PrefixRouter([evaluator.members[m] for m in members], 1, evaluator.scorers)
+                route = PrefixRouter([evaluator.members[m] for m in members], 1, evaluator.scorers).scores
                 for scorer in evaluator.scorers:  # nothing kept from an earlier call
                     scorer.kept_nll.clear()
+            for key in ("route", "route_again"):  # the first call, then one with what it kept
                 t0 = time.perf_counter()
-                policy.scores(texts)
-                rows[name]["route"].append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                policy.scores(texts)
-                rows[name]["route_again"].append(time.perf_counter() - t0)
+                route(texts)
+                rows[name][key].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             with torch.inference_mode():
                 evaluator(spec)
