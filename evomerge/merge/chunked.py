@@ -118,11 +118,17 @@ def mix_task_vectors_into(
     sum count and `normalize` divides by the sum of the agreeing experts' weights (0 -> 1);
     without it all count and `normalize` divides by sum(w) (|sum| < 1e-8 -> 1).
     """
-    count = len(experts)
-    masks = masks or [None] * count
+    masks = masks or [None] * len(experts)
     scale = [w * (factors[i] if factors is not None else 1.0) for i, w in enumerate(weight)]
     total = sum(weight)
     plain_divisor = total if abs(total) >= WEIGHT_SUM_EPS else 1.0
+    # An expert passed as the base itself has a zero delta: it adds nothing to the mix nor, never
+    # agreeing with an elected sign, to the consensus divisor (the plain divisor counts its weight).
+    live = [i for i, expert in enumerate(experts) if expert is not base]
+    if not live:
+        return copy_into(out, base)
+    experts, masks, scale, weight = ([xs[i] for i in live] for xs in (experts, masks, scale, weight))
+    count = len(experts)
     stream = Stream([base, *experts], work, out)
     for part in stream.slices():
         b = stream.read(0, part)

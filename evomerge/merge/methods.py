@@ -8,6 +8,13 @@ Semantics, parameter names and defaults follow mergekit 0.1.5 (normalize / resca
 TIES sign election, magnitude top-k rule, slerp's colinearity threshold, ...); mergekit's
 `lambda` is spelled `lambda_`. Random masks are evomerge's own (seeded per expert), so random
 methods match mergekit in distribution only.
+
+An expert passed as the base tensor itself (the merger does this, with a prepared store, for an
+expert whose tensor equals the base's bit for bit: `prepared.Prepared.same_as_base`) has a zero
+task vector: the task-vector methods (task_arithmetic, ties, dare_*, breadcrumbs*, della*) skip
+its mask, draws and arithmetic, and give the base itself when every expert is the base. The
+results are those of the full computation (a zero delta adds nothing, is never kept by the sign
+election, and each expert's random stream is its own); tests/test_merge_prepared.py checks it.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from evomerge.merge.tensor_ops import (
     exact_combination,
     expert_generator,
     merge_task_vectors,
+    check_magprune,
     resolve_rescale,
     sparsify_magprune,
     sparsify_outliers,
@@ -91,7 +99,8 @@ def ties(base: torch.Tensor, experts: Sequence[torch.Tensor], *, out: torch.Tens
     `rescale=True` rescales each trimmed task vector to its original L1 norm (mergekit's option).
     """
     mode = resolve_rescale(rescale, natural="l1")
-    masks = [magnitude_mask(base, expert, d, work) if d < 1 else None for expert, d in zip(experts, density)]
+    masks = [magnitude_mask(base, expert, d, work) if d < 1 and expert is not base else None
+             for expert, d in zip(experts, density)]
     return _mix_sparse(out, base, experts, weight, density, masks, mode, work, consensus=True,
                        normalize=normalize, lambda_=lambda_)
 
@@ -119,7 +128,8 @@ def _dare(base: torch.Tensor, experts: Sequence[torch.Tensor], out: torch.Tensor
     (e.g. derived from the run seed and the tensor name), or same-shaped tensors share masks.
     """
     mode = resolve_rescale(rescale, natural="l1")
-    masks = [dare_mask(base.numel(), d, seed, i) if d < 1 else None for i, d in enumerate(density)]
+    masks = [dare_mask(base.numel(), d, seed, i) if d < 1 and experts[i] is not base else None
+             for i, d in enumerate(density)]
     return _mix_sparse(out, base, experts, weight, density, masks, mode, work, consensus=consensus,
                        normalize=normalize, lambda_=lambda_)
 
@@ -178,9 +188,11 @@ def _breadcrumbs(base: torch.Tensor, experts: Sequence[torch.Tensor], weight: li
                  lambda_: float) -> torch.Tensor:
     """Drop each task vector's largest (gamma) and smallest magnitudes, keep density, then mix."""
     mode = resolve_rescale(rescale, natural="l1")
+    if all(expert is base for expert in experts):
+        return base.clone()  # every task vector is zero (module doc: experts passed as the base)
     deltas = [
-        sparsify_outliers(d, rho, g, mode)
-        for d, rho, g in zip(task_vectors(base, experts), density, gamma)
+        torch.zeros_like(base) if expert is base else sparsify_outliers(expert - base, rho, g, mode)
+        for expert, rho, g in zip(experts, density, gamma)
     ]
     return merge_task_vectors(base, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
 
@@ -227,12 +239,16 @@ def _della(name: str, base: torch.Tensor, experts: Sequence[torch.Tensor], weigh
            lambda_: float) -> torch.Tensor:
     """MagPrune each task vector (expert i's mask from the stream seeded by (seed, i)), then mix."""
     mode = resolve_rescale(rescale, natural="l1")
-    deltas = []
-    for i, (delta, rho, eps) in enumerate(zip(task_vectors(base, experts), density, epsilon)):
+    for i, (rho, eps) in enumerate(zip(density, epsilon)):
         try:
-            deltas.append(sparsify_magprune(delta, rho, eps, expert_generator(seed, i), mode))
+            check_magprune(rho, eps)
         except MergeError as exc:
             raise MergeError(f"{name}: expert {i}: {exc}") from None
+    if all(expert is base for expert in experts):
+        return base.clone()  # every task vector is zero (module doc: experts passed as the base)
+    deltas = [torch.zeros_like(base) if expert is base  # expert i's draws come from its own stream: skipped alone
+              else sparsify_magprune(expert - base, rho, eps, expert_generator(seed, i), mode)
+              for i, (expert, rho, eps) in enumerate(zip(experts, density, epsilon))]
     return merge_task_vectors(base, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
 
 

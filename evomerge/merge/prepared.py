@@ -114,7 +114,8 @@ class Prepared:
     """A per-worker store of gene-free merge inputs (see the module doc)."""
 
     def __init__(self) -> None:
-        self._orders: dict[tuple[int, int], tuple[weakref.ref, weakref.ref, int, int, MagnitudeOrder]] = {}
+        # (kind, id(base), id(expert)) -> (base ref, expert ref, base version, expert version, value)
+        self._pairs: dict[tuple[str, int, int], tuple[weakref.ref, weakref.ref, int, int, object]] = {}
         self._draws: dict[tuple[int, int, int], torch.Tensor] = {}
 
     @contextlib.contextmanager
@@ -127,29 +128,52 @@ class Prepared:
 
     @property
     def nbytes(self) -> int:
-        """Bytes the store holds (rank buckets and draws)."""
-        return (sum(entry[-1].nbytes for entry in self._orders.values())
+        """Bytes the store holds (magnitude orders and draws; a few bytes per tensor pair besides)."""
+        return (sum(entry[-1].nbytes for entry in self._pairs.values() if isinstance(entry[-1], MagnitudeOrder))
                 + sum(d.numel() * d.element_size() for d in self._draws.values()))
+
+    def _pair(self, kind: str, base: torch.Tensor, expert: torch.Tensor, build: Callable[[], object]) -> object:
+        """The kept value of (kind, base, expert), built by `build()` when missing or when either
+        tensor was freed or changed in place since."""
+        key = (kind, id(base), id(expert))
+        entry = self._pairs.get(key)
+        if entry is not None:
+            base_ref, expert_ref, base_version, expert_version, value = entry
+            if (base_ref() is base and expert_ref() is expert
+                    and _version(base) == base_version and _version(expert) == expert_version):
+                return value
+        value = build()
+        self._pairs[key] = (weakref.ref(base), weakref.ref(expert), _version(base), _version(expert), value)
+        return value
 
     def magnitude_order(self, base: torch.Tensor, expert: torch.Tensor,
                         magnitude: Callable[[], torch.Tensor]) -> MagnitudeOrder:
         """The kept order of |expert - base|; `magnitude()` (that tensor, flat) builds it when missing."""
-        key = (id(base), id(expert))
-        entry = self._orders.get(key)
-        if entry is not None:
-            base_ref, expert_ref, base_version, expert_version, order = entry
-            if (base_ref() is base and expert_ref() is expert
-                    and _version(base) == base_version and _version(expert) == expert_version):
-                return order
-        order = MagnitudeOrder(magnitude())
-        self._orders[key] = (weakref.ref(base), weakref.ref(expert), _version(base), _version(expert), order)
-        return order
+        return self._pair("order", base, expert, lambda: MagnitudeOrder(magnitude()))  # type: ignore[return-value]
+
+    def same_as_base(self, base: torch.Tensor, expert: torch.Tensor) -> bool:
+        """Whether `expert` holds bit for bit what `base` holds (its task vector is zero), checked
+        once per pair. Such an expert can be replaced by the base tensor itself in any merge:
+        the values are the same, and methods recognize the base object (see methods.py)."""
+        return self._pair("same", base, expert, lambda: bitwise_equal(base, expert))  # type: ignore[return-value]
 
     def draws(self, key: tuple[int, int, int]) -> torch.Tensor | None:
         return self._draws.get(key)
 
     def keep_draws(self, key: tuple[int, int, int], draws: torch.Tensor) -> None:
         self._draws[key] = draws
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bits (unlike torch.equal, -0.0 differs from 0.0 and equal NaNs are equal)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
+        return True
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(a.element_size())
+    if bits is None or not (a.is_contiguous() and b.is_contiguous()):
+        return bool(torch.equal(a, b)) and bool(torch.equal(torch.signbit(a), torch.signbit(b)))
+    return bool(torch.equal(a.view(bits), b.view(bits)))
 
 
 def _version(tensor: torch.Tensor) -> int:

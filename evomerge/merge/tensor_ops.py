@@ -265,6 +265,15 @@ def magprune_probabilities(delta: torch.Tensor, density: float, epsilon: float) 
     return (density - epsilon) + rank_norm * 2 * epsilon
 
 
+def check_magprune(density: float, epsilon: float) -> None:
+    """MagPrune's keep probabilities density +/- epsilon must lie strictly inside (0, 1) where density < 1."""
+    if density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
+        raise MergeError(
+            f"density {density:g} and epsilon {epsilon:g}: expected density - epsilon > 0 "
+            f"and density + epsilon < 1"
+        )
+
+
 def sparsify_magprune(
     delta: torch.Tensor,
     density: float,
@@ -280,11 +289,7 @@ def sparsify_magprune(
     """
     if density >= 1:
         return delta
-    if not (density - epsilon > 0 and density + epsilon < 1):
-        raise MergeError(
-            f"density {density:g} and epsilon {epsilon:g}: expected density - epsilon > 0 "
-            f"and density + epsilon < 1"
-        )
+    check_magprune(density, epsilon)
     probabilities = magprune_probabilities(delta, density, epsilon)
     draw = torch.rand(probabilities.shape, generator=generator, device="cpu")
     keep = (draw < probabilities.cpu()).to(delta.device).view_as(delta)
