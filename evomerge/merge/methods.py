@@ -39,10 +39,10 @@ from evomerge.merge.registry import register
 from evomerge.merge.tensor_ops import (
     WEIGHT_SUM_EPS,
     RescaleMode,
+    check_magprune,
     exact_combination,
     expert_generator,
     merge_task_vectors,
-    check_magprune,
     resolve_rescale,
     sparsify_magprune,
     sparsify_outliers,
