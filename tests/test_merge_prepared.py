@@ -7,7 +7,7 @@ import torch
 
 from evomerge.merge import get_method
 from evomerge.merge.chunked import CHUNK, dare_mask, magnitude_mask, random_mask
-from evomerge.merge.prepared import MIN_NUMEL, Prepared
+from evomerge.merge.prepared import MIN_NUMEL, DrawKeep, Prepared
 from evomerge.merge.tensor_ops import expert_generator
 
 
@@ -28,7 +28,10 @@ def as_bool(keep, base: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
     if isinstance(keep, torch.Tensor):
         return keep
     delta = (expert.float() - base.float()).reshape(-1)
-    return keep.factors(delta, slice(0, delta.numel()), torch.empty_like(delta)) == 1.0
+    if isinstance(keep, DrawKeep):  # independent of the values: applied to ones, it is the mask
+        delta = torch.ones_like(delta)
+    kept = keep.apply(delta.clone(), slice(0, delta.numel()), torch.empty_like(delta)) != 0
+    return kept
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

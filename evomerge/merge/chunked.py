@@ -137,7 +137,7 @@ def mix_task_vectors_into(
             delta = stream.scratch(f"delta{i}", part)
             torch.sub(stream.read(i + 1, part), b, out=delta)
             if masks[i] is not None:
-                apply_mask(masks[i], delta, delta, part, stream.scratch("mask", part))
+                apply_mask(masks[i], delta, part, stream.scratch("mask", part))
             delta.mul_(scale[i])
             deltas.append(delta)
         mixed = stream.scratch("mixed", part)
@@ -145,24 +145,26 @@ def mix_task_vectors_into(
         for delta in deltas[2:]:
             mixed.add_(delta)
         if consensus:
-            # Elect the sign of the sum (>= 0 -> +1; a -0 sum has only zero deltas, which never
-            # agree, so copysign's -1 there changes nothing); keep each delta that has it. With
-            # float operations only: delta * elected > 0 exactly where the delta agrees.
-            elected = stream.scratch("elected", part)
-            torch.copysign(ONE, mixed, out=elected)
+            # Elect the sign of the sum: +1 where it is >= 0 (sign + 0.5 is positive for 0 and -0:
+            # a -0 sum has only zero deltas, which never agree), -1 below. Keep each delta that has
+            # it, with float operations only: delta * elected > 0 exactly where the delta agrees.
+            # The kept deltas all have the elected sign, so their sum is that of their magnitudes
+            # times it (negation is exact).
+            elected = torch.sign(mixed, out=stream.scratch("elected", part)).add_(0.5).sign_()
             divisor = stream.scratch("divisor", part)
             indicator = stream.scratch("indicator", part)
             for i, delta in enumerate(deltas):
                 delta.mul_(elected).clamp_min_(0.0)  # |delta| where it agrees, else 0
-                torch.sign(delta, out=indicator)  # 1 where it agrees, else 0
-                delta.mul_(elected)
-                if i == 0:
-                    torch.mul(indicator, float(weight[0]), out=divisor)
-                else:
-                    divisor.add_(indicator, alpha=float(weight[i]))
+                if normalize:
+                    torch.sign(delta, out=indicator)  # 1 where it agrees, else 0
+                    if i == 0:
+                        torch.mul(indicator, float(weight[0]), out=divisor)
+                    else:
+                        divisor.add_(indicator, alpha=float(weight[i]))
             torch.add(deltas[0], deltas[1], out=mixed) if count > 1 else mixed.copy_(deltas[0])
             for delta in deltas[2:]:
                 mixed.add_(delta)
+            mixed.mul_(elected)
             if normalize:
                 mixed.div_(_nonzero(divisor, weight))
         elif normalize:
@@ -175,7 +177,6 @@ def mix_task_vectors_into(
     return out
 
 
-ONE = torch.ones(())
 TINY = torch.finfo(torch.float32).tiny
 
 
@@ -191,13 +192,13 @@ def _nonzero(divisor: torch.Tensor, weight: Sequence[float]) -> torch.Tensor:
 # --------------------------------------------------------------------------- what a slice needs first
 
 
-def apply_mask(keep: torch.Tensor | prepared.Keep, values: torch.Tensor, delta: torch.Tensor, part: slice,
+def apply_mask(keep: torch.Tensor | prepared.Keep, values: torch.Tensor, part: slice,
                scratch: torch.Tensor) -> torch.Tensor:
-    """values *= the keep mask's slice `part` (in place; 1.0 / 0.0 factors, as a bool mask gives);
-    `delta` is the slice's task vector or its magnitude (what a `prepared.Keep` decides from)."""
+    """values *= the keep mask's slice `part` (in place; as a bool mask gives, up to the sign of a
+    zero); `values` is the slice's task vector or its magnitude (what a `prepared.Keep` decides from)."""
     if isinstance(keep, torch.Tensor):
         return values.mul_(keep[part].to(values.device))
-    return values.mul_(keep.factors(delta, part, scratch))
+    return keep.apply(values, part, scratch)
 
 
 
@@ -275,7 +276,7 @@ def rescale_factor(base: torch.Tensor, expert: torch.Tensor, keep: torch.Tensor 
     for part in stream.slices():
         magnitude = torch.sub(stream.read(1, part), stream.read(0, part), out=stream.scratch("magnitude", part)).abs_()
         before += float(magnitude.sum())
-        after += float(apply_mask(keep, magnitude, magnitude, part, stream.scratch("mask", part)).sum())
+        after += float(apply_mask(keep, magnitude, part, stream.scratch("mask", part)).sum())
     if before < L1_EPS or after < L1_EPS:
         return 1.0
     return before / after

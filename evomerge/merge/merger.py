@@ -60,7 +60,8 @@ class Merger:
             if name not in self.base:
                 raise MergeError(f"tensor {name!r}: in the model but not in the sources")
             base, experts = self.base[name], [expert[name] for expert in self.experts]
-            if self.prepared is not None:  # an expert equal to the base bit for bit is passed as the base itself
+            # with a store, an expert equal to the base bit for bit is passed as the base itself
+            if self.prepared is not None and self.prepared.skip_unchanged:
                 experts = [base if self.prepared.same_as_base(base, expert) else expert for expert in experts]
             try:
                 with self.prepared.active() if self.prepared is not None else contextlib.nullcontext():

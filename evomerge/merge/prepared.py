@@ -15,9 +15,15 @@ depends on the sources alone:
   draws of (seed, expert, tensor) are those `chunked.random_mask` draws, so the mask is exactly
   the same. Kept as float32: 4 bytes per entry and expert.
 
-Both masks are decided slice by slice inside the merge's own pass with float operations
-(`Keep.factors`: 1.0 / 0.0, the very factors a bool mask multiplies in), with no full-size mask
-and no pass over the task vector before the merge.
+Both masks are applied slice by slice inside the merge's own pass with float operations
+(`Keep.apply`: TIES's trim is one `torch.hardshrink` of the task vector at the threshold, DARE's
+drop a product with 1.0 / 0.0 factors), with no full-size mask and no pass over the task vector
+before the merge.
+
+The store also records, once per (base, expert) tensor pair, whether the expert equals the base
+bit for bit (`same_as_base`): the merger then passes the base tensor itself, and the task-vector
+methods skip that expert (evomerge/merge/methods.py). On a fine-tune that touches few tensors
+this is most of the merge's work; such tensors hold no magnitude order and no draws.
 
 A `Prepared` store is used only while it is active (`with store.active():`); outside, every
 method computes as before. Entries are keyed by the tensors themselves (the merger passes the
@@ -40,11 +46,13 @@ _ACTIVE: contextvars.ContextVar[Prepared | None] = contextvars.ContextVar("evome
 
 
 class Keep:
-    """A keep mask decided slice by slice with float operations only (a bool tensor costs 5-30x a
-    float multiply per entry on the CPU): `factors` gives 1.0 where an entry is kept, 0.0 where
-    not, which multiplied in gives exactly what multiplying by the bool mask gives."""
+    """A keep mask applied slice by slice, in place, with float operations only (a bool tensor
+    costs 5-30x a float operation per entry on the CPU): `apply` zeroes the slice's entries the
+    mask drops and leaves the kept ones as they are, which is what multiplying by the bool mask
+    gives (up to the sign of a zero)."""
 
-    def factors(self, delta: torch.Tensor, part: slice, out: torch.Tensor) -> torch.Tensor:
+    def apply(self, values: torch.Tensor, part: slice, scratch: torch.Tensor) -> torch.Tensor:
+        """values (the slice `part` of the task vector, or of its magnitude) masked in place."""
         raise NotImplementedError
 
 
@@ -53,33 +61,37 @@ class ThresholdKeep(Keep):
 
     def __init__(self, threshold: float, cutoff: int | None):
         self.threshold, self.cutoff = threshold, cutoff
+        self._at_least: dict[torch.dtype, float] = {}
 
-    def factors(self, delta: torch.Tensor, part: slice, out: torch.Tensor) -> torch.Tensor:
-        # |delta| - t is 0 exactly when |delta| == t (IEEE subtraction), and has the sign of the comparison
-        # (x = |delta| - t is never -0.) sign(x) + 1 clamped to 1: 1 where x >= 0; sign(x) clamped
-        # to 0: 1 where x > 0 (torch.heaviside does the same but is not vectorized: 20x slower).
-        torch.abs(delta, out=out).sub_(self.threshold)
+    def at_least(self, dtype: torch.dtype) -> float:
+        """The largest value of `dtype` below the threshold: |x| > it exactly when |x| >= threshold."""
+        if dtype not in self._at_least:
+            t = torch.tensor(self.threshold, dtype=dtype)
+            self._at_least[dtype] = float(torch.nextafter(t, torch.zeros((), dtype=dtype))) if self.threshold else 0.0
+        return self._at_least[dtype]
+
+    def apply(self, values: torch.Tensor, part: slice, scratch: torch.Tensor) -> torch.Tensor:
+        # hardshrink keeps x where |x| > lambda (compared in values' dtype), else gives 0: the trim in one pass
         if self.cutoff is None or part.stop - 1 <= self.cutoff:
-            return torch.sign(out, out=out).add_(1.0).clamp_max_(1.0)
+            return torch.hardshrink(values, self.at_least(values.dtype), out=values)
         if part.start > self.cutoff:
-            return torch.sign(out, out=out).clamp_min_(0.0)
+            return torch.hardshrink(values, self.threshold, out=values)
         head = self.cutoff - part.start + 1  # the slice holding the cutoff: tied entries kept up to it
-        tied = out[:head] == 0
-        torch.sign(out, out=out).clamp_min_(0.0)
-        out[:head].masked_fill_(tied, 1.0)
-        return out
+        torch.hardshrink(values[:head], self.at_least(values.dtype), out=values[:head])
+        torch.hardshrink(values[head:], self.threshold, out=values[head:])
+        return values
 
 
 class DrawKeep(Keep):
     """DARE's draws < density: density - u > 0 (both float32, exact)."""
 
     def __init__(self, draws: torch.Tensor, density: float):
-        self.draws, self.density = draws, density
+        self.draws, self.density = draws, torch.tensor(density, dtype=draws.dtype)
 
-    def factors(self, delta: torch.Tensor, part: slice, out: torch.Tensor) -> torch.Tensor:
-        # density - u (as -u + density: +0, never -0, where equal), then 1 where it is > 0
-        torch.mul(self.draws[part].to(out.device), -1.0, out=out).add_(self.density)
-        return torch.sign(out, out=out).clamp_min_(0.0)
+    def apply(self, values: torch.Tensor, part: slice, scratch: torch.Tensor) -> torch.Tensor:
+        # density - u (+0, never -0, where equal), then 1 where it is > 0, 0 elsewhere
+        factor = torch.sub(self.density, self.draws[part].to(scratch.device), out=scratch)
+        return values.mul_(factor.sign_().clamp_min_(0.0))
 
 
 class MagnitudeOrder:
@@ -113,7 +125,10 @@ class MagnitudeOrder:
 class Prepared:
     """A per-worker store of gene-free merge inputs (see the module doc)."""
 
-    def __init__(self) -> None:
+    def __init__(self, skip_unchanged: bool = True) -> None:
+        # the merger passes an expert equal to the base as the base itself (off: every tensor is
+        # merged in full, what a fine-tune touching every tensor costs; benchmarks/real_model.py)
+        self.skip_unchanged = skip_unchanged
         # (kind, id(base), id(expert)) -> (base ref, expert ref, base version, expert version, value)
         self._pairs: dict[tuple[str, int, int], tuple[weakref.ref, weakref.ref, int, int, object]] = {}
         self._draws: dict[tuple[int, int, int], torch.Tensor] = {}
