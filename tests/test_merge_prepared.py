@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from evomerge.merge import get_method
-from evomerge.merge.chunked import CHUNK, dare_mask, magnitude_mask, random_mask
+from evomerge.merge.chunked import CHUNK, dare_mask, magnitude_mask, outlier_mask, random_mask
 from evomerge.merge.prepared import MIN_NUMEL, DrawKeep, Prepared
 from evomerge.merge.tensor_ops import expert_generator
 
@@ -72,15 +72,37 @@ def test_dare_masks_equal_from_scratch() -> None:
     assert store.nbytes == 2 * numel * 4
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("numel", [4 * MIN_NUMEL, 2 * CHUNK + 100 * 128])  # one slice; several (ties across them)
+def test_outlier_masks_equal_from_scratch(dtype: torch.dtype) -> None:
+    base, experts = _sources(3 * MIN_NUMEL + 77 * 128, 2, dtype, zeros=0.3)
+    store = Prepared()
+    for density, gamma in ((0.01, 0.01), (0.1, 0.0), (0.3, 0.05), (0.5, 0.6), (0.69, 0.3), (0.9, 0.05), (0.99, 0.01)):
+        for expert in experts:
+            want = outlier_mask(base, expert, density, gamma, torch.float32)
+            with store.active():
+                got = outlier_mask(base, expert, density, gamma, torch.float32)
+            zero = (expert.float() - base.float()).reshape(-1) == 0
+            assert torch.equal(as_bool(got, base, expert) | zero, want | zero), (density, gamma)
+
+
+SEVERAL_SLICES = 2 * CHUNK + 100 * 128  # ties across slices
+
+
+@pytest.mark.parametrize("method, numel", [
+    *((method, numel) for method in ("ties", "dare_ties", "dare_linear") for numel in (4 * MIN_NUMEL, SEVERAL_SLICES)),
+    *((method, SEVERAL_SLICES) for method in ("breadcrumbs", "breadcrumbs_ties", "della", "della_linear")),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merges_equal_from_scratch(method: str, dtype: torch.dtype, numel: int) -> None:
     base, experts = _sources(numel, 3, dtype, zeros=0.3)
     fn = get_method(method).fn
     store = Prepared()
     for genes in ({"weight": [0.5, 1.0, 0.3], "density": [0.2, 0.6, 1.0]},
                   {"weight": [1.2, 0.1, 0.7], "density": [0.9, 0.05, 0.5]}):
+        if "gamma" in get_method(method).genes:
+            genes["gamma"] = [0.01, 0.3, 0.05]
+        if "epsilon" in get_method(method).genes:
+            genes["epsilon"] = [0.05, 0.04, 0.0]
         kwargs = {"seed": 11} if get_method(method).random else {}
         want = fn(base, experts, **genes, **kwargs)
         with store.active():

@@ -21,7 +21,14 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from evomerge.merge import prepared
-from evomerge.merge.tensor_ops import L1_EPS, WEIGHT_SUM_EPS, RescaleMode, expert_generator, kth_largest
+from evomerge.merge.tensor_ops import (
+    L1_EPS,
+    WEIGHT_SUM_EPS,
+    RescaleMode,
+    expert_generator,
+    kth_largest,
+    magprune_rank_norm,
+)
 
 CHUNK = 1 << 18  # elements per slice on the CPU: 1 MiB of float32, a slice's temporaries fit in L2
 CHUNK_CUDA = 1 << 24  # on a GPU, fewer and larger kernels
@@ -252,6 +259,11 @@ def dare_mask(numel: int, density: float, seed: int, index: int) -> torch.Tensor
     store = prepared.active()
     if store is None or numel < prepared.MIN_NUMEL:
         return random_mask(numel, density, expert_generator(seed, index))
+    return prepared.DrawKeep(_kept_draws(store, numel, seed, index), density)
+
+
+def _kept_draws(store: prepared.Prepared, numel: int, seed: int, index: int) -> torch.Tensor:
+    """The U[0, 1) draws of expert `index`'s stream for `seed`, made once per store and kept."""
     key = (seed, index, numel)
     draws = store.draws(key)
     if draws is None:
@@ -260,7 +272,46 @@ def dare_mask(numel: int, density: float, seed: int, index: int) -> torch.Tensor
         for part in slices(numel, torch.device("cpu")):
             torch.rand(part.stop - part.start, generator=generator, out=draws[part])
         store.keep_draws(key, draws)
-    return prepared.DrawKeep(draws, density)
+    return draws
+
+
+def outlier_mask(base: torch.Tensor, expert: torch.Tensor, density: float, gamma: float,
+                 work: torch.dtype) -> torch.Tensor | prepared.Keep:
+    """Model Breadcrumbs' keep mask (`tensor_ops.sparsify_outliers`): of n entries, ranks
+    [bottom, bottom + int(density * n)) of the stable ascending order of |expert - base|, where
+    bottom = max(0, n - int(density * n) - int(gamma * n)). With a store active, read from the
+    kept magnitude order (the same mask)."""
+    numel = base.numel()
+    kept, top = int(density * numel), int(gamma * numel)
+    bottom = max(0, numel - kept - top)
+    store = prepared.active()
+    if kept > 0 and store is not None and numel >= prepared.MIN_NUMEL:
+        keep = store.magnitude_order(base, expert, lambda: _magnitude(base, expert, work)).band(bottom, kept)
+        if keep is not None:
+            return keep
+    ascending = torch.argsort(_magnitude(base, expert, work), stable=True)
+    mask = torch.zeros(numel, dtype=torch.bool, device=base.device)
+    mask[ascending[bottom:bottom + kept]] = True
+    return mask
+
+
+def magprune_mask(base: torch.Tensor, expert: torch.Tensor, density: float, epsilon: float, seed: int,
+                  index: int, work: torch.dtype) -> torch.Tensor | prepared.Keep:
+    """DELLA's MagPrune keep mask (`tensor_ops.sparsify_magprune`): u < p, p from the rank of
+    |expert - base| within its row, u from expert `index`'s stream for `seed`. With a store
+    active, the row ranks and the draws are computed once and kept (the same mask)."""
+    numel = base.numel()
+
+    def rank_norm() -> torch.Tensor:
+        return magprune_rank_norm(_magnitude(base, expert, work).view(base.shape)).reshape(-1)
+
+    store = prepared.active()
+    if store is not None and numel >= prepared.MIN_NUMEL:
+        return prepared.MagPruneKeep(store.rank_norm(base, expert, rank_norm), _kept_draws(store, numel, seed, index),
+                                     density, epsilon)
+    probabilities = (density - epsilon) + rank_norm() * 2 * epsilon
+    draws = torch.rand(numel, generator=expert_generator(seed, index), device="cpu")
+    return (draws < probabilities.cpu()).to(base.device)
 
 
 def rescale_factor(base: torch.Tensor, expert: torch.Tensor, keep: torch.Tensor | prepared.Keep, density: float,

@@ -56,42 +56,83 @@ class Keep:
         raise NotImplementedError
 
 
+def at_least(threshold: float, dtype: torch.dtype) -> float:
+    """The largest value of `dtype` below a threshold >= 0 (0 for 0): |x| > it exactly when |x| >= threshold."""
+    if not threshold:
+        return 0.0
+    t = torch.tensor(threshold, dtype=dtype)
+    return float(torch.nextafter(t, torch.zeros((), dtype=dtype)))
+
+
+def _split(values: torch.Tensor, part: slice, split: int, op: Callable[[torch.Tensor, float, slice], None],
+           before: float, after: float) -> torch.Tensor:
+    """op(view, lambda, local slice) on `values` (the slice `part` of a flat tensor): with `before` for
+    flat indices below `split`, `after` from it on."""
+    head = min(max(split - part.start, 0), part.stop - part.start)
+    if head:
+        op(values[:head], before, slice(0, head))
+    if head < part.stop - part.start:
+        op(values[head:], after, slice(head, None))
+    return values
+
+
+def _keep_above(values: torch.Tensor, lam: float, local: slice) -> None:
+    """Zero the entries with |x| <= lam (hardshrink: one vectorized pass, compared in values' dtype)."""
+    torch.hardshrink(values, lam, out=values)
+
+
 class ThresholdKeep(Keep):
     """|delta| > threshold, and |delta| == threshold at flat indices up to `cutoff` (None: all of them)."""
 
     def __init__(self, threshold: float, cutoff: int | None):
         self.threshold, self.cutoff = threshold, cutoff
-        self._at_least: dict[torch.dtype, float] = {}
-
-    def at_least(self, dtype: torch.dtype) -> float:
-        """The largest value of `dtype` below the threshold: |x| > it exactly when |x| >= threshold."""
-        if dtype not in self._at_least:
-            t = torch.tensor(self.threshold, dtype=dtype)
-            self._at_least[dtype] = float(torch.nextafter(t, torch.zeros((), dtype=dtype))) if self.threshold else 0.0
-        return self._at_least[dtype]
 
     def apply(self, values: torch.Tensor, part: slice, scratch: torch.Tensor) -> torch.Tensor:
-        # hardshrink keeps x where |x| > lambda (compared in values' dtype), else gives 0: the trim in one pass
-        if self.cutoff is None or part.stop - 1 <= self.cutoff:
-            return torch.hardshrink(values, self.at_least(values.dtype), out=values)
-        if part.start > self.cutoff:
-            return torch.hardshrink(values, self.threshold, out=values)
-        head = self.cutoff - part.start + 1  # the slice holding the cutoff: tied entries kept up to it
-        torch.hardshrink(values[:head], self.at_least(values.dtype), out=values[:head])
-        torch.hardshrink(values[head:], self.threshold, out=values[head:])
+        split = part.stop if self.cutoff is None else self.cutoff + 1  # tied entries kept below it
+        return _split(values, part, split, _keep_above, at_least(self.threshold, values.dtype), self.threshold)
+
+
+class BandKeep(Keep):
+    """Ranks [bottom, top] of the stable ascending order of |delta| (ties in flat order; Model
+    Breadcrumbs' mask): |delta| above `low`, or equal to it at flat indices from `low_from` on;
+    and below `high`, or equal to it at flat indices up to `high_to`. None: no bound on that side."""
+
+    def __init__(self, low: float | None, low_from: int, high: float | None, high_to: int):
+        self.low, self.low_from, self.high, self.high_to = low, low_from, high, high_to
+
+    def apply(self, values: torch.Tensor, part: slice, scratch: torch.Tensor) -> torch.Tensor:
+        if self.low is not None:
+            _split(values, part, self.low_from, _keep_above, self.low, at_least(self.low, values.dtype))
+        if self.high is not None:
+            def keep_below(view: torch.Tensor, lam: float, local: slice) -> None:
+                # x - hardshrink(x, lam): x where |x| <= lam, else x - x = 0 (exact)
+                view.sub_(torch.hardshrink(view, lam, out=scratch[local][: view.numel()]))
+            _split(values, part, self.high_to + 1, keep_below, self.high, at_least(self.high, values.dtype))
         return values
 
 
-class DrawKeep(Keep):
-    """DARE's draws < density: density - u > 0 (both float32, exact)."""
+class MagPruneKeep(Keep):
+    """DELLA's draws < (density - epsilon) + rank_norm * 2 * epsilon (`tensor_ops.magprune_probabilities`,
+    the same operations), from kept row ranks and draws."""
 
-    def __init__(self, draws: torch.Tensor, density: float):
-        self.draws, self.density = draws, torch.tensor(density, dtype=draws.dtype)
+    def __init__(self, rank_norm: torch.Tensor, draws: torch.Tensor, density: float, epsilon: float):
+        self.rank_norm, self.draws, self.density, self.epsilon = rank_norm, draws, density, epsilon
 
     def apply(self, values: torch.Tensor, part: slice, scratch: torch.Tensor) -> torch.Tensor:
-        # density - u (+0, never -0, where equal), then 1 where it is > 0, 0 elsewhere
-        factor = torch.sub(self.density, self.draws[part].to(scratch.device), out=scratch)
-        return values.mul_(factor.sign_().clamp_min_(0.0))
+        p = torch.mul(self.rank_norm[part].to(scratch.device), 2, out=scratch).mul_(self.epsilon)
+        p.add_(self.density - self.epsilon)
+        return values.mul_(torch.lt(self.draws[part].to(scratch.device), p, out=p))  # u < p as 1.0 / 0.0
+
+
+class DrawKeep(Keep):
+    """DARE's draws < density."""
+
+    def __init__(self, draws: torch.Tensor, density: float):
+        self.draws, self.density = draws, density
+
+    def apply(self, values: torch.Tensor, part: slice, scratch: torch.Tensor) -> torch.Tensor:
+        # the comparison written as floats (1.0 / 0.0): one vectorized pass, the comparison random_mask makes
+        return values.mul_(torch.lt(self.draws[part].to(scratch.device), self.density, out=scratch))
 
 
 class MagnitudeOrder:
@@ -116,6 +157,16 @@ class MagnitudeOrder:
         if missing == last - first or float(threshold) == 0.0:
             return ThresholdKeep(float(threshold), None)
         return ThresholdKeep(float(threshold), int(self.order[first + missing - 1]))
+
+    def band(self, bottom: int, kept: int) -> BandKeep | None:
+        """The keep mask of ranks [bottom, bottom + kept) in ascending order, ties in flat order
+        (kept >= 1); None where a bound is NaN (the caller computes the mask itself)."""
+        top = bottom + kept - 1
+        low = float(self.sorted[bottom]) if bottom > 0 else None
+        high = float(self.sorted[top]) if top < self.numel - 1 else None
+        if any(bound is not None and bound != bound for bound in (low, high)):
+            return None
+        return BandKeep(low, int(self.order[bottom]), high, int(self.order[top]))
 
     @property
     def nbytes(self) -> int:
@@ -144,7 +195,9 @@ class Prepared:
     @property
     def nbytes(self) -> int:
         """Bytes the store holds (magnitude orders and draws; a few bytes per tensor pair besides)."""
-        return (sum(entry[-1].nbytes for entry in self._pairs.values() if isinstance(entry[-1], MagnitudeOrder))
+        kept = [entry[-1] for entry in self._pairs.values()]
+        return (sum(value.nbytes for value in kept if isinstance(value, MagnitudeOrder))
+                + sum(value.numel() * value.element_size() for value in kept if isinstance(value, torch.Tensor))
                 + sum(d.numel() * d.element_size() for d in self._draws.values()))
 
     def _pair(self, kind: str, base: torch.Tensor, expert: torch.Tensor, build: Callable[[], object]) -> object:
@@ -165,6 +218,11 @@ class Prepared:
                         magnitude: Callable[[], torch.Tensor]) -> MagnitudeOrder:
         """The kept order of |expert - base|; `magnitude()` (that tensor, flat) builds it when missing."""
         return self._pair("order", base, expert, lambda: MagnitudeOrder(magnitude()))  # type: ignore[return-value]
+
+    def rank_norm(self, base: torch.Tensor, expert: torch.Tensor,
+                  build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """DELLA's kept row ranks of |expert - base|, normalized to [0, 1] (flat); `build()` makes them."""
+        return self._pair("ranks", base, expert, build)  # type: ignore[return-value]
 
     def same_as_base(self, base: torch.Tensor, expert: torch.Tensor) -> bool:
         """Whether `expert` holds bit for bit what `base` holds (its task vector is zero), checked

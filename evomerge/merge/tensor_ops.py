@@ -258,11 +258,16 @@ def magprune_probabilities(delta: torch.Tensor, density: float, epsilon: float) 
     rank between (ties ordered by index). A row of one entry gets density. Returns a tensor of
     delta's shape (a vector or a scalar comes back as [1, n]).
     """
+    return (density - epsilon) + magprune_rank_norm(delta) * 2 * epsilon
+
+
+def magprune_rank_norm(delta: torch.Tensor) -> torch.Tensor:
+    """Each entry's rank of |delta| within its row (dim 1; ties by index) over the row's length - 1,
+    in [0, 1] (0.5 for rows of one entry); a vector or a scalar comes back as [1, n]."""
     rows = delta if delta.dim() >= 2 else delta.reshape(1, -1)
     n = rows.shape[1]
     ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).to(delta.dtype)
-    rank_norm = ranks / (n - 1) if n > 1 else torch.full_like(ranks, 0.5)
-    return (density - epsilon) + rank_norm * 2 * epsilon
+    return ranks / (n - 1) if n > 1 else torch.full_like(ranks, 0.5)
 
 
 def check_magprune(density: float, epsilon: float) -> None:
