@@ -1,8 +1,8 @@
 """What a sparsifying merge computes that no gene changes, computed once and kept.
 
 Over one search the sources and the run seed are fixed; only the genes (weights, densities)
-change from candidate to candidate. TIES's trim and DARE's drop each start from something that
-depends on the sources alone:
+change from candidate to candidate. TIES's trim, breadcrumbs' band, DELLA's and DARE's drops each
+start from something that depends on the sources alone:
 
 - TIES: the magnitudes |expert - base| of each tensor, sorted, with their flat indices
   (`MagnitudeOrder`: a stable sort, float32 values and int32 indices, 8 bytes per entry and
@@ -11,14 +11,18 @@ depends on the sources alone:
   are the rule, not the exception, on real fine-tunes: a float32 task vector is a multiple of
   its base entry's ulp); the mask is |delta| > t, or |delta| == t at flat index <= c: the same set
   `chunked.magnitude_mask` finds by partitioning the whole tensor.
+- Breadcrumbs: the same magnitude order; its rank band [bottom, bottom + kept) is two such
+  bounds, each a threshold and the flat index where tied entries start (or stop) being kept.
+- DELLA: each entry's magnitude rank within its row, normalized to [0, 1] (float32), and the
+  draws below: its probabilities are then `tensor_ops.magprune_probabilities`'s own operations.
 - DARE: the uniform draws behind its masks. The mask of a density is `draws < density`; the
   draws of (seed, expert, tensor) are those `chunked.random_mask` draws, so the mask is exactly
   the same. Kept as float32: 4 bytes per entry and expert.
 
-Both masks are applied slice by slice inside the merge's own pass with float operations
+The masks are applied slice by slice inside the merge's own pass with float operations
 (`Keep.apply`: TIES's trim is one `torch.hardshrink` of the task vector at the threshold, DARE's
-drop a product with 1.0 / 0.0 factors), with no full-size mask and no pass over the task vector
-before the merge.
+drop a product with the comparison written as 1.0 / 0.0), with no full-size mask and no pass over
+the task vector before the merge.
 
 The store also records, once per (base, expert) tensor pair, whether the expert equals the base
 bit for bit (`same_as_base`): the merger then passes the base tensor itself, and the task-vector

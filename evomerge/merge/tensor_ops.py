@@ -2,8 +2,9 @@
 
 All functions are pure: they never modify their inputs (sparsify_* at density 1 return the input
 itself, every other result is a new tensor). They compute on whole tensors: the methods that
-stream (evomerge/merge/chunked.py) are held to these formulas by tests/test_merge_streaming.py;
-the others (breadcrumbs, della, model_stock, nuslerp, multislerp, passthrough) use them directly.
+stream (evomerge/merge/chunked.py) are held to these formulas by tests/test_merge_streaming.py
+(breadcrumbs and della, which stream too, by tests/test_merge_methods_vs_mergekit.py); the others
+(model_stock, nuslerp, multislerp, passthrough) use them directly.
 """
 
 from __future__ import annotations
