@@ -307,8 +307,8 @@ def magprune_mask(base: torch.Tensor, expert: torch.Tensor, density: float, epsi
 
     store = prepared.active()
     if store is not None and numel >= prepared.MIN_NUMEL:
-        return prepared.MagPruneKeep(store.rank_norm(base, expert, rank_norm), _kept_draws(store, numel, seed, index),
-                                     density, epsilon)
+        twice = store.twice_rank_norm(base, expert, lambda: rank_norm().mul_(2))  # the doubling of r * 2 * eps
+        return prepared.MagPruneKeep(twice, _kept_draws(store, numel, seed, index), density, epsilon)
     probabilities = (density - epsilon) + rank_norm() * 2 * epsilon
     draws = torch.rand(numel, generator=expert_generator(seed, index), device="cpu")
     return (draws < probabilities.cpu()).to(base.device)

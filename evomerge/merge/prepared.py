@@ -13,8 +13,8 @@ start from something that depends on the sources alone:
   `chunked.magnitude_mask` finds by partitioning the whole tensor.
 - Breadcrumbs: the same magnitude order; its rank band [bottom, bottom + kept) is two such
   bounds, each a threshold and the flat index where tied entries start (or stop) being kept.
-- DELLA: each entry's magnitude rank within its row, normalized to [0, 1] (float32), and the
-  draws below: its probabilities are then `tensor_ops.magprune_probabilities`'s own operations.
+- DELLA: each entry's magnitude rank within its row, normalized to [0, 1] and doubled (float32),
+  and the draws below: its probabilities are then `tensor_ops.magprune_probabilities`'s own operations.
 - DARE: the uniform draws behind its masks. The mask of a density is `draws < density`; the
   draws of (seed, expert, tensor) are those `chunked.random_mask` draws, so the mask is exactly
   the same. Kept as float32: 4 bytes per entry and expert.
@@ -119,11 +119,11 @@ class MagPruneKeep(Keep):
     """DELLA's draws < (density - epsilon) + rank_norm * 2 * epsilon (`tensor_ops.magprune_probabilities`,
     the same operations), from kept row ranks and draws."""
 
-    def __init__(self, rank_norm: torch.Tensor, draws: torch.Tensor, density: float, epsilon: float):
-        self.rank_norm, self.draws, self.density, self.epsilon = rank_norm, draws, density, epsilon
+    def __init__(self, twice_rank_norm: torch.Tensor, draws: torch.Tensor, density: float, epsilon: float):
+        self.twice_rank_norm, self.draws, self.density, self.epsilon = twice_rank_norm, draws, density, epsilon
 
     def apply(self, values: torch.Tensor, part: slice, scratch: torch.Tensor) -> torch.Tensor:
-        p = torch.mul(self.rank_norm[part].to(scratch.device), 2, out=scratch).mul_(self.epsilon)
+        p = torch.mul(self.twice_rank_norm[part].to(scratch.device), self.epsilon, out=scratch)
         p.add_(self.density - self.epsilon)
         return values.mul_(torch.lt(self.draws[part].to(scratch.device), p, out=p))  # u < p as 1.0 / 0.0
 
@@ -223,9 +223,10 @@ class Prepared:
         """The kept order of |expert - base|; `magnitude()` (that tensor, flat) builds it when missing."""
         return self._pair("order", base, expert, lambda: MagnitudeOrder(magnitude()))  # type: ignore[return-value]
 
-    def rank_norm(self, base: torch.Tensor, expert: torch.Tensor,
-                  build: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """DELLA's kept row ranks of |expert - base|, normalized to [0, 1] (flat); `build()` makes them."""
+    def twice_rank_norm(self, base: torch.Tensor, expert: torch.Tensor,
+                        build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """DELLA's kept row ranks of |expert - base| normalized to [0, 1], times 2 (exact; flat):
+        `build()` makes them."""
         return self._pair("ranks", base, expert, build)  # type: ignore[return-value]
 
     def same_as_base(self, base: torch.Tensor, expert: torch.Tensor) -> bool:
