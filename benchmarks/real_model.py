@@ -169,9 +169,9 @@ def main() -> None:
     parse.add_argument("--candidates", type=int, default=4)
     parse.add_argument("--limit", type=int, default=10, help="documents per task")
     parse.add_argument("--merge-only", action="store_true", help="time the merge phase alone (no evaluation)")
-    parse.add_argument("--methods", nargs="+", default=list(MERGE_METHODS),
-                       help="--merge-only: the methods, linear first")
+    parse.add_argument("--methods", nargs="+", default=list(MERGE_METHODS), help="the methods, linear first")
     parse.add_argument("--scratch", action="store_true", help="--merge-only: also merge without the store")
+    parse.add_argument("--bf16", type=int, choices=(0, 1), default=1, help="the full run: add ties in bfloat16")
     args = parse.parse_args()
     host = harness.machine()
     harness.header("on a real model", host)
@@ -184,8 +184,8 @@ def main() -> None:
     count = 2 if args.quick else args.candidates
 
     runs = {}
-    for method, dtype in (("linear", "float32"), ("ties", "float32"), ("dare_ties", "float32"),
-                          ("breadcrumbs_ties", "float32"), ("della", "float32"), ("ties", "bfloat16")):
+    rows = [(method, "float32") for method in args.methods] + [("ties", "bfloat16")] * args.bf16
+    for method, dtype in rows:
         config = real_config(zoo, args.work / f"{method}-{dtype}.yaml", method, dtype, args.limit)
         runs[method, dtype] = measure(config, count)
         r = runs[method, dtype]
