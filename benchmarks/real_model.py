@@ -89,7 +89,8 @@ MERGE_METHODS = ("linear", "ties", "dare_ties", "breadcrumbs_ties", "della")
 SCRATCH_METHODS = ("ties", "dare_ties")  # --scratch times these without the store too
 
 
-def merge_phase(zoo: Path, work: Path, repeats: int, methods: tuple[str, ...], scratch: bool) -> str:
+def merge_phase(zoo: Path, work: Path, repeats: int, methods: tuple[str, ...], scratch: bool,
+                store_only: bool = False) -> str:
     """The merge phase alone, as a worker runs it (one thread, sources memory-mapped, merged into
     the preallocated model), for each method on random per-layer genes: with the prepared store
     as a worker has it (after its first merge), the same with every tensor merged in full (the
@@ -129,7 +130,8 @@ def merge_phase(zoo: Path, work: Path, repeats: int, methods: tuple[str, ...], s
             continue
         recipes = recipes_of(method)
         # from scratch, breadcrumbs and della argsort every tensor per merge: minutes each
-        for variant in [v for v in variants if v != "from scratch" or (scratch and method in SCRATCH_METHODS)]:
+        for variant in [v for v in variants if (v == "store" or not store_only)
+                        and (v != "from scratch" or (scratch and method in SCRATCH_METHODS))]:
             store = variants[variant]()
             first = timed(recipes[0], store)  # fills the store (a worker's warm-up does it)
             seconds, linear = [], []
@@ -171,6 +173,7 @@ def main() -> None:
     parse.add_argument("--merge-only", action="store_true", help="time the merge phase alone (no evaluation)")
     parse.add_argument("--methods", nargs="+", default=list(MERGE_METHODS), help="the methods, linear first")
     parse.add_argument("--scratch", action="store_true", help="--merge-only: also merge without the store")
+    parse.add_argument("--store-only", action="store_true", help="--merge-only: only the store as a worker has it")
     parse.add_argument("--bf16", type=int, choices=(0, 1), default=1, help="the full run: add ties in bfloat16")
     args = parse.parse_args()
     host = harness.machine()
@@ -178,7 +181,8 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     zoo = args.zoo.resolve()
     if args.merge_only:
-        body = merge_phase(zoo, args.work, 2 if args.quick else args.candidates, tuple(args.methods), args.scratch)
+        body = merge_phase(zoo, args.work, 2 if args.quick else args.candidates, tuple(args.methods), args.scratch,
+                           args.store_only)
         harness.write_section(harness.results_path(args), "On a real model: merge phase", host, body)
         return
     count = 2 if args.quick else args.candidates
