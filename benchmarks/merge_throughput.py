@@ -189,6 +189,8 @@ def main() -> None:
     parse.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "evomerge-bench",
                        help="where the models are built (reused across runs)")
     parse.add_argument("--repeats", type=int, default=None, help="timed runs per tool and method")
+    parse.add_argument("--methods", nargs="+", default=None, choices=METHODS, help="default: all three")
+    parse.add_argument("--end-to-end-only", action="store_true", help="skip the in-memory merge and copy")
     parse.add_argument("--zoo", type=Path, default=None,
                        help="a real zoo (`evomerge zoo --real`): merge its base and experts rev, sort, add")
     args = parse.parse_args()
@@ -196,7 +198,7 @@ def main() -> None:
     harness.header("merge throughput", host)
     sizes = QUICK if args.quick else FULL
     repeats = args.repeats or (1 if args.quick else 3)
-    methods = ("linear",) if args.quick else METHODS
+    methods = ("linear",) if args.quick else tuple(args.methods or METHODS)
     work = args.work / ("quick" if args.quick else "full") / ("merge-real" if args.zoo else "merge")
     if args.zoo:
         zoo = args.zoo.resolve()
@@ -228,7 +230,8 @@ def main() -> None:
                 kit_s.append(seconds)
                 kit_mb.append(peak)
             floors.append(import_floor())
-        merge_s, copy_s, source_bytes = in_memory(config, repeats=max(3, repeats))
+        merge_s, copy_s, source_bytes = (in_memory(config, repeats=max(3, repeats)) if not args.end_to_end_only
+                                         else (float("nan"), float("nan"), 0))
         share = copy_s / merge_s
         evo, kit = statistics.median(evo_s), statistics.median(kit_s) if kit_s else float("nan")
         speedup = kit / evo
