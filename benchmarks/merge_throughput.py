@@ -215,7 +215,7 @@ def main() -> None:
         print("mergekit is not installed in this environment: `pip install mergekit` (a benchmark "
               "dependency only) to time it; timing evomerge alone")
 
-    rows, failures, floors = [], [], []
+    rows, failures, floors, timings = [], [], [], {}
     for method in methods:
         config = mergekit_config(method, paths)
         config_path = work / f"{method}.yaml"
@@ -230,6 +230,11 @@ def main() -> None:
                 kit_s.append(seconds)
                 kit_mb.append(peak)
             floors.append(import_floor())
+        timings[method] = (config, evo_s, kit_s, evo_mb, kit_mb)
+    # Only then the in-memory merges and the output comparison: a child process starts with its
+    # parent's peak RSS (fork, then exec), so this process stays small while the tools run.
+    for method in methods:
+        config, evo_s, kit_s, evo_mb, kit_mb = timings[method]
         merge_s, copy_s, source_bytes = (in_memory(config, repeats=max(3, repeats)) if not args.end_to_end_only
                                          else (float("nan"), float("nan"), 0))
         share = copy_s / merge_s

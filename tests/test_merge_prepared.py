@@ -136,7 +136,8 @@ _GENES = {
 
 @pytest.mark.parametrize("method", list(_GENES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_experts_equal_to_the_base_merge_as_before(method: str, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("keep_masks", [True, False])  # a worker's store; `evomerge merge`'s skip alone
+def test_experts_equal_to_the_base_merge_as_before(method: str, dtype: torch.dtype, keep_masks: bool) -> None:
     """Tensors whose experts all (or some) equal the base bit for bit merge, through the merger
     with a store (which passes such experts as the base tensor itself), to the same values as
     the full computation without a store, for every task-vector method and linear."""
@@ -151,7 +152,7 @@ def test_experts_equal_to_the_base_merge_as_before(method: str, dtype: torch.dty
     merger = Merger(sources[0], sources[1:], seed=3)
     recipe = _Recipe(method, **_GENES[method])
     want = {name: merged.clone() for name, merged in merger.merged(recipe)}
-    merger.prepared = Prepared()
+    merger.prepared = Prepared(keep_masks=keep_masks)
     for _ in range(2):
         got = dict(merger.merged(recipe))
         for name in want:

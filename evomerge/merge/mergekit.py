@@ -630,10 +630,14 @@ def _declared_dtype(declared: dict) -> str:
 def _merge(config: MergekitConfig, models: ModelsConfig, info: Any, seed: int, device: torch.device) -> torch.nn.Module:
     """The base (or first model) with every parameter overwritten by the merge, as a search's workers do it."""
     from evomerge.merge.merger import load_merge_target
+    from evomerge.merge.prepared import Prepared
 
     plan = plan_merge(config, list(info.shapes), info.num_layers)  # every parameter resolved before loading
     logger.info("merging %d model(s) with %s", len(config.models), config.method.name)
     model, merger = load_merge_target(models, seed, device)
+    # experts equal to the base bit for bit are passed as the base (the same values; task-vector
+    # methods skip them); nothing else is kept for one merge
+    merger.prepared = Prepared(keep_masks=False)
     merger.merge_into(model, plan)
     return model
 

@@ -64,7 +64,8 @@ class Merger:
             if self.prepared is not None and self.prepared.skip_unchanged:
                 experts = [base if self.prepared.same_as_base(base, expert) else expert for expert in experts]
             try:
-                with self.prepared.active() if self.prepared is not None else contextlib.nullcontext():
+                keep = self.prepared is not None and self.prepared.keep_masks
+                with self.prepared.active() if keep else contextlib.nullcontext():
                     merged = method.fn(base, experts,
                                        seed=tensor_seed(self.seed, name), out=None if into is None else into[name],
                                        **recipe.for_tensor(name))

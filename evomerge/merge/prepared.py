@@ -180,10 +180,13 @@ class MagnitudeOrder:
 class Prepared:
     """A per-worker store of gene-free merge inputs (see the module doc)."""
 
-    def __init__(self, skip_unchanged: bool = True) -> None:
+    def __init__(self, skip_unchanged: bool = True, keep_masks: bool = True) -> None:
         # the merger passes an expert equal to the base as the base itself (off: every tensor is
         # merged in full, what a fine-tune touching every tensor costs; benchmarks/real_model.py)
         self.skip_unchanged = skip_unchanged
+        # off: only that skip, for a single merge (`evomerge merge`), where sorting magnitudes or
+        # keeping draws would cost more than computing each mask once
+        self.keep_masks = keep_masks
         # (kind, id(base), id(expert)) -> (base ref, expert ref, base version, expert version, value)
         self._pairs: dict[tuple[str, int, int], tuple[weakref.ref, weakref.ref, int, int, object]] = {}
         self._draws: dict[tuple[int, int, int], torch.Tensor] = {}
