@@ -1,14 +1,16 @@
 """On a real model: a candidate's cost on the real zoo (SmolLM2-135M-Instruct and three experts).
 
 Runs the worker's own code (`CandidateRunner`, `search_spaces/real.yaml`) in this process, once
-per method (linear, ties, dare_ties; per-layer genes), and for ties once more in bfloat16:
+per method (linear, ties, dare_ties, breadcrumbs_ties, della; per-layer genes), and for ties once
+more in bfloat16:
 the worker's warm-up (`CandidateRunner.warm_up`: page-in, a mid-box merge that fills the
 prepared store, lm-eval's set-up on one document) is timed on its own, then a few random
 candidates are split into merge, eval set-up, forward passes, serving and scoring. Reported:
 each phase's share, the share outside forward passes (goal < 15%), the median merge of ties
-and dare_ties against linear's (goal <= 2x), the first candidate against the median (goal
-<= 1.5x), the merge of the same ties candidates without the prepared store (what every
-candidate paid before), and the process's peak RSS. Build the zoo first:
+and the other sparse methods against linear's (goal <= 2x), the first candidate against the
+median (goal <= 1.5x), the merge of the same ties and dare_ties candidates without the prepared
+store (what every candidate paid before it), and the process's peak RSS. `--merge-only` times the
+merge phase alone, also with the store's skip of experts equal to the base off (the general path). Build the zoo first:
 `python -m evomerge.cli zoo --real runs/real_zoo`.
 """
 
@@ -71,7 +73,8 @@ def measure(config, count: int, seed: int = 0) -> dict:
               + f" total {result.seconds['total']:.2f} quality {result.quality:.3f}", flush=True)
     store_mb = runner.merger.prepared.nbytes / 1e6
     scratch = None
-    if config.merge.method != "linear":  # the same merges without the prepared store
+    # the same merges without the prepared store (breadcrumbs' and della's argsorts of every tensor take minutes)
+    if config.merge.method in ("ties", "dare_ties"):
         runner.merger.prepared = None
         scratch = []
         for trial in trials:
@@ -82,10 +85,19 @@ def measure(config, count: int, seed: int = 0) -> dict:
             "store_mb": store_mb, "rss": peak_rss_gb()}
 
 
-def merge_phase(zoo: Path, work: Path, repeats: int) -> str:
+MERGE_METHODS = ("linear", "ties", "dare_ties", "breadcrumbs_ties", "della")
+SCRATCH_METHODS = ("ties", "dare_ties")  # --scratch times these without the store too
+
+
+def merge_phase(zoo: Path, work: Path, repeats: int, methods: tuple[str, ...], scratch: bool,
+                store_only: bool = False) -> str:
     """The merge phase alone, as a worker runs it (one thread, sources memory-mapped, merged into
-    the preallocated model), for linear, ties and dare_ties on the same random per-layer genes:
-    with the prepared store (after its first merge) and from scratch. Returns a RESULTS body."""
+    the preallocated model), for each method on random per-layer genes: with the prepared store
+    as a worker has it (after its first merge), the same with every tensor merged in full (the
+    store's skip of experts equal to the base off: what a fine-tune that touches every tensor
+    costs), and (`scratch`) from scratch. Each timed merge alternates with a linear merge (with
+    its own store, as a linear worker has it), so the ratio sees the machine's load of the
+    moment. Returns a RESULTS body."""
     import torch
 
     from evomerge.merge.merger import load_merge_target
@@ -93,39 +105,63 @@ def merge_phase(zoo: Path, work: Path, repeats: int) -> str:
     from evomerge.search import genome_layout
 
     torch.set_num_threads(1)
-    rows, medians = [], {}
-    for method in ("linear", "ties", "dare_ties"):
-        config = real_config(zoo, work / f"merge-{method}.yaml", method, "float32", 10)
-        model, merger = load_merge_target(config.models, config.seed, torch.device("cpu"))
-        layout = genome_layout(config)
-        recipes = [layout.decode(x) for x in np.random.default_rng(1).uniform(0, 1, size=(repeats, layout.size))]
-        for store in ((False, True) if method != "linear" else (False,)):
-            merger.prepared = Prepared() if store else None
-            t0 = time.perf_counter()
-            merger.merge_into(model, recipes[0])  # pages in the sources; fills the store
-            first = time.perf_counter() - t0
-            seconds = []
-            for recipe in recipes:
-                t0 = time.perf_counter()
-                merger.merge_into(model, recipe)
-                seconds.append(time.perf_counter() - t0)
-            key = f"{method}" + (" (prepared store)" if store else (" (from scratch)" if method != "linear" else ""))
-            medians[key] = statistics.median(seconds)
-            store_mb = merger.prepared.nbytes / 1e6 if store else 0.0
-            rows.append((key, first, medians[key], store_mb))
-            print(f"merge {key}: first {first:.2f} s, median {medians[key]:.2f} s, store {store_mb:.0f} MB", flush=True)
-        del model, merger
-    linear = medians["linear"]
-    table = harness.table([[key, f"{first:.2f}", f"{median:.2f}", f"**{median / linear:.2f}x**",
-                            harness.verdict(median / linear, MERGE_GOAL, higher_is_better=False)
-                            if key != "linear" else "", f"{mb:.0f}"]
-                           for key, first, median, mb in rows],
-                          ["merge", "first s", "median s", "vs linear", "goal <= 2x", "store MB"])
+    rng = np.random.default_rng(1)
+
+    def recipes_of(method: str) -> list:
+        layout = genome_layout(real_config(zoo, work / f"merge-{method}.yaml", method, "float32", 10))
+        return [layout.decode(x) for x in rng.uniform(0, 1, size=(repeats, layout.size))]
+
+    config = real_config(zoo, work / "merge-linear.yaml", "linear", "float32", 10)
+    model, merger = load_merge_target(config.models, config.seed, torch.device("cpu"))
+    linear_recipes, linear_store = recipes_of("linear"), Prepared()
+
+    def timed(recipe, store) -> float:
+        merger.prepared = store
+        t0 = time.perf_counter()
+        merger.merge_into(model, recipe)
+        return time.perf_counter() - t0
+
+    first_linear = timed(linear_recipes[0], linear_store)  # pages in the sources
+    variants = {"store": lambda: Prepared(), "store, every tensor merged": lambda: Prepared(skip_unchanged=False),
+                "from scratch": lambda: None}
+    rows = []
+    for method in methods:
+        if method == "linear":
+            continue
+        recipes = recipes_of(method)
+        # from scratch, breadcrumbs and della argsort every tensor per merge: minutes each
+        for variant in [v for v in variants if (v == "store" or not store_only)
+                        and (v != "from scratch" or (scratch and method in SCRATCH_METHODS))]:
+            store = variants[variant]()
+            first = timed(recipes[0], store)  # fills the store (a worker's warm-up does it)
+            seconds, linear = [], []
+            for recipe, linear_recipe in zip(recipes, linear_recipes):
+                linear.append(timed(linear_recipe, linear_store))
+                seconds.append(timed(recipe, store))
+            median, linear_median = statistics.median(seconds), statistics.median(linear)
+            store_mb = store.nbytes / 1e6 if store is not None else 0.0
+            rows.append((f"{method} ({variant})", first, median, linear_median, store_mb))
+            print(f"merge {method} ({variant}): first {first:.2f} s, median {median:.2f} s, linear beside it "
+                  f"{linear_median:.2f} s: {median / linear_median:.2f}x; store {store_mb:.0f} MB "
+                  f"(load average {harness.load_average():.1f})", flush=True)
+            del store
+    merger.prepared = None
+    table = harness.table([[key, f"{first:.2f}", f"{median:.2f}", f"{linear:.2f}", f"**{median / linear:.2f}x**",
+                            harness.verdict(median / linear, MERGE_GOAL, higher_is_better=False), f"{mb:.0f}"]
+                           for key, first, median, linear, mb in rows],
+                          ["merge", "first s", "median s", "linear s (beside it)", "vs linear", "goal <= 2x",
+                           "store MB"])
     return (f"The merge phase alone on the real zoo (base + 3 experts, 134.5M parameters, float32), as a worker "
             f"runs it: one thread, sources memory-mapped, merged into the preallocated model; {repeats} random "
-            f"per-layer candidates of `search_spaces/real.yaml`'s genome, the same for every row; median. "
-            f"'first' is the first merge (it pages in the sources and, with the store, fills it; a worker's "
-            f"warm-up does this). Shared machine: 5 other processes on 2 cores.\n\n" + table)
+            f"per-layer candidates of `search_spaces/real.yaml`'s genome with the row's method, each timed merge "
+            f"alternating with a linear merge of random linear genes (first linear merge {first_linear:.2f} s, "
+            f"paging in the sources); medians. 'store': the prepared store as a worker has it, after its first "
+            f"merge ('first s': it fills the store; a worker's warm-up does it). The zoo's experts were "
+            f"fine-tuned on 36 of its 272 tensors (16% of the entries): for the other 236 every expert equals "
+            f"the base, and a task-vector method merges them to the base without work. 'every tensor merged': "
+            f"the same store with that skip off, what a fine-tune that touches every tensor would cost (the "
+            f"general path). 'from scratch' (ties and dare_ties): no store. Shared machine: other processes "
+            f"on 2 cores (a two-worker real search among them).\n\n" + table)
 
 
 def main() -> None:
@@ -135,20 +171,25 @@ def main() -> None:
     parse.add_argument("--candidates", type=int, default=4)
     parse.add_argument("--limit", type=int, default=10, help="documents per task")
     parse.add_argument("--merge-only", action="store_true", help="time the merge phase alone (no evaluation)")
+    parse.add_argument("--methods", nargs="+", default=list(MERGE_METHODS), help="the methods, linear first")
+    parse.add_argument("--scratch", action="store_true", help="--merge-only: also merge without the store")
+    parse.add_argument("--store-only", action="store_true", help="--merge-only: only the store as a worker has it")
+    parse.add_argument("--bf16", type=int, choices=(0, 1), default=1, help="the full run: add ties in bfloat16")
     args = parse.parse_args()
     host = harness.machine()
     harness.header("on a real model", host)
     args.work.mkdir(parents=True, exist_ok=True)
     zoo = args.zoo.resolve()
     if args.merge_only:
-        body = merge_phase(zoo, args.work, 2 if args.quick else args.candidates)
+        body = merge_phase(zoo, args.work, 2 if args.quick else args.candidates, tuple(args.methods), args.scratch,
+                           args.store_only)
         harness.write_section(harness.results_path(args), "On a real model: merge phase", host, body)
         return
     count = 2 if args.quick else args.candidates
 
     runs = {}
-    for method, dtype in (("linear", "float32"), ("ties", "float32"), ("dare_ties", "float32"),
-                          ("ties", "bfloat16")):
+    rows = [(method, "float32") for method in args.methods] + [("ties", "bfloat16")] * args.bf16
+    for method, dtype in rows:
         config = real_config(zoo, args.work / f"{method}-{dtype}.yaml", method, dtype, args.limit)
         runs[method, dtype] = measure(config, count)
         r = runs[method, dtype]
@@ -189,14 +230,14 @@ def main() -> None:
             f"batch {20}, one worker thread, median of {count} random candidates after the worker's warm-up. "
             f"This machine is shared with 5 other processes on 2 cores (load average above): absolute seconds "
             f"are several times a quiet machine's, ratios within a row hold better. Merge = the merge into the "
-            f"preallocated model (with the prepared store; 'no store': the same candidates' merges computed "
-            f"from scratch, as before this change); first = the first candidate after warm-up against the "
+            f"preallocated model (with the prepared store as a worker has it; 'no store': the same candidates' "
+            f"merges computed from scratch); first = the first candidate after warm-up against the "
             f"median.\n\n"
             + harness.table(table, ["method", *PHASES, "total s", "outside forward (goal < 15%)",
                                     "merge vs linear (goal <= 2x)", "warm-up s", "store MB",
                                     "first / median (goal <= 1.5x)", "mean quality"])
             + "\n\n" + "\n".join(f"- {line}" for line in verdicts)
-            + f"\n- peak RSS of this process (all four runners one after another): {rss:.2f} GB "
+            + f"\n- peak RSS of this process (the runners one after another): {rss:.2f} GB "
               f"(S = {size_gb:.2f} GB, K = 3: (K + 2) S = {5 * size_gb:.2f} GB)")
     harness.write_section(harness.results_path(args), "On a real model", host, body)
 

@@ -21,7 +21,14 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from evomerge.merge import prepared
-from evomerge.merge.tensor_ops import L1_EPS, WEIGHT_SUM_EPS, RescaleMode, expert_generator, kth_largest
+from evomerge.merge.tensor_ops import (
+    L1_EPS,
+    WEIGHT_SUM_EPS,
+    RescaleMode,
+    expert_generator,
+    kth_largest,
+    magprune_rank_norm,
+)
 
 CHUNK = 1 << 18  # elements per slice on the CPU: 1 MiB of float32, a slice's temporaries fit in L2
 CHUNK_CUDA = 1 << 24  # on a GPU, fewer and larger kernels
@@ -118,11 +125,17 @@ def mix_task_vectors_into(
     sum count and `normalize` divides by the sum of the agreeing experts' weights (0 -> 1);
     without it all count and `normalize` divides by sum(w) (|sum| < 1e-8 -> 1).
     """
-    count = len(experts)
-    masks = masks or [None] * count
+    masks = masks or [None] * len(experts)
     scale = [w * (factors[i] if factors is not None else 1.0) for i, w in enumerate(weight)]
     total = sum(weight)
     plain_divisor = total if abs(total) >= WEIGHT_SUM_EPS else 1.0
+    # An expert passed as the base itself has a zero delta: it adds nothing to the mix nor, never
+    # agreeing with an elected sign, to the consensus divisor (the plain divisor counts its weight).
+    live = [i for i, expert in enumerate(experts) if expert is not base]
+    if not live:
+        return copy_into(out, base)
+    experts, masks, scale, weight = ([xs[i] for i in live] for xs in (experts, masks, scale, weight))
+    count = len(experts)
     stream = Stream([base, *experts], work, out)
     for part in stream.slices():
         b = stream.read(0, part)
@@ -131,7 +144,7 @@ def mix_task_vectors_into(
             delta = stream.scratch(f"delta{i}", part)
             torch.sub(stream.read(i + 1, part), b, out=delta)
             if masks[i] is not None:
-                apply_mask(masks[i], delta, delta, part, stream.scratch("mask", part))
+                apply_mask(masks[i], delta, part, stream.scratch("mask", part))
             delta.mul_(scale[i])
             deltas.append(delta)
         mixed = stream.scratch("mixed", part)
@@ -139,24 +152,26 @@ def mix_task_vectors_into(
         for delta in deltas[2:]:
             mixed.add_(delta)
         if consensus:
-            # Elect the sign of the sum (>= 0 -> +1; a -0 sum has only zero deltas, which never
-            # agree, so copysign's -1 there changes nothing); keep each delta that has it. With
-            # float operations only: delta * elected > 0 exactly where the delta agrees.
-            elected = stream.scratch("elected", part)
-            torch.copysign(ONE, mixed, out=elected)
+            # Elect the sign of the sum: +1 where it is >= 0 (sign + 0.5 is positive for 0 and -0:
+            # a -0 sum has only zero deltas, which never agree), -1 below. Keep each delta that has
+            # it, with float operations only: delta * elected > 0 exactly where the delta agrees.
+            # The kept deltas all have the elected sign, so their sum is that of their magnitudes
+            # times it (negation is exact).
+            elected = torch.sign(mixed, out=stream.scratch("elected", part)).add_(0.5).sign_()
             divisor = stream.scratch("divisor", part)
             indicator = stream.scratch("indicator", part)
             for i, delta in enumerate(deltas):
                 delta.mul_(elected).clamp_min_(0.0)  # |delta| where it agrees, else 0
-                torch.sign(delta, out=indicator)  # 1 where it agrees, else 0
-                delta.mul_(elected)
-                if i == 0:
-                    torch.mul(indicator, float(weight[0]), out=divisor)
-                else:
-                    divisor.add_(indicator, alpha=float(weight[i]))
+                if normalize:
+                    torch.sign(delta, out=indicator)  # 1 where it agrees, else 0
+                    if i == 0:
+                        torch.mul(indicator, float(weight[0]), out=divisor)
+                    else:
+                        divisor.add_(indicator, alpha=float(weight[i]))
             torch.add(deltas[0], deltas[1], out=mixed) if count > 1 else mixed.copy_(deltas[0])
             for delta in deltas[2:]:
                 mixed.add_(delta)
+            mixed.mul_(elected)
             if normalize:
                 mixed.div_(_nonzero(divisor, weight))
         elif normalize:
@@ -169,7 +184,6 @@ def mix_task_vectors_into(
     return out
 
 
-ONE = torch.ones(())
 TINY = torch.finfo(torch.float32).tiny
 
 
@@ -185,13 +199,13 @@ def _nonzero(divisor: torch.Tensor, weight: Sequence[float]) -> torch.Tensor:
 # --------------------------------------------------------------------------- what a slice needs first
 
 
-def apply_mask(keep: torch.Tensor | prepared.Keep, values: torch.Tensor, delta: torch.Tensor, part: slice,
+def apply_mask(keep: torch.Tensor | prepared.Keep, values: torch.Tensor, part: slice,
                scratch: torch.Tensor) -> torch.Tensor:
-    """values *= the keep mask's slice `part` (in place; 1.0 / 0.0 factors, as a bool mask gives);
-    `delta` is the slice's task vector or its magnitude (what a `prepared.Keep` decides from)."""
+    """values *= the keep mask's slice `part` (in place; as a bool mask gives, up to the sign of a
+    zero); `values` is the slice's task vector or its magnitude (what a `prepared.Keep` decides from)."""
     if isinstance(keep, torch.Tensor):
         return values.mul_(keep[part].to(values.device))
-    return values.mul_(keep.factors(delta, part, scratch))
+    return keep.apply(values, part, scratch)
 
 
 
@@ -245,6 +259,11 @@ def dare_mask(numel: int, density: float, seed: int, index: int) -> torch.Tensor
     store = prepared.active()
     if store is None or numel < prepared.MIN_NUMEL:
         return random_mask(numel, density, expert_generator(seed, index))
+    return prepared.DrawKeep(_kept_draws(store, numel, seed, index), density)
+
+
+def _kept_draws(store: prepared.Prepared, numel: int, seed: int, index: int) -> torch.Tensor:
+    """The U[0, 1) draws of expert `index`'s stream for `seed`, made once per store and kept."""
     key = (seed, index, numel)
     draws = store.draws(key)
     if draws is None:
@@ -253,7 +272,46 @@ def dare_mask(numel: int, density: float, seed: int, index: int) -> torch.Tensor
         for part in slices(numel, torch.device("cpu")):
             torch.rand(part.stop - part.start, generator=generator, out=draws[part])
         store.keep_draws(key, draws)
-    return prepared.DrawKeep(draws, density)
+    return draws
+
+
+def outlier_mask(base: torch.Tensor, expert: torch.Tensor, density: float, gamma: float,
+                 work: torch.dtype) -> torch.Tensor | prepared.Keep:
+    """Model Breadcrumbs' keep mask (`tensor_ops.sparsify_outliers`): of n entries, ranks
+    [bottom, bottom + int(density * n)) of the stable ascending order of |expert - base|, where
+    bottom = max(0, n - int(density * n) - int(gamma * n)). With a store active, read from the
+    kept magnitude order (the same mask)."""
+    numel = base.numel()
+    kept, top = int(density * numel), int(gamma * numel)
+    bottom = max(0, numel - kept - top)
+    store = prepared.active()
+    if kept > 0 and store is not None and numel >= prepared.MIN_NUMEL:
+        keep = store.magnitude_order(base, expert, lambda: _magnitude(base, expert, work)).band(bottom, kept)
+        if keep is not None:
+            return keep
+    ascending = torch.argsort(_magnitude(base, expert, work), stable=True)
+    mask = torch.zeros(numel, dtype=torch.bool, device=base.device)
+    mask[ascending[bottom:bottom + kept]] = True
+    return mask
+
+
+def magprune_mask(base: torch.Tensor, expert: torch.Tensor, density: float, epsilon: float, seed: int,
+                  index: int, work: torch.dtype) -> torch.Tensor | prepared.Keep:
+    """DELLA's MagPrune keep mask (`tensor_ops.sparsify_magprune`): u < p, p from the rank of
+    |expert - base| within its row, u from expert `index`'s stream for `seed`. With a store
+    active, the row ranks and the draws are computed once and kept (the same mask)."""
+    numel = base.numel()
+
+    def rank_norm() -> torch.Tensor:
+        return magprune_rank_norm(_magnitude(base, expert, work).view(base.shape)).reshape(-1)
+
+    store = prepared.active()
+    if store is not None and numel >= prepared.MIN_NUMEL:
+        twice = store.twice_rank_norm(base, expert, lambda: rank_norm().mul_(2))  # the doubling of r * 2 * eps
+        return prepared.MagPruneKeep(twice, _kept_draws(store, numel, seed, index), density, epsilon)
+    probabilities = (density - epsilon) + rank_norm() * 2 * epsilon
+    draws = torch.rand(numel, generator=expert_generator(seed, index), device="cpu")
+    return (draws < probabilities.cpu()).to(base.device)
 
 
 def rescale_factor(base: torch.Tensor, expert: torch.Tensor, keep: torch.Tensor | prepared.Keep, density: float,
@@ -269,7 +327,7 @@ def rescale_factor(base: torch.Tensor, expert: torch.Tensor, keep: torch.Tensor 
     for part in stream.slices():
         magnitude = torch.sub(stream.read(1, part), stream.read(0, part), out=stream.scratch("magnitude", part)).abs_()
         before += float(magnitude.sum())
-        after += float(apply_mask(keep, magnitude, magnitude, part, stream.scratch("mask", part)).sum())
+        after += float(apply_mask(keep, magnitude, part, stream.scratch("mask", part)).sum())
     if before < L1_EPS or after < L1_EPS:
         return 1.0
     return before / after

@@ -553,6 +553,7 @@ def _merge_folders(config: MergekitConfig, models: ModelsConfig, folders: list[F
     floating tensor merged into a new tensor, the others taken from the skeleton."""
     from evomerge.export import staged
     from evomerge.merge.merger import Merger
+    from evomerge.merge.prepared import Prepared
     from evomerge.models.sources import field_names, source_parameters
 
     with _named_by_path(models):
@@ -570,7 +571,9 @@ def _merge_folders(config: MergekitConfig, models: ModelsConfig, folders: list[F
     plan = plan_merge(config, floating, skeleton.num_layers)
     logger.info("merging %d model(s) with %s", len(config.models), config.method.name)
     merged = {name: torch.empty_like(tensor) if name in floating else tensor for name, tensor in sources[0].items()}
-    for _ in Merger(sources[0], sources[1:], seed=seed).merged(plan, floating, into=merged):
+    merger = Merger(sources[0], sources[1:], seed=seed)
+    merger.prepared = Prepared(keep_masks=False)  # experts equal to the base are passed as the base (same values)
+    for _ in merger.merged(plan, floating, into=merged):
         pass
     out_dtype = DTYPES[config.out_dtype] if config.out_dtype is not None else None
     written = {name: (t.to(out_dtype) if out_dtype is not None and name in floating else t).cpu()
@@ -630,10 +633,14 @@ def _declared_dtype(declared: dict) -> str:
 def _merge(config: MergekitConfig, models: ModelsConfig, info: Any, seed: int, device: torch.device) -> torch.nn.Module:
     """The base (or first model) with every parameter overwritten by the merge, as a search's workers do it."""
     from evomerge.merge.merger import load_merge_target
+    from evomerge.merge.prepared import Prepared
 
     plan = plan_merge(config, list(info.shapes), info.num_layers)  # every parameter resolved before loading
     logger.info("merging %d model(s) with %s", len(config.models), config.method.name)
     model, merger = load_merge_target(models, seed, device)
+    # experts equal to the base bit for bit are passed as the base (the same values; task-vector
+    # methods skip them); nothing else is kept for one merge
+    merger.prepared = Prepared(keep_masks=False)
     merger.merge_into(model, plan)
     return model
 

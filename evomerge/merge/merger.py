@@ -59,9 +59,14 @@ class Merger:
         for name in self.base if names is None else names:
             if name not in self.base:
                 raise MergeError(f"tensor {name!r}: in the model but not in the sources")
+            base, experts = self.base[name], [expert[name] for expert in self.experts]
+            # with a store, an expert equal to the base bit for bit is passed as the base itself
+            if self.prepared is not None and self.prepared.skip_unchanged:
+                experts = [base if self.prepared.same_as_base(base, expert) else expert for expert in experts]
             try:
-                with self.prepared.active() if self.prepared is not None else contextlib.nullcontext():
-                    merged = method.fn(self.base[name], [expert[name] for expert in self.experts],
+                keep = self.prepared is not None and self.prepared.keep_masks
+                with self.prepared.active() if keep else contextlib.nullcontext():
+                    merged = method.fn(base, experts,
                                        seed=tensor_seed(self.seed, name), out=None if into is None else into[name],
                                        **recipe.for_tensor(name))
             except MergeError as exc:

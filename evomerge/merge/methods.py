@@ -8,6 +8,13 @@ Semantics, parameter names and defaults follow mergekit 0.1.5 (normalize / resca
 TIES sign election, magnitude top-k rule, slerp's colinearity threshold, ...); mergekit's
 `lambda` is spelled `lambda_`. Random masks are evomerge's own (seeded per expert), so random
 methods match mergekit in distribution only.
+
+An expert passed as the base tensor itself (the merger does this, with a prepared store, for an
+expert whose tensor equals the base's bit for bit: `prepared.Prepared.same_as_base`) has a zero
+task vector: the task-vector methods (task_arithmetic, ties, dare_*, breadcrumbs*, della*) skip
+its mask, draws and arithmetic, and give the base itself when every expert is the base. The
+results are those of the full computation (a zero delta adds nothing, is never kept by the sign
+election, and each expert's random stream is its own); tests/test_merge_prepared.py checks it.
 """
 
 from __future__ import annotations
@@ -25,19 +32,18 @@ from evomerge.merge.chunked import (
     dare_mask,
     dot_and_norms,
     magnitude_mask,
+    magprune_mask,
     mix_task_vectors_into,
+    outlier_mask,
     rescale_factor,
 )
 from evomerge.merge.registry import register
 from evomerge.merge.tensor_ops import (
     WEIGHT_SUM_EPS,
     RescaleMode,
+    check_magprune,
     exact_combination,
-    expert_generator,
-    merge_task_vectors,
     resolve_rescale,
-    sparsify_magprune,
-    sparsify_outliers,
     task_vectors,
 )
 
@@ -91,7 +97,8 @@ def ties(base: torch.Tensor, experts: Sequence[torch.Tensor], *, out: torch.Tens
     `rescale=True` rescales each trimmed task vector to its original L1 norm (mergekit's option).
     """
     mode = resolve_rescale(rescale, natural="l1")
-    masks = [magnitude_mask(base, expert, d, work) if d < 1 else None for expert, d in zip(experts, density)]
+    masks = [magnitude_mask(base, expert, d, work) if d < 1 and expert is not base else None
+             for expert, d in zip(experts, density)]
     return _mix_sparse(out, base, experts, weight, density, masks, mode, work, consensus=True,
                        normalize=normalize, lambda_=lambda_)
 
@@ -119,7 +126,8 @@ def _dare(base: torch.Tensor, experts: Sequence[torch.Tensor], out: torch.Tensor
     (e.g. derived from the run seed and the tensor name), or same-shaped tensors share masks.
     """
     mode = resolve_rescale(rescale, natural="l1")
-    masks = [dare_mask(base.numel(), d, seed, i) if d < 1 else None for i, d in enumerate(density)]
+    masks = [dare_mask(base.numel(), d, seed, i) if d < 1 and experts[i] is not base else None
+             for i, d in enumerate(density)]
     return _mix_sparse(out, base, experts, weight, density, masks, mode, work, consensus=consensus,
                        normalize=normalize, lambda_=lambda_)
 
@@ -173,40 +181,39 @@ def slerp(base: torch.Tensor, experts: Sequence[torch.Tensor], *, out: torch.Ten
     return combine_into(out, [v0, v1], [s0, s1], work)
 
 
-def _breadcrumbs(base: torch.Tensor, experts: Sequence[torch.Tensor], weight: list[float], density: list[float],
-                 gamma: list[float], *, consensus: bool, normalize: bool, rescale: bool | str,
-                 lambda_: float) -> torch.Tensor:
+def _breadcrumbs(base: torch.Tensor, experts: Sequence[torch.Tensor], out: torch.Tensor, work: torch.dtype,
+                 weight: list[float], density: list[float], gamma: list[float], *, consensus: bool, normalize: bool,
+                 rescale: bool | str, lambda_: float) -> torch.Tensor:
     """Drop each task vector's largest (gamma) and smallest magnitudes, keep density, then mix."""
     mode = resolve_rescale(rescale, natural="l1")
-    deltas = [
-        sparsify_outliers(d, rho, g, mode)
-        for d, rho, g in zip(task_vectors(base, experts), density, gamma)
-    ]
-    return merge_task_vectors(base, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
+    masks = [outlier_mask(base, expert, d, g, work) if d < 1 and expert is not base else None
+             for expert, d, g in zip(experts, density, gamma)]
+    return _mix_sparse(out, base, experts, weight, density, masks, mode, work, consensus=consensus,
+                       normalize=normalize, lambda_=lambda_)
 
 
-@register("breadcrumbs", genes=("weight", "density", "gamma"), needs_base=True, fixed=("gamma",),
+@register("breadcrumbs", genes=("weight", "density", "gamma"), needs_base=True, fixed=("gamma",), streams=True,
           reference="https://arxiv.org/abs/2312.06795")
-def breadcrumbs(base: torch.Tensor, experts: Sequence[torch.Tensor], *, weight: list[float], density: list[float],
-                gamma: list[float], normalize: bool = False, rescale: bool | str = False,
-                lambda_: float = 1.0) -> torch.Tensor:
+def breadcrumbs(base: torch.Tensor, experts: Sequence[torch.Tensor], *, out: torch.Tensor, work: torch.dtype,
+                weight: list[float], density: list[float], gamma: list[float], normalize: bool = False,
+                rescale: bool | str = False, lambda_: float = 1.0) -> torch.Tensor:
     """Model Breadcrumbs: outlier-and-small-magnitude masks on the task vectors, weighted sum.
 
     Per expert, the gamma share of largest |delta| and enough of the smallest are dropped to keep
     density (see `tensor_ops.sparsify_outliers`); `rescale=True` restores each task vector's L1
     norm (mergekit's rescale).
     """
-    return _breadcrumbs(base, experts, weight, density, gamma, consensus=False,
+    return _breadcrumbs(base, experts, out, work, weight, density, gamma, consensus=False,
                         normalize=normalize, rescale=rescale, lambda_=lambda_)
 
 
-@register("breadcrumbs_ties", genes=("weight", "density", "gamma"), needs_base=True, fixed=("gamma",),
+@register("breadcrumbs_ties", genes=("weight", "density", "gamma"), needs_base=True, fixed=("gamma",), streams=True,
           reference="https://arxiv.org/abs/2312.06795")
-def breadcrumbs_ties(base: torch.Tensor, experts: Sequence[torch.Tensor], *, weight: list[float],
-                     density: list[float], gamma: list[float], normalize: bool = False, rescale: bool | str = False,
-                     lambda_: float = 1.0) -> torch.Tensor:
+def breadcrumbs_ties(base: torch.Tensor, experts: Sequence[torch.Tensor], *, out: torch.Tensor, work: torch.dtype,
+                     weight: list[float], density: list[float], gamma: list[float], normalize: bool = False,
+                     rescale: bool | str = False, lambda_: float = 1.0) -> torch.Tensor:
     """Model Breadcrumbs masks, then TIES sign election and disjoint merge."""
-    return _breadcrumbs(base, experts, weight, density, gamma, consensus=True,
+    return _breadcrumbs(base, experts, out, work, weight, density, gamma, consensus=True,
                         normalize=normalize, rescale=rescale, lambda_=lambda_)
 
 
@@ -222,25 +229,27 @@ def cap_epsilon(genes: dict[str, list[float]]) -> dict[str, list[float]]:
     return genes
 
 
-def _della(name: str, base: torch.Tensor, experts: Sequence[torch.Tensor], weight: list[float], density: list[float],
-           epsilon: list[float], seed: int, *, consensus: bool, normalize: bool, rescale: bool | str,
-           lambda_: float) -> torch.Tensor:
+def _della(name: str, base: torch.Tensor, experts: Sequence[torch.Tensor], out: torch.Tensor, work: torch.dtype,
+           weight: list[float], density: list[float], epsilon: list[float], seed: int, *, consensus: bool,
+           normalize: bool, rescale: bool | str, lambda_: float) -> torch.Tensor:
     """MagPrune each task vector (expert i's mask from the stream seeded by (seed, i)), then mix."""
     mode = resolve_rescale(rescale, natural="l1")
-    deltas = []
-    for i, (delta, rho, eps) in enumerate(zip(task_vectors(base, experts), density, epsilon)):
+    for i, (rho, eps) in enumerate(zip(density, epsilon)):
         try:
-            deltas.append(sparsify_magprune(delta, rho, eps, expert_generator(seed, i), mode))
+            check_magprune(rho, eps)
         except MergeError as exc:
             raise MergeError(f"{name}: expert {i}: {exc}") from None
-    return merge_task_vectors(base, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
+    masks = [magprune_mask(base, expert, rho, eps, seed, i, work) if rho < 1 and expert is not base else None
+             for i, (expert, rho, eps) in enumerate(zip(experts, density, epsilon))]
+    return _mix_sparse(out, base, experts, weight, density, masks, mode, work, consensus=consensus,
+                       normalize=normalize, lambda_=lambda_)
 
 
 @register("della", genes=("weight", "density", "epsilon"), needs_base=True, random=True, fixed=("epsilon",),
-          adjust=cap_epsilon, reference="https://arxiv.org/abs/2406.11617")
-def della(base: torch.Tensor, experts: Sequence[torch.Tensor], *, weight: list[float], density: list[float],
-          epsilon: list[float], seed: int, normalize: bool = True, rescale: bool | str = True,
-          lambda_: float = 1.0) -> torch.Tensor:
+          adjust=cap_epsilon, streams=True, reference="https://arxiv.org/abs/2406.11617")
+def della(base: torch.Tensor, experts: Sequence[torch.Tensor], *, out: torch.Tensor, work: torch.dtype,
+          weight: list[float], density: list[float], epsilon: list[float], seed: int, normalize: bool = True,
+          rescale: bool | str = True, lambda_: float = 1.0) -> torch.Tensor:
     """DELLA: MagPrune (keep probability density +/- epsilon by magnitude rank within each row),
     rescale, TIES sign election, disjoint merge.
 
@@ -248,17 +257,17 @@ def della(base: torch.Tensor, experts: Sequence[torch.Tensor], *, weight: list[f
     divides each kept entry by its own keep probability instead). density < 1 needs
     density - epsilon > 0 and density + epsilon < 1 (MergeError otherwise).
     """
-    return _della("della", base, experts, weight, density, epsilon, seed, consensus=True,
+    return _della("della", base, experts, out, work, weight, density, epsilon, seed, consensus=True,
                   normalize=normalize, rescale=rescale, lambda_=lambda_)
 
 
 @register("della_linear", genes=("weight", "density", "epsilon"), needs_base=True, random=True, fixed=("epsilon",),
-          adjust=cap_epsilon, reference="https://arxiv.org/abs/2406.11617")
-def della_linear(base: torch.Tensor, experts: Sequence[torch.Tensor], *, weight: list[float], density: list[float],
-                 epsilon: list[float], seed: int, normalize: bool = False, rescale: bool | str = True,
-                 lambda_: float = 1.0) -> torch.Tensor:
+          adjust=cap_epsilon, streams=True, reference="https://arxiv.org/abs/2406.11617")
+def della_linear(base: torch.Tensor, experts: Sequence[torch.Tensor], *, out: torch.Tensor, work: torch.dtype,
+                 weight: list[float], density: list[float], epsilon: list[float], seed: int, normalize: bool = False,
+                 rescale: bool | str = True, lambda_: float = 1.0) -> torch.Tensor:
     """DELLA's MagPrune and rescale, then a plain weighted sum (no sign election)."""
-    return _della("della_linear", base, experts, weight, density, epsilon, seed, consensus=False,
+    return _della("della_linear", base, experts, out, work, weight, density, epsilon, seed, consensus=False,
                   normalize=normalize, rescale=rescale, lambda_=lambda_)
 
 

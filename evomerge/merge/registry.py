@@ -198,7 +198,8 @@ def register(
                 impl(base, experts, out=target, work=work, **kwargs, **options)
                 return target if out is None or target is out else out.copy_(target)
             base_w = base.to(dtype=work)
-            experts_w = [e.to(device=base.device, dtype=work) for e in experts]
+            # an expert that is the base tensor itself (prepared.Prepared.same_as_base) stays base_w
+            experts_w = [base_w if e is base else e.to(device=base.device, dtype=work) for e in experts]
             result = impl(base_w, experts_w, **kwargs, **options)
             return result.to(base.dtype) if out is None else out.copy_(result)
 

@@ -2,8 +2,9 @@
 
 All functions are pure: they never modify their inputs (sparsify_* at density 1 return the input
 itself, every other result is a new tensor). They compute on whole tensors: the methods that
-stream (evomerge/merge/chunked.py) are held to these formulas by tests/test_merge_streaming.py;
-the others (breadcrumbs, della, model_stock, nuslerp, multislerp, passthrough) use them directly.
+stream (evomerge/merge/chunked.py) are held to these formulas by tests/test_merge_streaming.py
+(breadcrumbs and della, which stream too, by tests/test_merge_methods_vs_mergekit.py); the others
+(model_stock, nuslerp, multislerp, passthrough) use them directly.
 """
 
 from __future__ import annotations
@@ -258,11 +259,25 @@ def magprune_probabilities(delta: torch.Tensor, density: float, epsilon: float) 
     rank between (ties ordered by index). A row of one entry gets density. Returns a tensor of
     delta's shape (a vector or a scalar comes back as [1, n]).
     """
+    return (density - epsilon) + magprune_rank_norm(delta) * 2 * epsilon
+
+
+def magprune_rank_norm(delta: torch.Tensor) -> torch.Tensor:
+    """Each entry's rank of |delta| within its row (dim 1; ties by index) over the row's length - 1,
+    in [0, 1] (0.5 for rows of one entry); a vector or a scalar comes back as [1, n]."""
     rows = delta if delta.dim() >= 2 else delta.reshape(1, -1)
     n = rows.shape[1]
     ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).to(delta.dtype)
-    rank_norm = ranks / (n - 1) if n > 1 else torch.full_like(ranks, 0.5)
-    return (density - epsilon) + rank_norm * 2 * epsilon
+    return ranks / (n - 1) if n > 1 else torch.full_like(ranks, 0.5)
+
+
+def check_magprune(density: float, epsilon: float) -> None:
+    """MagPrune's keep probabilities density +/- epsilon must lie strictly inside (0, 1) where density < 1."""
+    if density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
+        raise MergeError(
+            f"density {density:g} and epsilon {epsilon:g}: expected density - epsilon > 0 "
+            f"and density + epsilon < 1"
+        )
 
 
 def sparsify_magprune(
@@ -280,11 +295,7 @@ def sparsify_magprune(
     """
     if density >= 1:
         return delta
-    if not (density - epsilon > 0 and density + epsilon < 1):
-        raise MergeError(
-            f"density {density:g} and epsilon {epsilon:g}: expected density - epsilon > 0 "
-            f"and density + epsilon < 1"
-        )
+    check_magprune(density, epsilon)
     probabilities = magprune_probabilities(delta, density, epsilon)
     draw = torch.rand(probabilities.shape, generator=generator, device="cpu")
     keep = (draw < probabilities.cpu()).to(delta.device).view_as(delta)
