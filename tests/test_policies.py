@@ -288,6 +288,29 @@ def test_router_picks_the_lowest_prefix_nll(env) -> None:
     assert router.stats.request_flops == [direct[m].flops[r] + scoring[r] for r, m in enumerate(expected)]
 
 
+def test_router_models_keep_prefix_scores_within_a_bound(env, monkeypatch) -> None:
+    """Router models keep their NLL of each scored prefix (their weights never change); past KEPT_MAX
+    prefixes the kept scores start again. Scores always equal scoring afresh; FLOPs are charged anyway."""
+    from evomerge.policies import PrefixRouter
+    from evomerge.policies import router as router_module
+
+    members = env["members"]
+    for member in members:
+        member.kept_nll.clear()
+    prompts = [ex["prompt"] for s in ("add", "rev") for ex in eval_examples(s, 6)]
+    afresh = PrefixRouter(members, 5).scores(prompts)  # members scoring themselves keep nothing
+    assert not any(member.kept_nll for member in members)
+    monkeypatch.setattr(router_module, "KEPT_MAX", 8)
+    keeping = PrefixRouter(members, 5, scorers=members)
+    nll, flops = keeping.scores(prompts[:6])
+    assert (nll, flops) == ([row[:6] for row in afresh[0]], afresh[1][:6])
+    assert all(0 < len(member.kept_nll) <= 8 for member in members)
+    assert keeping.scores(prompts) == afresh  # 6 kept + 12 over the bound: started again, same scores
+    assert keeping.scores(prompts) == afresh  # all 12 kept now
+    for member in members:
+        member.kept_nll.clear()
+
+
 # --- cascade ----------------------------------------------------------------------------------
 
 def test_cascade_generation_minus_inf_never_escalates_plus_inf_always_does(env) -> None:

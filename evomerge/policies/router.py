@@ -75,16 +75,15 @@ class PrefixRouter(PolicyLM):
             lm = scorer.lm
             prefixes = [tuple(lm.tok_encode(text, add_special_tokens=False)[:self.k]) for text in texts]
             kept = scorer.kept_nll if self.keeps else {}
+            if len(kept) + len(prefixes) > KEPT_MAX:  # before the lookup: every prefix below is then kept
+                kept.clear()
             todo = list(dict.fromkeys(ids for ids in prefixes if ids and ids not in kept))
             answers = lm._loglikelihood_tokens([(None, [lm.prefix_token_id], list(ids)) for ids in todo],
                                                disable_tqdm=True) if todo else []
-            if len(kept) + len(todo) > KEPT_MAX:
-                kept.clear()
-            fresh = {ids: -float(logprob) / len(ids) for ids, (logprob, _) in zip(todo, answers)}
-            kept.update(fresh)
+            kept.update({ids: -float(logprob) / len(ids) for ids, (logprob, _) in zip(todo, answers)})
             for t, ids in enumerate(prefixes):
                 if ids:
-                    nll[s][t] = fresh[ids] if ids in fresh else kept[ids]
+                    nll[s][t] = kept[ids]
                     flops[t] += scorer.cost.forward_flops(len(ids))
         return nll, flops
 
