@@ -298,14 +298,15 @@ def write_eval_data(out_dir: str | os.PathLike, seed: int = EVAL_SEED, n: int = 
     for skill in SKILLS:
         path = out / f"demo_{skill}.jsonl"
         train = router_train_examples(skill)
-        for file, examples in ((path, eval_examples(skill, n, seed)), (_train_file(path), train)):
+        for file, examples in ((path, eval_examples(skill, n, seed)), (train_path(path), train)):
             lines = [json.dumps(ex, sort_keys=True) for ex in examples]
             file.write_text("\n".join(lines) + "\n", encoding="utf-8")
         paths[skill] = path
     return paths
 
 
-def _train_file(path: Path) -> Path:
+def train_path(path: Path) -> Path:
+    """The router-training documents beside a task's held-out ones: `<name>_train.jsonl`."""
     return path.with_name(path.stem + "_train.jsonl")
 
 
@@ -360,7 +361,7 @@ def write_demo_tasks(task_dir: str | os.PathLike, *, absolute: bool = False) -> 
             GENERATE_TASK_YAML.format(
                 task=f"demo_{skill}", data_file=ref, max_gen_toks=MAX_GEN_TOKS,
                 header=f'The demo skill "{skill}": held-out prompts written by evomerge.zoo.write_eval_data '
-                       "(never trained on).", train_file=_train_file(Path(ref)).as_posix()), encoding="utf-8"
+                       "(never trained on).", train_file=train_path(Path(ref)).as_posix()), encoding="utf-8"
         )
     return out
 

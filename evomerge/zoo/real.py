@@ -32,7 +32,15 @@ from typing import Callable
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.zoo.demo import distinct_examples, merge_scores, relative_norm, reuse_or_build, write_zoo_json
+from evomerge.zoo.demo import (
+    TASK_YAML_HEAD,
+    distinct_examples,
+    merge_scores,
+    relative_norm,
+    reuse_or_build,
+    train_path,
+    write_zoo_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -301,17 +309,7 @@ def _scores(model, tokenizer, limit: int) -> dict[str, float]:
 
 # --------------------------------------------------------------------------- tasks
 
-_TASK_YAML = """\
-# The real zoo's skill "{skill}": held-out questions written by evomerge.zoo.real (never trained on),
-# rendered with SmolLM2's chat template (system prompt "{system}").
-task: real_{skill}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data_file}
-    train: {train_file}
-test_split: test
-training_split: train  # router-training documents (disjoint from test), never scored for fitness
+_TASK_YAML = TASK_YAML_HEAD + """\
 output_type: generate_until
 doc_to_text: "{{{{prompt}}}}"
 doc_to_target: "{{{{answer}}}}"
@@ -324,6 +322,8 @@ metric_list:
 metadata:
   version: 1.0
 """
+_TASK_HEADER = ('The real zoo\'s skill "{skill}": held-out questions written by evomerge.zoo.real (never trained '
+                'on),\n# rendered with SmolLM2\'s chat template (system prompt "{system}").')
 
 
 def write_real_tasks(task_dir: str | os.PathLike, tokenizer, *, n: int = EVAL_SIZE,
@@ -341,12 +341,14 @@ def write_real_tasks(task_dir: str | os.PathLike, tokenizer, *, n: int = EVAL_SI
         routing = [ex for ex in real_examples(skill, 3 * train, seed=TRAIN_SEED) if ex["question"] not in questions]
         files = {}
         for split, examples in (("test", held), ("train", routing[:train])):
-            files[split] = task_dir / (f"real_{skill}.jsonl" if split == "test" else f"real_{skill}_train.jsonl")
+            test = task_dir / f"real_{skill}.jsonl"
+            files[split] = test if split == "test" else train_path(test)
             lines = [json.dumps({"prompt": chat_prompt(tokenizer, ex["question"]), **ex}, sort_keys=True)
                      for ex in examples]
             files[split].write_text("\n".join(lines) + "\n", encoding="utf-8")
         out[skill] = task_dir / f"real_{skill}.yaml"
-        out[skill].write_text(_TASK_YAML.format(skill=skill, system=SYSTEM_PROMPT, data_file=files["test"].name,
+        out[skill].write_text(_TASK_YAML.format(header=_TASK_HEADER.format(skill=skill, system=SYSTEM_PROMPT),
+                                                task=f"real_{skill}", data_file=files["test"].name,
                                                 train_file=files["train"].name, max_gen_toks=MAX_GEN_TOKS),
                               encoding="utf-8")
     return out

@@ -48,6 +48,7 @@ from evomerge.zoo.demo import (
     greedy_exact_match,
     reuse_or_build,
     source_scores,
+    train_path,
     train_sources,
     write_zoo_json,
 )
@@ -194,15 +195,16 @@ def write_second_tasks(task_dir: str | os.PathLike) -> dict[str, Path]:
     task_dir.mkdir(parents=True, exist_ok=True)
     out: dict[str, Path] = {}
     for task, skills in TASKS.items():
-        for split, suffix in (("test", ""), ("train", "_train")):
+        test = task_dir / f"{task}.jsonl"
+        for split, path in (("test", test), ("train", train_path(test))):
             lines = [json.dumps(doc, sort_keys=True) for doc in task_documents(task, split)]
-            (task_dir / f"{task}{suffix}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+            path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         template = _CHOICE_TASK_YAML if task in MULTIPLE_CHOICE else GENERATE_TASK_YAML
         header = (f"The second zoo's task {task}: documents of skill(s) {', '.join(skills)}, written by "
                   f"evomerge.zoo.second (never trained on).")
         out[task] = task_dir / f"{task}.yaml"
-        out[task].write_text(template.format(task=task, header=header, data_file=f"{task}.jsonl",
-                                             train_file=f"{task}_train.jsonl", max_gen_toks=MAX_GEN_TOKS),
+        out[task].write_text(template.format(task=task, header=header, data_file=test.name,
+                                             train_file=train_path(test).name, max_gen_toks=MAX_GEN_TOKS),
                              encoding="utf-8")
     return out
 
