@@ -43,7 +43,7 @@ from pathlib import Path
 import harness
 import numpy as np
 import yaml
-from subset_choice import per_document
+from subset_choice import demo_space, per_document, reference_runner
 
 from evomerge import estimate
 from evomerge.samples import decode, encode
@@ -76,18 +76,12 @@ def main() -> None:
     host = harness.machine()
     harness.header("cheaper fitness: anchor estimates", host)
 
-    from evomerge.search import genome_layout, stage_references
-    from evomerge.workers import CandidateRunner
-
-    work, zoo = harness.work_and_zoo(args)
-    config = harness.demo_config(zoo, work / "estimate.yaml", limit=args.limit)
-    layout = genome_layout(config)
-    weights = np.array([task.weight for task in config.eval.tasks])
+    zoo, config, layout, weights = demo_space(args, "estimate")
     populations = args.populations.split(",")
     cached = dict(np.load(args.cache)) if args.cache is not None and args.cache.exists() else None
     if cached is None:
-        runner = CandidateRunner(config, threads=max(1, int(config.workers.cpus_per_worker)))
-        cached = {"references": np.stack([per_document(runner, recipe) for recipe in stage_references(layout)])}
+        runner, references = reference_runner(config, layout)
+        cached = {"references": references}
         print(f"references scored: {len(cached['references'])}", flush=True)
         for population, genomes in draw(populations, layout.size, config, args).items():
             cached[population] = np.stack([_scored(runner, layout.decode(g), i) for i, g in enumerate(genomes)])

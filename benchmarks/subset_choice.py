@@ -49,15 +49,8 @@ def main() -> None:
     host = harness.machine()
     harness.header("cheaper fitness: which documents", host)
 
-    from evomerge.search import genome_layout, stage_references
-    from evomerge.workers import CandidateRunner
-
-    work, zoo = harness.work_and_zoo(args)
-    config = harness.demo_config(zoo, work / "subset_choice.yaml", limit=args.limit)
-    layout = genome_layout(config)
-    runner = CandidateRunner(config, threads=max(1, int(config.workers.cpus_per_worker)))
-    weights = np.array([task.weight for task in config.eval.tasks])
-    references = np.stack([per_document(runner, recipe) for recipe in stage_references(layout)])
+    _, config, layout, weights = demo_space(args, "subset_choice")
+    runner, references = reference_runner(config, layout)
     rng = np.random.default_rng(args.seed)
     rows, curves, means = [], [], []  # means: each rule's mean Spearman, where defined
     for population in ("uniform", "cma-like"):
@@ -115,6 +108,25 @@ def compare_rules(population: str, references: np.ndarray, history: np.ndarray, 
     row = [population, str(len(full)), f"{k}/{ranked.shape[2]}"] + [summary(result[rule]) for rule in RULES]
     means = [float(np.mean(values)) for values in result.values() if not np.isnan(values).any()]
     return row, curve, means
+
+
+def demo_space(args, name: str):
+    """The demo search space a document-choice benchmark ranks candidates of, under its work folder:
+    (zoo, config, genome layout, task weights)."""
+    from evomerge.search import genome_layout
+
+    work, zoo = harness.work_and_zoo(args)
+    config = harness.demo_config(zoo, work / f"{name}.yaml", limit=args.limit)
+    return zoo, config, genome_layout(config), np.array([task.weight for task in config.eval.tasks])
+
+
+def reference_runner(config, layout):
+    """A CandidateRunner of `config` and its references' per-document values (references x tasks x documents)."""
+    from evomerge.search import stage_references
+    from evomerge.workers import CandidateRunner
+
+    runner = CandidateRunner(config, threads=max(1, int(config.workers.cpus_per_worker)))
+    return runner, np.stack([per_document(runner, recipe) for recipe in stage_references(layout)])
 
 
 def per_document(runner, recipe) -> np.ndarray:
