@@ -10,6 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HOME := $(CURDIR)/.cache/hf
 export MPLCONFIGDIR := $(CURDIR)/.cache/mpl
 export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/inductor
+export EVOMERGE_CACHE := $(CURDIR)/.cache/evomerge
 export RAY_AUTH_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 

@@ -14,7 +14,8 @@ _CACHE = Path(tempfile.gettempdir()) / f"evomerge-test-cache-{os.getuid()}"
 for key, value in {
     "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
     "HF_HOME": str(_CACHE / "hf"), "MPLCONFIGDIR": str(_CACHE / "mpl"),
-    "TORCHINDUCTOR_CACHE_DIR": str(_CACHE / "inductor"), "RAY_AUTH_MODE": "disabled",
+    "TORCHINDUCTOR_CACHE_DIR": str(_CACHE / "inductor"), "EVOMERGE_CACHE": str(_CACHE / "evomerge"),
+    "RAY_AUTH_MODE": "disabled",
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(key, value)

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from evomerge.merge import prepared
+from evomerge.merge import fused, prepared
 from evomerge.merge.tensor_ops import (
     L1_EPS,
     WEIGHT_SUM_EPS,
@@ -135,6 +135,9 @@ def mix_task_vectors_into(
     if not live:
         return copy_into(out, base)
     experts, masks, scale, weight = ([xs[i] for i in live] for xs in (experts, masks, scale, weight))
+    if work == torch.float32 and fused.mix_into(out, base, experts, masks, scale, weight, consensus=consensus,
+                                                normalize=normalize, lambda_=lambda_, divisor=plain_divisor):
+        return out
     count = len(experts)
     stream = Stream([base, *experts], work, out)
     for part in stream.slices():
