@@ -223,7 +223,8 @@ def magnitude_mask(base: torch.Tensor, expert: torch.Tensor, density: float,
     k = max(1, int(density * numel))
     store = prepared.active()
     if store is not None and numel >= prepared.MIN_NUMEL:
-        keep = store.magnitude_order(base, expert, lambda: _magnitude(base, expert, work)).top(k)
+        order = store.magnitude_order(base, expert, lambda: _magnitude(base, expert, work))
+        keep = order.top(k, _magnitudes_at(base, expert, work))
         if keep is not None:
             return keep
     magnitude = _magnitude(base, expert, work)
@@ -242,6 +243,16 @@ def _magnitude(base: torch.Tensor, expert: torch.Tensor, work: torch.dtype) -> t
     for part in stream.slices():
         torch.sub(stream.read(1, part), stream.read(0, part), out=magnitude[part]).abs_()
     return magnitude
+
+
+def _magnitudes_at(base: torch.Tensor, expert: torch.Tensor, work: torch.dtype) -> prepared.Magnitudes:
+    """flat indices -> |expert - base| there, in the working dtype: `_magnitude`'s values, entry by entry."""
+    flat_base, flat_expert = base.reshape(-1), expert.reshape(-1)
+
+    def at(indices: torch.Tensor) -> torch.Tensor:
+        indices = indices.to(device=base.device, dtype=torch.int64)
+        return torch.sub(flat_expert[indices].to(work), flat_base[indices].to(work)).abs_()
+    return at
 
 
 def random_mask(numel: int, density: float, generator: torch.Generator) -> torch.Tensor:
@@ -289,7 +300,8 @@ def outlier_mask(base: torch.Tensor, expert: torch.Tensor, density: float, gamma
     bottom = max(0, numel - kept - top)
     store = prepared.active()
     if kept > 0 and store is not None and numel >= prepared.MIN_NUMEL:
-        keep = store.magnitude_order(base, expert, lambda: _magnitude(base, expert, work)).band(bottom, kept)
+        order = store.magnitude_order(base, expert, lambda: _magnitude(base, expert, work))
+        keep = order.band(bottom, kept, _magnitudes_at(base, expert, work))
         if keep is not None:
             return keep
     ascending = torch.argsort(_magnitude(base, expert, work), stable=True)

@@ -4,13 +4,14 @@ Over one search the sources and the run seed are fixed; only the genes (weights,
 change from candidate to candidate. TIES's trim, breadcrumbs' band, DELLA's and DARE's drops each
 start from something that depends on the sources alone:
 
-- TIES: the magnitudes |expert - base| of each tensor, sorted, with their flat indices
-  (`MagnitudeOrder`: a stable sort, float32 values and int32 indices, 8 bytes per entry and
-  expert). A density's k-th largest magnitude t is then a lookup, and so is the flat index c of
-  the last entry tied at t that the rule "the k largest, ties by lowest flat index" keeps (ties
-  are the rule, not the exception, on real fine-tunes: a float32 task vector is a multiple of
-  its base entry's ulp); the mask is |delta| > t, or |delta| == t at flat index <= c: the same set
-  `chunked.magnitude_mask` finds by partitioning the whole tensor.
+- TIES: the flat indices of each tensor's magnitudes |expert - base| in ascending order
+  (`MagnitudeOrder`: a stable sort, int32 indices, 4 bytes per entry and expert). A density's
+  k-th largest magnitude t is then one entry read from the sources, and the flat index c of the
+  last entry tied at t that the rule "the k largest, ties by lowest flat index" keeps is found by
+  reading the run of ties around it (ties are the rule, not the exception, on real fine-tunes: a
+  float32 task vector is a multiple of its base entry's ulp); the mask is |delta| > t, or
+  |delta| == t at flat index <= c: the same set `chunked.magnitude_mask` finds by partitioning
+  the whole tensor.
 - Breadcrumbs: the same magnitude order; its rank band [bottom, bottom + kept) is two such
   bounds, each a threshold and the flat index where tied entries start (or stop) being kept.
 - DELLA: each entry's magnitude rank within its row, normalized to [0, 1] and doubled (float32),
@@ -45,6 +46,9 @@ from collections.abc import Callable, Iterator
 import torch
 
 MIN_NUMEL = 1 << 14  # smaller tensors are cheap to trim from scratch: not kept
+
+# flat indices (a tensor) -> the magnitudes |expert - base| there, as the sort saw them
+Magnitudes = Callable[[torch.Tensor], torch.Tensor]
 
 _ACTIVE: contextvars.ContextVar[Prepared | None] = contextvars.ContextVar("evomerge_prepared", default=None)
 
@@ -140,41 +144,71 @@ class DrawKeep(Keep):
 
 
 class MagnitudeOrder:
-    """The magnitudes |expert - base| of a tensor pair sorted ascending (float32) with their flat
-    indices (int32; a stable sort, so equal magnitudes are in flat order): 8 bytes an entry."""
+    """The flat indices of a tensor pair's magnitudes |expert - base| in ascending order (a stable
+    sort, so equal magnitudes are in flat order; int32): 4 bytes an entry. The magnitudes
+    themselves are not kept: `at(positions)` reads those of given sorted positions from the
+    sources (a few entries per mask)."""
+
+    WINDOW = 64  # sorted positions read at a time while looking for the ends of a run of ties
 
     def __init__(self, magnitude: torch.Tensor):
-        self.sorted, order = torch.sort(magnitude, stable=True)
+        order = torch.sort(magnitude, stable=True).indices
         self.order = order.to(torch.int32) if magnitude.numel() < 2**31 else order
         self.numel = magnitude.numel()
 
-    def top(self, k: int) -> ThresholdKeep | None:
+    def _value(self, position: int, at: Magnitudes) -> float:
+        return float(at(self.order[position:position + 1])[0])
+
+    def _tied(self, position: int, value: float, at: Magnitudes) -> tuple[int, int]:
+        """[first, last): the sorted positions around `position` whose magnitude is `value`, read in
+        windows that double until each end of the run is inside one."""
+        first, width = position, self.WINDOW
+        while first > 0:
+            low = max(0, first - width)
+            below = int((at(self.order[low:first]) < value).sum())  # ascending: below, then tied
+            first = low + below
+            if below:
+                break
+            width *= 2
+        last, width = position + 1, self.WINDOW
+        while last < self.numel:
+            high = min(self.numel, last + width)
+            tied = int((at(self.order[last:high]) == value).sum())  # tied, then above
+            last += tied
+            if tied < high - (last - tied):
+                break
+            width *= 2
+        return first, last
+
+    def top(self, k: int, at: Magnitudes) -> ThresholdKeep | None:
         """The keep mask of the k largest magnitudes, ties at the k-th kept by lowest flat index: the
         k-th largest t, and the flat index of the last tied entry kept. None for a NaN threshold (the
         caller computes the mask itself). Tied zeros are all kept: kept or not, 0 * 1 == 0 * 0."""
-        threshold = self.sorted[self.numel - k]
-        if bool(torch.isnan(threshold)):
+        position = self.numel - k
+        threshold = self._value(position, at)
+        if threshold != threshold:
             return None
-        first = int(torch.searchsorted(self.sorted, threshold, right=False))
-        last = int(torch.searchsorted(self.sorted, threshold, right=True))  # tied: [first, last)
+        if threshold == 0.0:
+            return ThresholdKeep(threshold, None)
+        first, last = self._tied(position, threshold, at)
         missing = k - (self.numel - last)  # tied entries to keep, 1..last - first
-        if missing == last - first or float(threshold) == 0.0:
-            return ThresholdKeep(float(threshold), None)
-        return ThresholdKeep(float(threshold), int(self.order[first + missing - 1]))
+        if missing == last - first:
+            return ThresholdKeep(threshold, None)
+        return ThresholdKeep(threshold, int(self.order[first + missing - 1]))
 
-    def band(self, bottom: int, kept: int) -> BandKeep | None:
+    def band(self, bottom: int, kept: int, at: Magnitudes) -> BandKeep | None:
         """The keep mask of ranks [bottom, bottom + kept) in ascending order, ties in flat order
         (kept >= 1); None where a bound is NaN (the caller computes the mask itself)."""
         top = bottom + kept - 1
-        low = float(self.sorted[bottom]) if bottom > 0 else None
-        high = float(self.sorted[top]) if top < self.numel - 1 else None
+        low = self._value(bottom, at) if bottom > 0 else None
+        high = self._value(top, at) if top < self.numel - 1 else None
         if any(bound is not None and bound != bound for bound in (low, high)):
             return None
         return BandKeep(low, int(self.order[bottom]), high, int(self.order[top]))
 
     @property
     def nbytes(self) -> int:
-        return self.numel * (self.sorted.element_size() + self.order.element_size())
+        return self.numel * self.order.element_size()
 
 
 class Prepared:
