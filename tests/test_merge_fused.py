@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
@@ -22,10 +23,10 @@ def _sources(numel: int, experts: int, seed: int = 0):
     return base.reshape(-1, 7), [x.reshape(-1, 7) for x in out]
 
 
-def _merged(method: str, base, experts, compiled: bool, monkeypatch, **genes) -> torch.Tensor:
+def _merged(method: str, base, experts, compiled: bool, monkeypatch, store: bool = True, **genes) -> torch.Tensor:
     monkeypatch.setattr(fused, "_ENABLED", compiled)
     out = torch.empty_like(base)
-    with Prepared().active():
+    with Prepared().active() if store else contextlib.nullcontext():
         get_method(method).fn(base, experts, out=out, **genes)
     return out
 
@@ -38,6 +39,21 @@ CASES = [
     ("breadcrumbs", {"weight": [0.4, 0.3, 0.5], "density": [0.3, 0.99, 0.7], "gamma": [0.01] * 3,
                      "normalize": True}),
     ("task_arithmetic", {"weight": [0.4, 0.3, 0.5], "lambda_": 1.3}),
+    ("dare_ties", {"weight": [0.4, 0.3, 0.5], "density": [0.3, 1.0, 0.7], "seed": 5, "rescale": False}),
+    ("dare_linear", {"weight": [0.4, 0.3, 0.5], "density": [0.3, 0.6, 0.7], "seed": 5, "rescale": "density"}),
+    ("della", {"weight": [0.4, 0.3, 0.5], "density": [0.3, 0.6, 0.7], "epsilon": [0.1, 0.2, 0.05], "seed": 3,
+               "rescale": False}),
+]
+# the rescales to an L1 norm: summed by the C loop in its own order, whatever the mask's form
+RESCALED = [
+    ("dare_ties", {"weight": [0.4, 0.3, 0.5], "density": [0.3, 1.0, 0.7], "seed": 5}),
+    ("dare_linear", {"weight": [0.4, -0.3, 0.5], "density": [0.3, 0.6, 0.7], "seed": 5, "normalize": True}),
+    ("della", {"weight": [0.4, 0.3, 0.5], "density": [0.3, 0.6, 0.7], "epsilon": [0.1, 0.2, 0.05], "seed": 3}),
+    ("della_linear", {"weight": [0.4, 0.3, 0.5], "density": [0.3, 0.6, 0.7], "epsilon": [0.1, 0.2, 0.05],
+                      "seed": 3}),
+    ("ties", {"weight": [0.4, 0.3, 0.5], "density": [0.3, 0.5, 0.7], "rescale": True}),
+    ("breadcrumbs_ties", {"weight": [0.4, 0.3, 0.5], "density": [0.3, 0.5, 0.7], "gamma": [0.01] * 3,
+                          "rescale": True}),
 ]
 
 
@@ -50,6 +66,30 @@ def test_compiled_mix_equals_eager(method: str, genes: dict, monkeypatch) -> Non
     compiled = _merged(method, base, experts, True, monkeypatch, **genes)
     assert torch.equal(compiled, eager)  # up to the sign of a zero, as documented
     assert not torch.equal(eager, base)
+
+
+@pytest.mark.parametrize("method, genes", RESCALED)
+def test_rescaled_merges_are_the_same_with_and_without_the_store(method: str, genes: dict, monkeypatch) -> None:
+    """A worker (store: compiled mix) and an export (no store: bool masks, eager mix) give the same
+    tensor; torch's own sums (no compiled loop at all) give it up to float rounding."""
+    base, experts = _sources(7 * (MIN_NUMEL + 1001), 3)
+    worker = _merged(method, base, experts, True, monkeypatch, **genes)
+    export = _merged(method, base, experts, True, monkeypatch, store=False, **genes)
+    assert torch.equal(worker, export)
+    eager = _merged(method, base, experts, False, monkeypatch, store=False, **genes)
+    torch.testing.assert_close(worker, eager, rtol=1e-6, atol=1e-6)
+
+
+def test_l1_norms_match_torch_and_agree_across_mask_forms() -> None:
+    base, [expert] = _sources(7 * MIN_NUMEL + 7 * 5, 1)
+    keep = torch.rand(base.numel(), generator=torch.Generator().manual_seed(1)) < 0.3
+    before, after = fused.l1_norms(base, expert, keep)
+    magnitude = (expert - base).abs().reshape(-1).double()
+    assert before == pytest.approx(float(magnitude.sum()), rel=1e-12)
+    assert after == pytest.approx(float(magnitude[keep].sum()), rel=1e-12)
+    draws = torch.rand(base.numel(), generator=torch.Generator().manual_seed(2))
+    from evomerge.merge.prepared import DrawKeep
+    assert fused.l1_norms(base, expert, DrawKeep(draws, 0.4)) == fused.l1_norms(base, expert, draws < 0.4)
 
 
 @pytest.mark.parametrize("count", [1, 2, 5, 8])

@@ -337,12 +337,17 @@ def rescale_factor(base: torch.Tensor, expert: torch.Tensor, keep: torch.Tensor 
         return 1.0 / density
     if mode != "l1":
         return 1.0
-    before = after = 0.0
-    stream = Stream([base, expert], work, device=base.device)
-    for part in stream.slices():
-        magnitude = torch.sub(stream.read(1, part), stream.read(0, part), out=stream.scratch("magnitude", part)).abs_()
-        before += float(magnitude.sum())
-        after += float(apply_mask(keep, magnitude, part, stream.scratch("mask", part)).sum())
+    sums = fused.l1_norms(base, expert, keep) if work == torch.float32 else None  # one pass, any mask form
+    if sums is not None:
+        before, after = sums
+    else:
+        before = after = 0.0
+        stream = Stream([base, expert], work, device=base.device)
+        for part in stream.slices():
+            magnitude = torch.sub(stream.read(1, part), stream.read(0, part),
+                                  out=stream.scratch("magnitude", part)).abs_()
+            before += float(magnitude.sum())
+            after += float(apply_mask(keep, magnitude, part, stream.scratch("mask", part)).sum())
     if before < L1_EPS or after < L1_EPS:
         return 1.0
     return before / after

@@ -33,6 +33,7 @@ import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -47,24 +48,36 @@ SOURCE = r"""
 #include <stdint.h>
 
 #define MAX_EXPERTS 8
+#define LANES 16 /* the L1 sums' partial sums, added in a fixed order (the same on every machine) */
 
 /* 1.0f where a comparison holds, else 0.0f: a product with it keeps or zeroes a value with no
    branch (x * 1 is x exactly; x * 0 is a zero), so the entries' loop vectorizes on any target. */
 #define ONE_IF(c) ((float)(c))
 
-/* Entries [from, to) of out = base + lambda * mix(scale_i * keep_i * (x_i - base)), where expert
-   i keeps low[i] < |delta| (and, banded, |delta| <= high[i]): the eager loop of
+/* The mask rules (evomerge/merge/fused.py): with a = |delta|, u a draw and r a doubled rank,
+   ABOVE: a > p; BAND: a > p and a <= q; DRAWS: u < p; MAGPRUNE: u < r * p + q. */
+enum { ABOVE, BAND, DRAWS, MAGPRUNE, MASK };
+#define KEEP(rule, a, p, q, u, r) \
+    ((rule) == ABOVE ? ONE_IF((a) > (p)) : (rule) == BAND ? ONE_IF(((a) > (p)) & ((a) <= (q))) \
+     : (rule) == DRAWS ? ONE_IF((u) < (p)) : ONE_IF((u) < (r) * (p) + (q)))
+
+/* Entries [from, to) of out = base + lambda * mix(scale_i * keep_i * (x_i - base)), with expert
+   i's rule bounds p[i], q[i] (draws u_i, doubled ranks r_i): the eager loop of
    evomerge/merge/chunked.py, entry by entry, in float32 and in its order of operations (up to the
-   sign of a zero). K is a constant at each call below, so the experts' loops unroll. */
+   sign of a zero). K and the flags are constants at each call below, so the experts' loops unroll. */
 static inline __attribute__((always_inline)) void mix_run(
-    const int K, float *restrict out, const float *restrict base, const float *const *experts, int64_t from,
-    int64_t to, const float *low, const float *high, const float *scale, const float *weight, float divisor,
-    float lambda, const int consensus, const int normalize, const int banded)
+    const int K, float *restrict out, const float *restrict base, const float *const *experts,
+    const float *const *draws, const float *const *ranks, int64_t from, int64_t to, const float *low,
+    const float *high, const float *scale, const float *weight, float divisor, float lambda, const int consensus,
+    const int normalize, const int rule)
 {
-    const float *restrict x[MAX_EXPERTS]; /* restrict: no run-time alias checks, which kept GCC scalar */
-    float lo[MAX_EXPERTS], hi[MAX_EXPERTS], s[MAX_EXPERTS], w[MAX_EXPERTS];
+    /* restrict: no run-time alias checks, which kept GCC from vectorizing */
+    const float *restrict x[MAX_EXPERTS], *restrict u[MAX_EXPERTS], *restrict r[MAX_EXPERTS];
+    float p[MAX_EXPERTS], q[MAX_EXPERTS], s[MAX_EXPERTS], w[MAX_EXPERTS];
     for (int i = 0; i < K; i++) {
-        x[i] = experts[i]; lo[i] = low[i]; hi[i] = high[i]; s[i] = scale[i]; w[i] = weight[i];
+        x[i] = experts[i]; p[i] = low[i]; q[i] = high[i]; s[i] = scale[i]; w[i] = weight[i];
+        u[i] = rule >= DRAWS ? draws[i] : base;
+        r[i] = rule == MAGPRUNE ? ranks[i] : base;
     }
     for (int64_t j = from; j < to; j++) {
         const float b = base[j];
@@ -72,8 +85,7 @@ static inline __attribute__((always_inline)) void mix_run(
 #pragma GCC unroll 8
         for (int i = 0; i < K; i++) {
             float v = x[i][j] - b, a = fabsf(v);
-            float keep = banded ? ONE_IF((a > lo[i]) & (a <= hi[i])) : ONE_IF(a > lo[i]);
-            d[i] = v * s[i] * keep;
+            d[i] = v * s[i] * KEEP(rule, a, p[i], q[i], u[i][j], r[i][j]);
         }
         float mixed = d[0];
 #pragma GCC unroll 8
@@ -106,14 +118,18 @@ static inline __attribute__((always_inline)) void mix_run(
     }
 }
 
-#define RUN(K, C, N, B) mix_run(K, out, base, experts, from, to, low, high, scale, weight, divisor, lambda, C, N, B)
-#define BANDED(K, C, N) (banded ? RUN(K, C, N, 1) : RUN(K, C, N, 0))
+#define RUN(K, C, N, R) \
+    mix_run(K, out, base, experts, draws, ranks, from, to, low, high, scale, weight, divisor, lambda, C, N, R)
+#define RULES(K, C, N) \
+    (rule == ABOVE ? RUN(K, C, N, ABOVE) : rule == BAND ? RUN(K, C, N, BAND) \
+     : rule == DRAWS ? RUN(K, C, N, DRAWS) : RUN(K, C, N, MAGPRUNE))
 #define FLAGS(K) \
-    (consensus ? (normalize ? BANDED(K, 1, 1) : BANDED(K, 1, 0)) : (normalize ? BANDED(K, 0, 1) : BANDED(K, 0, 0)))
+    (consensus ? (normalize ? RULES(K, 1, 1) : RULES(K, 1, 0)) : (normalize ? RULES(K, 0, 1) : RULES(K, 0, 0)))
 
-static void run(int count, float *out, const float *base, const float *const *experts, int64_t from, int64_t to,
-                const float *low, const float *high, const float *scale, const float *weight, float divisor,
-                float lambda, int consensus, int normalize, int banded)
+static void run(int count, float *out, const float *base, const float *const *experts, const float *const *draws,
+                const float *const *ranks, int64_t from, int64_t to, const float *low, const float *high,
+                const float *scale, const float *weight, float divisor, float lambda, int consensus, int normalize,
+                int rule)
 {
     switch (count) {
     case 1: FLAGS(1); break;
@@ -127,12 +143,14 @@ static void run(int count, float *out, const float *base, const float *const *ex
     }
 }
 
-/* The whole tensor: expert i's bounds are bounds[4i] (low) and bounds[4i + 2] (high) before its
-   flat indices splits[2i] and splits[2i + 1], bounds[4i + 1] and bounds[4i + 3] from them on; the
-   entries are cut into runs between consecutive split points, where every bound is one value. */
-void evomerge_mix(float *out, const float *base, const float *const *experts, int count, const int64_t *splits,
-                  const float *bounds, const float *scale, const float *weight, float divisor, float lambda,
-                  int consensus, int normalize, int banded, int64_t numel)
+/* The whole tensor. Expert i's bounds are bounds[4i] (p) and bounds[4i + 2] (q) before its flat
+   indices splits[2i] and splits[2i + 1], bounds[4i + 1] and bounds[4i + 3] from them on (the tie
+   cut-offs of the magnitude rules; the draw rules have no split): the entries are cut into runs
+   between consecutive split points, where every bound is one value. */
+void evomerge_mix(float *out, const float *base, const float *const *experts, const float *const *draws,
+                  const float *const *ranks, int count, int rule, const int64_t *splits, const float *bounds,
+                  const float *scale, const float *weight, float divisor, float lambda, int consensus,
+                  int normalize, int64_t numel)
 {
     int64_t from = 0;
     while (from < numel) {
@@ -145,9 +163,39 @@ void evomerge_mix(float *out, const float *base, const float *const *experts, in
             if (low_split > from && low_split < to) to = low_split;
             if (high_split > from && high_split < to) to = high_split;
         }
-        run(count, out, base, experts, from, to, low, high, scale, weight, divisor, lambda, consensus, normalize,
-            banded);
+        run(count, out, base, experts, draws, ranks, from, to, low, high, scale, weight, divisor, lambda, consensus,
+            normalize, rule);
         from = to;
+    }
+}
+
+/* sums[0] = the L1 norm of expert - base, sums[1] = that of its kept entries, in double: entry j
+   goes to partial sum j % LANES, and the partial sums are added in order, so the result does not
+   depend on the machine. The rule as in evomerge_mix (one expert; bound[0..3] and split[0..1] as
+   there), or MASK: kept where mask[j] is nonzero. */
+void evomerge_l1(const float *base, const float *expert, int rule, const int64_t *split, const float *bound,
+                 const float *draws, const float *ranks, const uint8_t *mask, int64_t numel, double *sums)
+{
+    double before[LANES] = {0}, after[LANES] = {0};
+    for (int64_t start = 0; start < numel; start += LANES) {
+        const int64_t n = numel - start < LANES ? numel - start : LANES;
+        for (int64_t k = 0; k < n; k++) {
+            const int64_t j = start + k;
+            const float a = fabsf(expert[j] - base[j]);
+            float keep;
+            if (rule == MASK)
+                keep = ONE_IF(mask[j] != 0);
+            else
+                keep = KEEP(rule, a, bound[j < split[0] ? 0 : 1], bound[j < split[1] ? 2 : 3],
+                            rule >= DRAWS ? draws[j] : 0.0f, rule == MAGPRUNE ? ranks[j] : 0.0f);
+            before[k] += (double)a;
+            after[k] += (double)(a * keep);
+        }
+    }
+    sums[0] = sums[1] = 0.0;
+    for (int k = 0; k < LANES; k++) {
+        sums[0] += before[k];
+        sums[1] += after[k];
     }
 }
 """
@@ -209,11 +257,10 @@ def _build() -> ctypes.CDLL:
             if NATIVE not in flags:
                 raise
     library = ctypes.CDLL(str(path))
-    f = library.evomerge_mix
-    f.restype = None
-    f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
-                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_float,
-                  ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+    p, i, f, d = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_int64
+    library.evomerge_mix.restype = library.evomerge_l1.restype = None
+    library.evomerge_mix.argtypes = [p, p, p, p, p, i, i, p, p, p, p, f, f, i, i, d]
+    library.evomerge_l1.argtypes = [p, p, i, p, p, p, p, p, d, p]
     return library
 
 
@@ -232,26 +279,61 @@ def library() -> ctypes.CDLL | None:
 
 
 _INF = float("inf")
+ABOVE, BAND, DRAWS, MAGPRUNE, MASK = range(5)  # the C source's rules
 
 
-def _rule(keep: prepared.Keep | None, numel: int) -> tuple[tuple[int, int], tuple[float, float, float, float]] | None:
-    """(splits, bounds) of a mask, as the loop takes them; None for a mask it cannot express."""
+class Rule(NamedTuple):
+    """A mask as the C loop takes it: the rule, (p, q) before and from the splits, and the
+    per-entry draws and doubled ranks where the rule reads them."""
+
+    kind: int
+    splits: tuple[int, int]
+    bounds: tuple[float, float, float, float]
+    draws: torch.Tensor | None = None
+    ranks: torch.Tensor | None = None
+
+
+def _rule(keep: prepared.Keep | None, numel: int) -> Rule | None:
+    """A mask as a `Rule`; None (keep everything) as ABOVE -inf; None for a mask it cannot express."""
     if keep is None:
-        return (0, 0), (-_INF, -_INF, _INF, _INF)
+        return Rule(ABOVE, (0, 0), (-_INF, -_INF, _INF, _INF))
     if isinstance(keep, prepared.ThresholdKeep):  # |delta| >= t up to the cut-off (ties kept), > t after
         split = numel if keep.cutoff is None else keep.cutoff + 1
-        return (split, 0), (prepared.at_least(keep.threshold, torch.float32), keep.threshold, _INF, _INF)
+        return Rule(ABOVE, (split, 0), (prepared.at_least(keep.threshold, torch.float32), keep.threshold, _INF, _INF))
     if isinstance(keep, prepared.BandKeep):  # above low (tied from low_from on), at most high (tied up to high_to)
         low_split, low = (0, (-_INF, -_INF)) if keep.low is None else (
             keep.low_from, (keep.low, prepared.at_least(keep.low, torch.float32)))
         high_split, high = (0, (_INF, _INF)) if keep.high is None else (
             keep.high_to + 1, (keep.high, prepared.at_least(keep.high, torch.float32)))
-        return (low_split, high_split), (*low, *high)
+        return Rule(BAND, (low_split, high_split), (*low, *high))
+    if isinstance(keep, prepared.DrawKeep):  # u < density
+        return Rule(DRAWS, (0, 0), (keep.density,) * 4, draws=keep.draws)
+    if isinstance(keep, prepared.MagPruneKeep):  # u < 2 r * epsilon + (density - epsilon), as float32 operations
+        shift = keep.density - keep.epsilon
+        return Rule(MAGPRUNE, (0, 0), (keep.epsilon, keep.epsilon, shift, shift), draws=keep.draws,
+                    ranks=keep.twice_rank_norm)
     return None
+
+
+def _drawn(rule: Rule, kind: int) -> Rule:
+    """An expert with no mask in a call whose masks draw: keep all (u < +inf; its draws and ranks
+    are read from the base, any finite values)."""
+    if rule.kind == kind or rule.bounds[0] != -_INF:
+        return rule
+    return Rule(kind, (0, 0), (_INF, _INF, 0.0, 0.0) if kind == DRAWS else (0.0, 0.0, _INF, _INF))
 
 
 def _f32(values: Sequence[float]) -> torch.Tensor:
     return torch.tensor(list(values), dtype=torch.float32)
+
+
+def _usable(tensors: Sequence[torch.Tensor | None]) -> bool:
+    return all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
+               for t in tensors)
+
+
+def _pointers(tensors: Sequence[torch.Tensor | None], default: torch.Tensor) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*((default if t is None else t).data_ptr() for t in tensors))
 
 
 def mix_into(out: torch.Tensor, base: torch.Tensor, experts: Sequence[torch.Tensor],
@@ -259,21 +341,49 @@ def mix_into(out: torch.Tensor, base: torch.Tensor, experts: Sequence[torch.Tens
              *, consensus: bool, normalize: bool, lambda_: float, divisor: float) -> bool:
     """`chunked.mix_task_vectors_into`'s mix written into `out` by the compiled loop; False (nothing
     written) where it does not apply, and the caller runs the eager loop."""
-    tensors = [out, base, *experts]
-    if (base.numel() < prepared.MIN_NUMEL or len(experts) > MAX_EXPERTS
-            or any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors)
+    if (base.numel() < prepared.MIN_NUMEL or len(experts) > MAX_EXPERTS or not _usable([out, base, *experts])
             or any(isinstance(mask, torch.Tensor) for mask in masks)):
         return False
     rules = [_rule(mask, base.numel()) for mask in masks]  # type: ignore[arg-type]
     if any(rule is None for rule in rules) or library() is None:
         return False
-    splits = torch.tensor([rule[0] for rule in rules], dtype=torch.int64)  # type: ignore[index]
-    bounds = _f32([bound for rule in rules for bound in rule[1]])  # type: ignore[index]
-    scale_t, weight_t = _f32(scale), _f32(weight)
-    pointers = (ctypes.c_void_p * len(experts))(*(x.data_ptr() for x in experts))
-    banded = any(isinstance(mask, prepared.BandKeep) and mask.high is not None for mask in masks)
-    # float32 scalars as the eager path has them (a Python float meets a float32 tensor as float32)
-    library().evomerge_mix(out.data_ptr(), base.data_ptr(), pointers, len(experts), splits.data_ptr(),
-                           bounds.data_ptr(), scale_t.data_ptr(), weight_t.data_ptr(), divisor, lambda_,
-                           int(consensus), int(normalize), int(banded), base.numel())
+    kind = max(rule.kind for rule in rules)  # type: ignore[union-attr]
+    if kind >= DRAWS:  # experts without a mask join the draws' rule; a magnitude rule beside draws: eager
+        rules = [_drawn(rule, kind) for rule in rules]  # type: ignore[arg-type]
+    if ({rule.kind for rule in rules} - {kind} - ({ABOVE} if kind == BAND else set())  # type: ignore[union-attr]
+            or not _usable([t for rule in rules for t in (rule.draws, rule.ranks)])):  # type: ignore[union-attr]
+        return False
+    flat = base.reshape(-1)
+    splits = torch.tensor([rule.splits for rule in rules], dtype=torch.int64)  # type: ignore[union-attr]
+    bounds = _f32([bound for rule in rules for bound in rule.bounds])  # type: ignore[union-attr]
+    scale_t, weight_t = _f32(scale), _f32(weight)  # float32, as the eager path meets Python floats
+    library().evomerge_mix(out.data_ptr(), flat.data_ptr(), _pointers(experts, flat),
+                           _pointers([rule.draws for rule in rules], flat),  # type: ignore[union-attr]
+                           _pointers([rule.ranks for rule in rules], flat),  # type: ignore[union-attr]
+                           len(experts), kind, splits.data_ptr(), bounds.data_ptr(), scale_t.data_ptr(),
+                           weight_t.data_ptr(), divisor, lambda_, int(consensus), int(normalize), base.numel())
     return True
+
+
+def l1_norms(base: torch.Tensor, expert: torch.Tensor,
+             keep: torch.Tensor | prepared.Keep | None) -> tuple[float, float] | None:
+    """(|expert - base|_1, the same over the entries `keep` keeps), summed in double by the C loop
+    in one fixed order whatever the mask's form (a bool tensor or a prepared rule: the same sums);
+    None where it does not apply (then the caller sums with torch)."""
+    if not _usable([base, expert]) or library() is None:
+        return None
+    if isinstance(keep, torch.Tensor):
+        if keep.dtype != torch.bool or keep.device.type != "cpu" or not keep.is_contiguous():
+            return None
+        rule = Rule(MASK, (0, 0), (0.0,) * 4)
+    else:
+        rule = _rule(keep, base.numel())  # type: ignore[assignment]
+        if rule is None or not _usable([rule.draws, rule.ranks]):
+            return None
+    sums = (ctypes.c_double * 2)()
+    splits, bounds = torch.tensor(rule.splits, dtype=torch.int64), _f32(rule.bounds)
+    library().evomerge_l1(base.data_ptr(), expert.data_ptr(), rule.kind, splits.data_ptr(), bounds.data_ptr(),
+                          None if rule.draws is None else rule.draws.data_ptr(),
+                          None if rule.ranks is None else rule.ranks.data_ptr(),
+                          keep.data_ptr() if rule.kind == MASK else None, base.numel(), sums)  # type: ignore[union-attr]
+    return sums[0], sums[1]
