@@ -172,30 +172,54 @@ void evomerge_mix(float *out, const float *base, const float *const *experts, co
 /* sums[0] = the L1 norm of expert - base, sums[1] = that of its kept entries, in double: entry j
    goes to partial sum j % LANES, and the partial sums are added in order, so the result does not
    depend on the machine. The rule as in evomerge_mix (one expert; bound[0..3] and split[0..1] as
-   there), or MASK: kept where mask[j] is nonzero. */
-void evomerge_l1(const float *base, const float *expert, int rule, const int64_t *split, const float *bound,
-                 const float *draws, const float *ranks, const uint8_t *mask, int64_t numel, double *sums)
+   there), or MASK: kept where the bool mask[j] is 1. RULE is a constant at each call below. */
+static inline __attribute__((always_inline)) void l1_run(
+    const int RULE, const float *restrict base, const float *restrict expert, const int64_t *split,
+    const float *bound, const float *restrict draws, const float *restrict ranks, const uint8_t *restrict mask,
+    int64_t numel, double *sums)
 {
     double before[LANES] = {0}, after[LANES] = {0};
-    for (int64_t start = 0; start < numel; start += LANES) {
-        const int64_t n = numel - start < LANES ? numel - start : LANES;
-        for (int64_t k = 0; k < n; k++) {
+    const int64_t low_split = split[0], high_split = split[1];
+    const float p_before = bound[0], p_after = bound[1], q_before = bound[2], q_after = bound[3];
+    int64_t start = 0;
+    for (; start + LANES <= numel; start += LANES) {
+        for (int k = 0; k < LANES; k++) {
             const int64_t j = start + k;
             const float a = fabsf(expert[j] - base[j]);
-            float keep;
-            if (rule == MASK)
-                keep = ONE_IF(mask[j] != 0);
-            else
-                keep = KEEP(rule, a, bound[j < split[0] ? 0 : 1], bound[j < split[1] ? 2 : 3],
-                            rule >= DRAWS ? draws[j] : 0.0f, rule == MAGPRUNE ? ranks[j] : 0.0f);
+            const float p = j < low_split ? p_before : p_after, q = j < high_split ? q_before : q_after;
+            const float keep = RULE == MASK ? (float)mask[j] /* a bool: 0 or 1 */
+                : KEEP(RULE, a, p, q, RULE >= DRAWS ? draws[j] : 0.0f, RULE == MAGPRUNE ? ranks[j] : 0.0f);
             before[k] += (double)a;
             after[k] += (double)(a * keep);
         }
+    }
+    for (int k = 0; start + k < numel; k++) { /* the last entries: the same operations */
+        const int64_t j = start + k;
+        const float a = fabsf(expert[j] - base[j]);
+        const float p = j < low_split ? p_before : p_after, q = j < high_split ? q_before : q_after;
+        const float keep = RULE == MASK ? (float)mask[j]
+            : KEEP(RULE, a, p, q, RULE >= DRAWS ? draws[j] : 0.0f, RULE == MAGPRUNE ? ranks[j] : 0.0f);
+        before[k] += (double)a;
+        after[k] += (double)(a * keep);
     }
     sums[0] = sums[1] = 0.0;
     for (int k = 0; k < LANES; k++) {
         sums[0] += before[k];
         sums[1] += after[k];
+    }
+}
+
+#define L1(R) l1_run(R, base, expert, split, bound, draws, ranks, mask, numel, sums)
+
+void evomerge_l1(const float *base, const float *expert, int rule, const int64_t *split, const float *bound,
+                 const float *draws, const float *ranks, const uint8_t *mask, int64_t numel, double *sums)
+{
+    switch (rule) {
+    case ABOVE: L1(ABOVE); break;
+    case BAND: L1(BAND); break;
+    case DRAWS: L1(DRAWS); break;
+    case MAGPRUNE: L1(MAGPRUNE); break;
+    default: L1(MASK); break;
     }
 }
 """
