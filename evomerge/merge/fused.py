@@ -1,25 +1,28 @@
-"""One compiled pass for a task-vector mix whose masks come from a prepared store (CPU only).
+"""One compiled pass for a task-vector mix, and the L1 sums of its rescale (CPU, float32).
 
 `chunked.mix_task_vectors_into` runs a TIES merge as some thirty tensor operations per slice,
 each reading and writing its slice: on a model whose experts changed every tensor a candidate's
-merge cost about five linear merges (benchmarks/RESULTS.md, "On a real model: merge phase"). Here
-the same arithmetic is one C loop (`SOURCE`, compiled once per machine with the system's C
-compiler and called through ctypes): every source entry is read once and the target written once.
+merge cost about five linear merges, DELLA twelve (benchmarks/RESULTS.md, "On a real model: merge
+phase"). Here the same arithmetic is one C loop (`SOURCE`, compiled once per machine with the
+system's C compiler and called through ctypes): every source entry is read once and the target
+written once.
 
-It applies where a search worker merges with a `prepared.Prepared` store active, the sources and
-the target are float32 on the CPU, and every mask is a magnitude rule read from the store
-(`prepared.ThresholdKeep` for TIES, `prepared.BandKeep` for breadcrumbs) or absent. Anything else
-(bool masks, DARE's and DELLA's draws, a GPU, bfloat16, no C compiler) takes the eager path. Both
-give the same values: the loop makes the eager path's float32 operations in the same order,
-compiled without fast-math and without contraction into fused multiply-adds, so each entry is
-rounded as there (`tests/test_merge_fused.py` holds the two equal, up to the sign of a zero).
+`mix_into` applies where a search worker merges with a `prepared.Prepared` store active, the
+sources and the target are float32 on the CPU, and every mask is a rule read from the store or
+absent: TIES's threshold with its tie cut-off (`prepared.ThresholdKeep`), breadcrumbs' band
+(`BandKeep`), DARE's draws (`DrawKeep`), DELLA's MagPrune (`MagPruneKeep`). Anything else (bool
+masks, a GPU, bfloat16, more than 8 live experts, no C compiler) takes the eager path. Both give
+the same values: the loop makes the eager path's float32 operations in the same order, compiled
+without fast-math and without contraction into fused multiply-adds, so each entry is rounded as
+there (`tests/test_merge_fused.py` holds the two equal, up to the sign of a zero).
 
-The mask rules, per expert: keep |delta| > low and (breadcrumbs) |delta| <= high, where each
-bound has one value before a flat index and another from it on: the tie cut-offs of `prepared`
-(the k-th largest magnitude's ties are kept up to a flat index). No mask: low = -inf.
+`l1_norms` gives a rescale's two L1 sums (the task vector's, its kept part's) in double, in one
+fixed order, for a bool mask or a store's rule alike: a worker (rules) and an export (bool masks)
+compute the same factor.
 
 EVOMERGE_FUSED=0 turns the loop off; `CC` names the compiler (default `cc`). The library is
-cached under `cache_dir()` by a hash of its source and flags: about a second to build, once.
+cached under `cache_dir()` by a hash of its source, flags, compiler and CPU: about a second to
+build, once.
 """
 
 from __future__ import annotations
