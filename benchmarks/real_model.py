@@ -90,7 +90,7 @@ SCRATCH_METHODS = ("ties", "dare_ties")  # --scratch times these without the sto
 
 
 def merge_phase(zoo: Path, work: Path, repeats: int, methods: tuple[str, ...], scratch: bool,
-                store_only: bool = False) -> str:
+                store_only: bool = False, dtype: str = "float32") -> str:
     """The merge phase alone, as a worker runs it (one thread, sources memory-mapped, merged into
     the preallocated model), for each method on random per-layer genes: with the prepared store
     as a worker has it (after its first merge), the same with every tensor merged in full (the
@@ -108,10 +108,10 @@ def merge_phase(zoo: Path, work: Path, repeats: int, methods: tuple[str, ...], s
     rng = np.random.default_rng(1)
 
     def recipes_of(method: str) -> list:
-        layout = genome_layout(real_config(zoo, work / f"merge-{method}.yaml", method, "float32", 10))
+        layout = genome_layout(real_config(zoo, work / f"merge-{method}-{dtype}.yaml", method, dtype, 10))
         return [layout.decode(x) for x in rng.uniform(0, 1, size=(repeats, layout.size))]
 
-    config = real_config(zoo, work / "merge-linear.yaml", "linear", "float32", 10)
+    config = real_config(zoo, work / f"merge-linear-{dtype}.yaml", "linear", dtype, 10)
     model, merger = load_merge_target(config.models, config.seed, torch.device("cpu"))
     linear_recipes, linear_store = recipes_of("linear"), Prepared()
 
@@ -151,7 +151,7 @@ def merge_phase(zoo: Path, work: Path, repeats: int, methods: tuple[str, ...], s
                            for key, first, median, linear, mb in rows],
                           ["merge", "first s", "median s", "linear s (beside it)", "vs linear", "goal <= 2x",
                            "store MB"])
-    return (f"The merge phase alone on the real zoo (base + 3 experts, 134.5M parameters, float32), as a worker "
+    return (f"The merge phase alone on the real zoo (base + 3 experts, 134.5M parameters, {dtype}), as a worker "
             f"runs it: one thread, sources memory-mapped, merged into the preallocated model; {repeats} random "
             f"per-layer candidates of `search_spaces/real.yaml`'s genome with the row's method, each timed merge "
             f"alternating with a linear merge of random linear genes (first linear merge {first_linear:.2f} s, "
@@ -175,6 +175,8 @@ def main() -> None:
     parse.add_argument("--scratch", action="store_true", help="--merge-only: also merge without the store")
     parse.add_argument("--store-only", action="store_true", help="--merge-only: only the store as a worker has it")
     parse.add_argument("--bf16", type=int, choices=(0, 1), default=1, help="the full run: add ties in bfloat16")
+    parse.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                       help="--merge-only: the sources' and the model's dtype")
     args = parse.parse_args()
     host = harness.machine()
     harness.header("on a real model", host)
@@ -182,8 +184,9 @@ def main() -> None:
     zoo = args.zoo.resolve()
     if args.merge_only:
         body = merge_phase(zoo, args.work, 2 if args.quick else args.candidates, tuple(args.methods), args.scratch,
-                           args.store_only)
-        harness.write_section(harness.results_path(args), "On a real model: merge phase", host, body)
+                           args.store_only, args.dtype)
+        title = "On a real model: merge phase" + ("" if args.dtype == "float32" else f", {args.dtype}")
+        harness.write_section(harness.results_path(args), title, host, body)
         return
     count = 2 if args.quick else args.candidates
 

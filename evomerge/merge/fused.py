@@ -45,10 +45,12 @@ from evomerge.merge import prepared
 log = logging.getLogger(__name__)
 
 MAX_EXPERTS = 8  # the loop is compiled for 1..8 live experts; more: the eager path
+CHUNK = 1 << 18  # bfloat16 targets: entries computed in float32 at a time, then narrowed
 
 SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #define MAX_EXPERTS 8
 #define LANES 16 /* the L1 sums' partial sums, added in a fixed order (the same on every machine) */
@@ -56,6 +58,19 @@ SOURCE = r"""
 /* 1.0f where a comparison holds, else 0.0f: a product with it keeps or zeroes a value with no
    branch (x * 1 is x exactly; x * 0 is a zero), so the entries' loop vectorizes on any target. */
 #define ONE_IF(c) ((float)(c))
+
+/* Source entry j as float32: a float32 read, or a bfloat16's bits widened (exact). BF16 is a
+   constant at each call, so the branch folds away. */
+static inline __attribute__((always_inline)) float load(const void *p, int64_t j, const int BF16)
+{
+    if (BF16) {
+        uint32_t bits = (uint32_t)((const uint16_t *)p)[j] << 16;
+        float value;
+        memcpy(&value, &bits, sizeof value);
+        return value;
+    }
+    return ((const float *)p)[j];
+}
 
 /* The mask rules (evomerge/merge/fused.py): with a = |delta|, u a draw and r a doubled rank,
    ABOVE: a > p; BAND: a > p and a <= q; DRAWS: u < p; MAGPRUNE: u < r * p + q. */
@@ -67,27 +82,29 @@ enum { ABOVE, BAND, DRAWS, MAGPRUNE, MASK };
 /* Entries [from, to) of out = base + lambda * mix(scale_i * keep_i * (x_i - base)), with expert
    i's rule bounds p[i], q[i] (draws u_i, doubled ranks r_i): the eager loop of
    evomerge/merge/chunked.py, entry by entry, in float32 and in its order of operations (up to the
-   sign of a zero). K and the flags are constants at each call below, so the experts' loops unroll. */
+   sign of a zero); entry j is written to out[j - shift]. K and the flags are constants at each
+   call below, so the experts' loops unroll. */
 static inline __attribute__((always_inline)) void mix_run(
-    const int K, float *restrict out, const float *restrict base, const float *const *experts,
+    const int K, float *restrict out, int64_t shift, const void *restrict base, const void *const *experts,
     const float *const *draws, const float *const *ranks, int64_t from, int64_t to, const float *low,
     const float *high, const float *scale, const float *weight, float divisor, float lambda, const int consensus,
-    const int normalize, const int rule)
+    const int normalize, const int rule, const int BF16)
 {
     /* restrict: no run-time alias checks, which kept GCC from vectorizing */
-    const float *restrict x[MAX_EXPERTS], *restrict u[MAX_EXPERTS], *restrict r[MAX_EXPERTS];
+    const void *restrict x[MAX_EXPERTS];
+    const float *restrict u[MAX_EXPERTS], *restrict r[MAX_EXPERTS];
     float p[MAX_EXPERTS], q[MAX_EXPERTS], s[MAX_EXPERTS], w[MAX_EXPERTS];
     for (int i = 0; i < K; i++) {
         x[i] = experts[i]; p[i] = low[i]; q[i] = high[i]; s[i] = scale[i]; w[i] = weight[i];
-        u[i] = rule >= DRAWS ? draws[i] : base;
-        r[i] = rule == MAGPRUNE ? ranks[i] : base;
+        u[i] = draws[i]; /* read only by the rules that draw */
+        r[i] = ranks[i];
     }
     for (int64_t j = from; j < to; j++) {
-        const float b = base[j];
+        const float b = load(base, j, BF16);
         float d[MAX_EXPERTS];
 #pragma GCC unroll 8
         for (int i = 0; i < K; i++) {
-            float v = x[i][j] - b, a = fabsf(v);
+            float v = load(x[i], j, BF16) - b, a = fabsf(v);
             d[i] = v * s[i] * KEEP(rule, a, p[i], q[i], u[i][j], r[i][j]);
         }
         float mixed = d[0];
@@ -117,22 +134,23 @@ static inline __attribute__((always_inline)) void mix_run(
         } else if (normalize) {
             mixed = mixed / divisor;
         }
-        out[j] = mixed * lambda + b;
+        out[j - shift] = mixed * lambda + b;
     }
 }
 
-#define RUN(K, C, N, R) \
-    mix_run(K, out, base, experts, draws, ranks, from, to, low, high, scale, weight, divisor, lambda, C, N, R)
+#define RUN(K, C, N, R) (bf16 ? RUN_AS(K, C, N, R, 1) : RUN_AS(K, C, N, R, 0))
+#define RUN_AS(K, C, N, R, H) \
+    mix_run(K, out, shift, base, experts, draws, ranks, from, to, low, high, scale, weight, divisor, lambda, C, N, R, H)
 #define RULES(K, C, N) \
     (rule == ABOVE ? RUN(K, C, N, ABOVE) : rule == BAND ? RUN(K, C, N, BAND) \
      : rule == DRAWS ? RUN(K, C, N, DRAWS) : RUN(K, C, N, MAGPRUNE))
 #define FLAGS(K) \
     (consensus ? (normalize ? RULES(K, 1, 1) : RULES(K, 1, 0)) : (normalize ? RULES(K, 0, 1) : RULES(K, 0, 0)))
 
-static void run(int count, float *out, const float *base, const float *const *experts, const float *const *draws,
-                const float *const *ranks, int64_t from, int64_t to, const float *low, const float *high,
-                const float *scale, const float *weight, float divisor, float lambda, int consensus, int normalize,
-                int rule)
+static void run(int count, float *out, int64_t shift, const void *base, const void *const *experts,
+                const float *const *draws, const float *const *ranks, int64_t from, int64_t to, const float *low,
+                const float *high, const float *scale, const float *weight, float divisor, float lambda,
+                int consensus, int normalize, int rule, int bf16)
 {
     switch (count) {
     case 1: FLAGS(1); break;
@@ -146,18 +164,20 @@ static void run(int count, float *out, const float *base, const float *const *ex
     }
 }
 
-/* The whole tensor. Expert i's bounds are bounds[4i] (p) and bounds[4i + 2] (q) before its flat
-   indices splits[2i] and splits[2i + 1], bounds[4i + 1] and bounds[4i + 3] from them on (the tie
-   cut-offs of the magnitude rules; the draw rules have no split): the entries are cut into runs
-   between consecutive split points, where every bound is one value. */
-void evomerge_mix(float *out, const float *base, const float *const *experts, const float *const *draws,
+/* Entries [start, stop) of a tensor, entry j written to out[j - start] (float32); the sources are
+   float32, or bfloat16 where bf16 is set. Expert i's bounds are bounds[4i] (p) and bounds[4i + 2]
+   (q) before its flat indices splits[2i] and splits[2i + 1], bounds[4i + 1] and bounds[4i + 3] from
+   them on (the tie cut-offs of the magnitude rules; the draw rules have no split): the entries are
+   cut into runs between consecutive split points, where every bound is one value. */
+void evomerge_mix(float *out, const void *base, const void *const *experts, const float *const *draws,
                   const float *const *ranks, int count, int rule, const int64_t *splits, const float *bounds,
                   const float *scale, const float *weight, float divisor, float lambda, int consensus,
-                  int normalize, int64_t numel)
+                  int normalize, int bf16, int64_t start, int64_t stop)
 {
-    int64_t from = 0;
-    while (from < numel) {
-        int64_t to = numel;
+    const int64_t shift = start;
+    int64_t from = start;
+    while (from < stop) {
+        int64_t to = stop;
         float low[MAX_EXPERTS], high[MAX_EXPERTS];
         for (int i = 0; i < count; i++) {
             const int64_t low_split = splits[2 * i], high_split = splits[2 * i + 1];
@@ -166,8 +186,8 @@ void evomerge_mix(float *out, const float *base, const float *const *experts, co
             if (low_split > from && low_split < to) to = low_split;
             if (high_split > from && high_split < to) to = high_split;
         }
-        run(count, out, base, experts, draws, ranks, from, to, low, high, scale, weight, divisor, lambda, consensus,
-            normalize, rule);
+        run(count, out, shift, base, experts, draws, ranks, from, to, low, high, scale, weight, divisor, lambda,
+            consensus, normalize, rule, bf16);
         from = to;
     }
 }
@@ -177,7 +197,7 @@ void evomerge_mix(float *out, const float *base, const float *const *experts, co
    depend on the machine. The rule as in evomerge_mix (one expert; bound[0..3] and split[0..1] as
    there), or MASK: kept where the bool mask[j] is 1. RULE is a constant at each call below. */
 static inline __attribute__((always_inline)) void l1_run(
-    const int RULE, const float *restrict base, const float *restrict expert, const int64_t *split,
+    const int RULE, const int BF16, const void *restrict base, const void *restrict expert, const int64_t *split,
     const float *bound, const float *restrict draws, const float *restrict ranks, const uint8_t *restrict mask,
     int64_t numel, double *sums)
 {
@@ -188,7 +208,7 @@ static inline __attribute__((always_inline)) void l1_run(
     for (; start + LANES <= numel; start += LANES) {
         for (int k = 0; k < LANES; k++) {
             const int64_t j = start + k;
-            const float a = fabsf(expert[j] - base[j]);
+            const float a = fabsf(load(expert, j, BF16) - load(base, j, BF16));
             const float p = j < low_split ? p_before : p_after, q = j < high_split ? q_before : q_after;
             const float keep = RULE == MASK ? (float)mask[j] /* a bool: 0 or 1 */
                 : KEEP(RULE, a, p, q, RULE >= DRAWS ? draws[j] : 0.0f, RULE == MAGPRUNE ? ranks[j] : 0.0f);
@@ -198,7 +218,7 @@ static inline __attribute__((always_inline)) void l1_run(
     }
     for (int k = 0; start + k < numel; k++) { /* the last entries: the same operations */
         const int64_t j = start + k;
-        const float a = fabsf(expert[j] - base[j]);
+        const float a = fabsf(load(expert, j, BF16) - load(base, j, BF16));
         const float p = j < low_split ? p_before : p_after, q = j < high_split ? q_before : q_after;
         const float keep = RULE == MASK ? (float)mask[j]
             : KEEP(RULE, a, p, q, RULE >= DRAWS ? draws[j] : 0.0f, RULE == MAGPRUNE ? ranks[j] : 0.0f);
@@ -212,9 +232,10 @@ static inline __attribute__((always_inline)) void l1_run(
     }
 }
 
-#define L1(R) l1_run(R, base, expert, split, bound, draws, ranks, mask, numel, sums)
+#define L1(R) (bf16 ? l1_run(R, 1, base, expert, split, bound, draws, ranks, mask, numel, sums) \
+                    : l1_run(R, 0, base, expert, split, bound, draws, ranks, mask, numel, sums))
 
-void evomerge_l1(const float *base, const float *expert, int rule, const int64_t *split, const float *bound,
+void evomerge_l1(const void *base, const void *expert, int bf16, int rule, const int64_t *split, const float *bound,
                  const float *draws, const float *ranks, const uint8_t *mask, int64_t numel, double *sums)
 {
     switch (rule) {
@@ -286,8 +307,8 @@ def _build() -> ctypes.CDLL:
     library = ctypes.CDLL(str(path))
     p, i, f, d = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_int64
     library.evomerge_mix.restype = library.evomerge_l1.restype = None
-    library.evomerge_mix.argtypes = [p, p, p, p, p, i, i, p, p, p, p, f, f, i, i, d]
-    library.evomerge_l1.argtypes = [p, p, i, p, p, p, p, p, d, p]
+    library.evomerge_mix.argtypes = [p, p, p, p, p, i, i, p, p, p, p, f, f, i, i, i, d, d]
+    library.evomerge_l1.argtypes = [p, p, i, i, p, p, p, p, p, d, p]
     return library
 
 
@@ -354,9 +375,14 @@ def _f32(values: Sequence[float]) -> torch.Tensor:
     return torch.tensor(list(values), dtype=torch.float32)
 
 
-def _usable(tensors: Sequence[torch.Tensor | None]) -> bool:
-    return all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
-               for t in tensors)
+def _usable(tensors: Sequence[torch.Tensor | None], dtype: torch.dtype = torch.float32) -> bool:
+    return all(t is None or (t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()) for t in tensors)
+
+
+def _sources_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype | None:
+    """float32 or bfloat16 where every tensor has it on the CPU, contiguous; else None."""
+    dtype = tensors[0].dtype
+    return dtype if dtype in (torch.float32, torch.bfloat16) and _usable(tensors, dtype) else None
 
 
 def _pointers(tensors: Sequence[torch.Tensor | None], default: torch.Tensor) -> ctypes.Array:
@@ -368,7 +394,8 @@ def mix_into(out: torch.Tensor, base: torch.Tensor, experts: Sequence[torch.Tens
              *, consensus: bool, normalize: bool, lambda_: float, divisor: float) -> bool:
     """`chunked.mix_task_vectors_into`'s mix written into `out` by the compiled loop; False (nothing
     written) where it does not apply, and the caller runs the eager loop."""
-    if (base.numel() < prepared.MIN_NUMEL or len(experts) > MAX_EXPERTS or not _usable([out, base, *experts])
+    dtype = _sources_dtype([out, base, *experts])
+    if (base.numel() < prepared.MIN_NUMEL or len(experts) > MAX_EXPERTS or dtype is None
             or any(isinstance(mask, torch.Tensor) for mask in masks)):
         return False
     rules = [_rule(mask, base.numel()) for mask in masks]  # type: ignore[arg-type]
@@ -376,6 +403,8 @@ def mix_into(out: torch.Tensor, base: torch.Tensor, experts: Sequence[torch.Tens
         return False
     kind = max(rule.kind for rule in rules)  # type: ignore[union-attr]
     if kind >= DRAWS:  # experts without a mask join the draws' rule; a magnitude rule beside draws: eager
+        if dtype != torch.float32 and any(rule.draws is None for rule in rules):  # type: ignore[union-attr]
+            return False  # (their stand-in draws are the base's entries, read as float32)
         rules = [_drawn(rule, kind) for rule in rules]  # type: ignore[arg-type]
     if ({rule.kind for rule in rules} - {kind} - ({ABOVE} if kind == BAND else set())  # type: ignore[union-attr]
             or not _usable([t for rule in rules for t in (rule.draws, rule.ranks)])):  # type: ignore[union-attr]
@@ -384,11 +413,23 @@ def mix_into(out: torch.Tensor, base: torch.Tensor, experts: Sequence[torch.Tens
     splits = torch.tensor([rule.splits for rule in rules], dtype=torch.int64)  # type: ignore[union-attr]
     bounds = _f32([bound for rule in rules for bound in rule.bounds])  # type: ignore[union-attr]
     scale_t, weight_t = _f32(scale), _f32(weight)  # float32, as the eager path meets Python floats
-    library().evomerge_mix(out.data_ptr(), flat.data_ptr(), _pointers(experts, flat),
-                           _pointers([rule.draws for rule in rules], flat),  # type: ignore[union-attr]
-                           _pointers([rule.ranks for rule in rules], flat),  # type: ignore[union-attr]
-                           len(experts), kind, splits.data_ptr(), bounds.data_ptr(), scale_t.data_ptr(),
-                           weight_t.data_ptr(), divisor, lambda_, int(consensus), int(normalize), base.numel())
+    pointers = (_pointers(experts, flat), _pointers([rule.draws for rule in rules], flat),  # type: ignore[union-attr]
+                _pointers([rule.ranks for rule in rules], flat))  # type: ignore[union-attr]
+
+    def mix(target: torch.Tensor, start: int, stop: int) -> None:  # entries [start, stop) into target
+        library().evomerge_mix(target.data_ptr(), flat.data_ptr(), *pointers, len(experts), kind, splits.data_ptr(),
+                               bounds.data_ptr(), scale_t.data_ptr(), weight_t.data_ptr(), divisor, lambda_,
+                               int(consensus), int(normalize), int(dtype == torch.bfloat16), start, stop)
+
+    if dtype == torch.float32:
+        mix(out, 0, base.numel())
+        return True
+    # bfloat16: each slice computed in float32, then narrowed by torch as the eager path narrows it
+    target, scratch = out.view(-1), torch.empty(min(base.numel(), CHUNK), dtype=torch.float32)
+    for start in range(0, base.numel(), CHUNK):
+        stop = min(start + CHUNK, base.numel())
+        mix(scratch, start, stop)
+        target[start:stop].copy_(scratch[: stop - start])
     return True
 
 
@@ -397,7 +438,8 @@ def l1_norms(base: torch.Tensor, expert: torch.Tensor,
     """(|expert - base|_1, the same over the entries `keep` keeps), summed in double by the C loop
     in one fixed order whatever the mask's form (a bool tensor or a prepared rule: the same sums);
     None where it does not apply (then the caller sums with torch)."""
-    if not _usable([base, expert]) or library() is None:
+    dtype = _sources_dtype([base, expert])
+    if dtype is None or library() is None:
         return None
     if isinstance(keep, torch.Tensor):
         if keep.dtype != torch.bool or keep.device.type != "cpu" or not keep.is_contiguous():
@@ -409,7 +451,8 @@ def l1_norms(base: torch.Tensor, expert: torch.Tensor,
             return None
     sums = (ctypes.c_double * 2)()
     splits, bounds = torch.tensor(rule.splits, dtype=torch.int64), _f32(rule.bounds)
-    library().evomerge_l1(base.data_ptr(), expert.data_ptr(), rule.kind, splits.data_ptr(), bounds.data_ptr(),
+    library().evomerge_l1(base.data_ptr(), expert.data_ptr(), int(dtype == torch.bfloat16), rule.kind,
+                          splits.data_ptr(), bounds.data_ptr(),
                           None if rule.draws is None else rule.draws.data_ptr(),
                           None if rule.ranks is None else rule.ranks.data_ptr(),
                           keep.data_ptr() if rule.kind == MASK else None, base.numel(), sums)  # type: ignore[union-attr]

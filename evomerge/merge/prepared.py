@@ -159,26 +159,23 @@ class MagnitudeOrder:
     def _value(self, position: int, at: Magnitudes) -> float:
         return float(at(self.order[position:position + 1])[0])
 
+    def _count_below(self, low: int, high: int, value: float, at: Magnitudes, *, tied: bool) -> int:
+        """The number of sorted positions in [low, high) whose magnitude is below `value` (with
+        `tied`: at most `value`), found by reading WINDOW evenly spaced positions at a time (the
+        magnitudes ascend, so those below come first): a few reads, however long a run of ties."""
+        while high - low > self.WINDOW:
+            probes = low + (high - low) * torch.arange(1, self.WINDOW, dtype=torch.int64) // self.WINDOW
+            values = at(self.order[probes])
+            below = int((values <= value if tied else values < value).sum())
+            low, high = (low, int(probes[0])) if below == 0 else (
+                int(probes[below - 1]) + 1, int(probes[below]) if below < len(probes) else high)
+        values = at(self.order[low:high])
+        return low + int((values <= value if tied else values < value).sum())
+
     def _tied(self, position: int, value: float, at: Magnitudes) -> tuple[int, int]:
-        """[first, last): the sorted positions around `position` whose magnitude is `value`, read in
-        windows that double until each end of the run is inside one."""
-        first, width = position, self.WINDOW
-        while first > 0:
-            low = max(0, first - width)
-            below = int((at(self.order[low:first]) < value).sum())  # ascending: below, then tied
-            first = low + below
-            if below:
-                break
-            width *= 2
-        last, width = position + 1, self.WINDOW
-        while last < self.numel:
-            high = min(self.numel, last + width)
-            tied = int((at(self.order[last:high]) == value).sum())  # tied, then above
-            last += tied
-            if tied < high - (last - tied):
-                break
-            width *= 2
-        return first, last
+        """[first, last): the sorted positions around `position` whose magnitude is `value`."""
+        return (self._count_below(0, position, value, at, tied=False),
+                self._count_below(position + 1, self.numel, value, at, tied=True))
 
     def top(self, k: int, at: Magnitudes) -> ThresholdKeep | None:
         """The keep mask of the k largest magnitudes, ties at the k-th kept by lowest flat index: the
