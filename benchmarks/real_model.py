@@ -160,7 +160,7 @@ def merge_phase(zoo: Path, work: Path, repeats: int, methods: tuple[str, ...], s
             f"fine-tuned on 36 of its 272 tensors (16% of the entries): for the other 236 every expert equals "
             f"the base, and a task-vector method merges them to the base without work. 'every tensor merged': "
             f"the same store with that skip off, what a fine-tune that touches every tensor would cost (the "
-            f"general path). 'from scratch' (ties and dare_ties): no store. Mixes on the CPU in float32 run "
+            f"general path). 'from scratch' (ties and dare_ties): no store. Task-vector mixes on the CPU run "
             f"as one compiled loop (`evomerge/merge/fused.py`) unless EVOMERGE_FUSED=0.\n\n" + table)
 
 

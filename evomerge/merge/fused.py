@@ -8,10 +8,12 @@ system's C compiler and called through ctypes): every source entry is read once 
 written once.
 
 `mix_into` applies where a search worker merges with a `prepared.Prepared` store active, the
-sources and the target are float32 on the CPU, and every mask is a rule read from the store or
+sources and the target are float32 or bfloat16 on the CPU (bfloat16 is read widened to float32,
+and each slice's float32 result narrowed by torch, as the eager path does), and every mask is a
+rule read from the store or
 absent: TIES's threshold with its tie cut-off (`prepared.ThresholdKeep`), breadcrumbs' band
 (`BandKeep`), DARE's draws (`DrawKeep`), DELLA's MagPrune (`MagPruneKeep`). Anything else (bool
-masks, a GPU, bfloat16, more than 8 live experts, no C compiler) takes the eager path. Both give
+masks, a GPU, float16, more than 8 live experts, no C compiler) takes the eager path. Both give
 the same values: the loop makes the eager path's float32 operations in the same order, compiled
 without fast-math and without contraction into fused multiply-adds, so each entry is rounded as
 there (`tests/test_merge_fused.py` holds the two equal, up to the sign of a zero).
