@@ -146,8 +146,8 @@ class DrawKeep(Keep):
 class MagnitudeOrder:
     """The flat indices of a tensor pair's magnitudes |expert - base| in ascending order (a stable
     sort, so equal magnitudes are in flat order; int32): 4 bytes an entry. The magnitudes
-    themselves are not kept: `at(positions)` reads those of given sorted positions from the
-    sources (a few entries per mask)."""
+    themselves are not kept: `at(indices)` reads them back from the sources at given flat
+    indices (a few hundred entries per mask)."""
 
     WINDOW = 64  # sorted positions read at a time while looking for the ends of a run of ties
 
@@ -159,10 +159,10 @@ class MagnitudeOrder:
     def _value(self, position: int, at: Magnitudes) -> float:
         return float(at(self.order[position:position + 1])[0])
 
-    def _count_below(self, low: int, high: int, value: float, at: Magnitudes, *, tied: bool) -> int:
-        """The number of sorted positions in [low, high) whose magnitude is below `value` (with
-        `tied`: at most `value`), found by reading WINDOW evenly spaced positions at a time (the
-        magnitudes ascend, so those below come first): a few reads, however long a run of ties."""
+    def _boundary(self, low: int, high: int, value: float, at: Magnitudes, *, tied: bool) -> int:
+        """The first sorted position in [low, high] whose magnitude is not below `value` (with
+        `tied`: is above it), found by reading WINDOW evenly spaced positions at a time (the
+        magnitudes ascend): a few reads, however long a run of ties."""
         while high - low > self.WINDOW:
             probes = low + (high - low) * torch.arange(1, self.WINDOW, dtype=torch.int64) // self.WINDOW
             values = at(self.order[probes])
@@ -174,8 +174,8 @@ class MagnitudeOrder:
 
     def _tied(self, position: int, value: float, at: Magnitudes) -> tuple[int, int]:
         """[first, last): the sorted positions around `position` whose magnitude is `value`."""
-        return (self._count_below(0, position, value, at, tied=False),
-                self._count_below(position + 1, self.numel, value, at, tied=True))
+        return (self._boundary(0, position, value, at, tied=False),
+                self._boundary(position + 1, self.numel, value, at, tied=True))
 
     def top(self, k: int, at: Magnitudes) -> ThresholdKeep | None:
         """The keep mask of the k largest magnitudes, ties at the k-th kept by lowest flat index: the
