@@ -296,10 +296,11 @@ def replay_rows(data: dict, args, fractions, documents: int | None = None,
         for method in methods:
             pairs, within, hits = [], [], 0
             promoted: list[int] = []
+            pruned: list[tuple[int, dict]] = []
             for generation in sorted(generations):
                 ids = generations[generation]
-                guess = replay_estimates(method, fraction, ids, data["references"], promoted, values, genome,
-                                         weights, sign)
+                guess, anchors = replay_estimates(method, fraction, ids, data["references"], promoted, values,
+                                                  genome, weights, sign, pruned)
                 pairs += [(guess[i], full[i]) for i in ids]
                 rho = estimate.spearman([guess[i] for i in ids], [full[i] for i in ids])
                 if rho is not None:
@@ -308,6 +309,7 @@ def replay_rows(data: dict, args, fractions, documents: int | None = None,
                 chosen = sorted(ids, key=lambda i: (-guess[i], i))[:count]
                 hits += max(ids, key=lambda i: (full[i], -i)) in chosen
                 promoted += chosen
+                pruned += [(i, anchors) for i in ids if i not in chosen]
             est, truth = [p[0] for p in pairs], [p[1] for p in pairs]
             k = estimate.anchor_count(fraction, docs)
             rows.append([str(docs), f"{fraction:.0%} ({k}/{docs})", method, str(len(pairs)),
@@ -322,22 +324,60 @@ def replay_rows(data: dict, args, fractions, documents: int | None = None,
 
 
 def replay_estimates(method: str, fraction: float, ids: list[int], references: list[int], promoted: list[int],
-                     values: dict, genome: dict, weights: np.ndarray, sign: np.ndarray) -> dict[int, float]:
-    """One generation's estimated qualities by `method`, fitted on the references and the promoted so far."""
+                     values: dict, genome: dict, weights: np.ndarray, sign: np.ndarray,
+                     pruned: list[tuple[int, dict]] = ()) -> tuple[dict[int, float], dict]:
+    """One generation's estimated qualities by `method`, fitted on the references and the promoted so far
+    (`genome+pruned`: and on `pruned`, the earlier candidates' anchor results: (trial, {task: documents})),
+    and the anchor documents per task ({} for the first documents)."""
     first = values[ids[0]]
     tasks, docs = first.shape
     if method == "subsample (first)":
         k = estimate.anchor_count(fraction, docs)
-        return {i: float((sign * weights) @ values[i][:, :k].mean(axis=1) / weights.sum()) for i in ids}
-    fitted = None
-    if method == "genome" and len(promoted) >= estimate.MIN_GENOMES:
+        return {i: float((sign * weights) @ values[i][:, :k].mean(axis=1) / weights.sum()) for i in ids}, {}
+    if method == "genome-diff":  # the first documents, corrected by the genome model (a difference estimator)
+        k = estimate.anchor_count(fraction, docs)
+        if len(promoted) < estimate.MIN_GENOMES:
+            return {i: float((sign * weights) @ values[i][:, :k].mean(axis=1) / weights.sum()) for i in ids}, {}
         fitted = estimate.fit_genome({t: np.array([values[i][t] for i in promoted]) for t in range(tasks)},
                                      [genome[i] for i in promoted], [genome[i] for i in ids], fraction)
+        found = {}
+        for i in ids:
+            p = fitted.model.predict(genome[i]).reshape(tasks, docs)
+            per_task = p.mean(axis=1) + (values[i][:, :k] - p[:, :k]).mean(axis=1)
+            found[i] = float((sign * weights) @ per_task / weights.sum())
+        return found, {t: list(range(k)) for t in range(tasks)}
+    if method == "strata":  # half the anchors where the genome model is least sure (all counted), half the
+        # first of the other documents (their mean stands for the rest)
+        k = estimate.anchor_count(fraction, docs)
+        if len(promoted) < estimate.MIN_GENOMES:
+            return {i: float((sign * weights) @ values[i][:, :k].mean(axis=1) / weights.sum()) for i in ids}, {}
+        fitted = estimate.fit_genome({t: np.array([values[i][t] for i in promoted]) for t in range(tasks)},
+                                     [genome[i] for i in promoted], [genome[i] for i in ids], max(1, k // 2))
+        found, chosen = {}, {}
+        for t in range(tasks):
+            sure = list(fitted.tasks[t].documents)
+            rest = [d for d in range(docs) if d not in set(sure)][:k - len(sure)]
+            chosen[t] = sorted(sure + rest)
+        for i in ids:
+            per_task = []
+            for t in range(tasks):
+                sure = list(fitted.tasks[t].documents)
+                rest = [d for d in chosen[t] if d not in set(sure)]
+                per_task.append((values[i][t, sure].sum() + (docs - len(sure)) * values[i][t, rest].mean()) / docs)
+            found[i] = float((sign * weights) @ np.array(per_task) / weights.sum())
+        return found, chosen
+    fitted = None
+    if method.startswith("genome") and len(promoted) >= estimate.MIN_GENOMES:
+        partial = [(genome[i], {t: (d, values[i][t, d].tolist()) for t, d in seen.items()})
+                   for i, seen in pruned] if method == "genome+pruned" else []
+        fitted = estimate.fit_genome({t: np.array([values[i][t] for i in promoted]) for t in range(tasks)},
+                                     [genome[i] for i in promoted], [genome[i] for i in ids], fraction,
+                                     partial=partial)
     if fitted is None:
         basis = references + promoted
         fitted = estimate.fit({t: np.array([values[i][t] for i in basis]) for t in range(tasks)}, fraction, "gp-irt")
     guess = estimates(fitted, np.array([values[i] for i in ids]), [genome[i] for i in ids], weights, sign)
-    return {i: float(g) for i, g in zip(ids, guess)}
+    return {i: float(g) for i, g in zip(ids, guess)}, fitted.documents()
 
 
 def _scores(cheap: np.ndarray, full: np.ndarray) -> tuple[float, float, float]:
