@@ -53,6 +53,7 @@ def main() -> None:
     parse.add_argument("--generations", type=int, default=8, help="generations of the full-evaluation arm")
     parse.add_argument("--arms", default="full,subsample,estimate")
     parse.add_argument("--limit", type=int, default=None, help="eval.limit (default: the demo's 100)")
+    parse.add_argument("--section", default=SECTION, help="the RESULTS.md section to write")
     parse.add_argument("--space", choices=("demo", "second"), default="demo",
                        help="the demo zoo, or the second zoo (evomerge.zoo.second) given by --zoo")
     parse.add_argument("--documents", type=int, default=None,
@@ -129,7 +130,7 @@ def main() -> None:
             + harness.table(rows, ["seed", "arm", "generations", "trials", "full-limit evaluations (evolved)",
                                    "documents", "full-eval equivalents", "best (measured)", "wall s"])
             + f"\n\nMean best over seeds: {', '.join(means)}.")
-    harness.write_section(harness.results_path(args), SECTION, host, body)
+    harness.write_section(harness.results_path(args), args.section, host, body)
 
 
 if __name__ == "__main__":
