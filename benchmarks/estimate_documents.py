@@ -37,7 +37,7 @@ def main() -> None:
     parse.add_argument("--replay", type=harness._absolute, action="append", required=True,
                        help="a run directory searched with full evaluation at a large eval.limit (repeatable)")
     parse.add_argument("--documents", default="100,300,1000",
-                       help="documents per task to replay at (each at most the run's eval.limit)")
+                       help="documents per task to replay at (those above a run's eval.limit are left out)")
     parse.add_argument("--fractions", default="0.05,0.1", help="anchor shares of N")
     parse.add_argument("--methods", default=",".join(REPLAY_METHODS))
     parse.add_argument("--promote", type=float, default=0.25, help="the replay's promote share")
@@ -52,7 +52,9 @@ def main() -> None:
         data = load_run(run)
         raw, generations, genome = data["raw"], data["generations"], data["genome"]
         rows, spreads = [], []
-        for documents in (int(n) for n in args.documents.split(",")):
+        limit = min(v.shape[1] for v in data["values"].values())
+        sizes = [n for n in (int(n) for n in args.documents.split(",")) if n <= limit] or [limit]
+        for documents in sizes:  # those the run has (a smaller run: its own eval.limit)
             found, stats = replay_rows(data, args, fractions, documents, methods)
             n = found[0][0]
             rows += found
