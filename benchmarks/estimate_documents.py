@@ -16,6 +16,13 @@ at 5% and 10% of N. Reported per N: Spearman, Kendall (over the run and within a
 against the quality on those N documents, how often the generation's best was promoted; and the
 spread of the candidates' quality beside a random 10% sample's noise.
 
+Estimators (`--methods`): `subsample (first)` (the first documents' mean, what eval.subsample scores),
+`gp-irt`, `genome` (fitted on the promoted candidates only), `genome+pruned` (also on the earlier
+candidates' anchor results: what `method: genome` with `refit` does in a run), and two that were tried
+and not shipped: `genome-diff` (the first documents' mean corrected by the genome model's prediction)
+and `strata` (half the anchors where the model is least sure, counted as they are; half the first
+other documents, standing for the rest).
+
     python benchmarks/estimate_search.py --zoo runs/zoo --arms full --seeds 0 --generations 40 \\
         --limit 2000 --documents 2000 --work runs/s2000 --results /tmp/unused.md
     python benchmarks/estimate_documents.py --replay runs/s2000/full/runs/full0 --documents 100,300,1000,2000
