@@ -239,34 +239,68 @@ def noise_floor(ranked: np.ndarray, weights: np.ndarray, fraction: float, seed: 
 
 def replay(run: Path, args) -> str:
     """The replay of one full-evaluation run (module docstring) as a RESULTS.md paragraph and table."""
+    data = load_run(run)
+    rows, stats = replay_rows(data, args, FRACTIONS)
+    raw, generations, genome = data["raw"], data["generations"], data["genome"]
+    return (f"Replay of the run `{run.name}` ({raw.get('name')}: {raw['merge']['method']}, "
+            f"{len(genome[next(iter(genome))]) if genome else 0} genes, eval.limit {raw['eval'].get('limit')}, "
+            f"{len(data['tasks'])} tasks, CMA-ES population {raw['search'].get('population')}; "
+            f"{sum(map(len, generations.values()))} candidates in {len(generations)} generations, all scored on the "
+            f"full limit): promote {args.promote}. Spread of the candidates' full quality: sd {stats['sd']:.4f} "
+            f"over the run, {stats['within_sd']:.4f} within a generation (mean); a random 10% sample's relative "
+            f"noise sd {stats['floor'][1]} (Spearman that allows over the run: {stats['floor'][2]}).\n\n"
+            + harness.table([row[1:] for row in rows], REPLAY_HEAD))
+
+
+REPLAY_HEAD = ["cost (docs/task)", "estimator", "estimated", "Spearman", "Kendall",
+               "Spearman within a generation (mean)", "MAE", "generation's best promoted"]
+REPLAY_METHODS = ("subsample (first)", "gp-irt", "genome")
+
+
+def load_run(run: Path) -> dict:
+    """A full-evaluation run's journal as a replay reads it: config, tasks, weights, signs, per-document
+    values (tasks x documents) and genomes per trial, the references and the candidates per generation."""
     raw = yaml.safe_load((run / "config.yaml").read_text())
     specs = raw["eval"]["tasks"]
     tasks = [t["name"] for t in specs]
-    weights = np.array([float(t.get("weight", 1.0)) for t in specs])
-    sign = np.array([-1.0 if t.get("higher_is_better") is False else 1.0 for t in specs])
     records = [json.loads(line) for line in (run / "journal.jsonl").read_text().splitlines() if line.strip()]
     latest = {r["trial"]: r for r in records}  # a trial evaluated again: its last line
     usable = [r for r in latest.values() if r.get("state") == "complete" and r.get("stage", "ps") == "ps"
               and all(t in (r.get("per_doc") or {}) for t in tasks)]
     if len({(r.get("sample") or {}).get("limit") for r in usable}) > 1:
         raise SystemExit(f"{run}: trials scored at different limits; a replay needs one limit")
-    values = {r["trial"]: np.array([decode(r["per_doc"][t]) for t in tasks]) for r in usable}
-    references = [r["trial"] for r in usable if r.get("label") is not None]
     generations: dict[int, list[int]] = {}
     for r in sorted(usable, key=lambda r: r["trial"]):
         if r.get("label") is None and r.get("genome") is not None:
             generations.setdefault(r["generation"], []).append(r["trial"])
-    genome = {r["trial"]: np.array(r["genome"], dtype=float) for r in usable if r.get("genome") is not None}
+    return {"raw": raw, "tasks": tasks, "weights": np.array([float(t.get("weight", 1.0)) for t in specs]),
+            "sign": np.array([-1.0 if t.get("higher_is_better") is False else 1.0 for t in specs]),
+            "values": {r["trial"]: np.array([decode(r["per_doc"][t]) for t in tasks]) for r in usable},
+            "references": [r["trial"] for r in usable if r.get("label") is not None],
+            "generations": generations,
+            "genome": {r["trial"]: np.array(r["genome"], dtype=float) for r in usable if r.get("genome") is not None}}
+
+
+def replay_rows(data: dict, args, fractions, documents: int | None = None,
+                methods=REPLAY_METHODS) -> tuple[list[list[str]], dict]:
+    """The replay's rows ([documents, cost, estimator, estimated, Spearman, Kendall, Spearman within a
+    generation, MAE, best promoted]) on each task's first `documents` documents (all: None), as if the run
+    had been scored at eval.limit `documents`; and the spread of the candidates' quality there (sd over
+    the run, mean sd within a generation, the 10% noise floor)."""
+    weights, sign, generations, genome = data["weights"], data["sign"], data["generations"], data["genome"]
+    values = {i: v[:, :documents] for i, v in data["values"].items()}
     full = {i: float((sign * weights) @ v.mean(axis=1) / weights.sum()) for i, v in values.items()}
     docs = min(v.shape[1] for v in values.values())
     rows = []
-    for fraction in (0.05, 0.1, 0.25):
-        for method in ("subsample (first)", "gp-irt", "genome"):
+    for fraction in fractions:
+        for method in methods:
             pairs, within, hits = [], [], 0
             promoted: list[int] = []
+            pruned: list[tuple[int, dict]] = []
             for generation in sorted(generations):
                 ids = generations[generation]
-                guess = replay_estimates(method, fraction, ids, references, promoted, values, genome, weights, sign)
+                guess, anchors = replay_estimates(method, fraction, ids, data["references"], promoted, values,
+                                                  genome, weights, sign, pruned)
                 pairs += [(guess[i], full[i]) for i in ids]
                 rho = estimate.spearman([guess[i] for i in ids], [full[i] for i in ids])
                 if rho is not None:
@@ -275,44 +309,75 @@ def replay(run: Path, args) -> str:
                 chosen = sorted(ids, key=lambda i: (-guess[i], i))[:count]
                 hits += max(ids, key=lambda i: (full[i], -i)) in chosen
                 promoted += chosen
+                pruned += [(i, anchors) for i in ids if i not in chosen]
             est, truth = [p[0] for p in pairs], [p[1] for p in pairs]
             k = estimate.anchor_count(fraction, docs)
-            rows.append([f"{fraction:.0%} ({k}/{docs})", method, str(len(pairs)), _f(estimate.spearman(est, truth)),
-                         _f(estimate.kendall(est, truth)), _f(float(np.mean(within)) if within else math.nan),
+            rows.append([str(docs), f"{fraction:.0%} ({k}/{docs})", method, str(len(pairs)),
+                         _f(estimate.spearman(est, truth)), _f(estimate.kendall(est, truth)),
+                         _f(float(np.mean(within)) if within else math.nan),
                          _f(float(np.mean(np.abs(np.subtract(est, truth)))), 4), f"{hits}/{len(generations)}"])
-            print(f"  replay {run.name} | " + " | ".join(rows[-1]), flush=True)
+            print("  replay | " + " | ".join(rows[-1]), flush=True)
     every = np.array([values[i] for ids in generations.values() for i in ids])
-    floor = noise_floor(every, weights, 0.1, args.seed)
     spread = np.array([full[i] for ids in generations.values() for i in ids])
-    within_sd = float(np.mean([np.std([full[i] for i in ids]) for ids in generations.values()]))
-    return (f"Replay of the run `{run.name}` ({raw.get('name')}: {raw['merge']['method']}, "
-            f"{len(genome[next(iter(genome))]) if genome else 0} genes, eval.limit {raw['eval'].get('limit')}, "
-            f"{len(tasks)} tasks, CMA-ES population {raw['search'].get('population')}; "
-            f"{sum(map(len, generations.values()))} candidates in {len(generations)} generations, all scored on the "
-            f"full limit): promote {args.promote}. Spread of the candidates' full quality: sd {spread.std():.4f} "
-            f"over the run, {within_sd:.4f} within a generation (mean); a random 10% sample's relative noise sd "
-            f"{floor[1]} (Spearman that allows over the run: {floor[2]}).\n\n"
-            + harness.table(rows, ["cost (docs/task)", "estimator", "estimated", "Spearman", "Kendall",
-                                   "Spearman within a generation (mean)", "MAE", "generation's best promoted"]))
+    return rows, {"sd": float(spread.std()), "floor": noise_floor(every, weights, 0.1, args.seed),
+                  "within_sd": float(np.mean([np.std([full[i] for i in ids]) for ids in generations.values()]))}
 
 
 def replay_estimates(method: str, fraction: float, ids: list[int], references: list[int], promoted: list[int],
-                     values: dict, genome: dict, weights: np.ndarray, sign: np.ndarray) -> dict[int, float]:
-    """One generation's estimated qualities by `method`, fitted on the references and the promoted so far."""
+                     values: dict, genome: dict, weights: np.ndarray, sign: np.ndarray,
+                     pruned: list[tuple[int, dict]] = ()) -> tuple[dict[int, float], dict]:
+    """One generation's estimated qualities by `method`, fitted on the references and the promoted so far
+    (`genome+pruned`: and on `pruned`, the earlier candidates' anchor results: (trial, {task: documents})),
+    and the anchor documents per task ({} for the first documents)."""
     first = values[ids[0]]
     tasks, docs = first.shape
     if method == "subsample (first)":
         k = estimate.anchor_count(fraction, docs)
-        return {i: float((sign * weights) @ values[i][:, :k].mean(axis=1) / weights.sum()) for i in ids}
-    fitted = None
-    if method == "genome" and len(promoted) >= estimate.MIN_GENOMES:
+        return {i: float((sign * weights) @ values[i][:, :k].mean(axis=1) / weights.sum()) for i in ids}, {}
+    if method == "genome-diff":  # the first documents, corrected by the genome model (a difference estimator)
+        k = estimate.anchor_count(fraction, docs)
+        if len(promoted) < estimate.MIN_GENOMES:
+            return {i: float((sign * weights) @ values[i][:, :k].mean(axis=1) / weights.sum()) for i in ids}, {}
         fitted = estimate.fit_genome({t: np.array([values[i][t] for i in promoted]) for t in range(tasks)},
                                      [genome[i] for i in promoted], [genome[i] for i in ids], fraction)
+        found = {}
+        for i in ids:
+            p = fitted.model.predict(genome[i]).reshape(tasks, docs)
+            per_task = p.mean(axis=1) + (values[i][:, :k] - p[:, :k]).mean(axis=1)
+            found[i] = float((sign * weights) @ per_task / weights.sum())
+        return found, {t: list(range(k)) for t in range(tasks)}
+    if method == "strata":  # half the anchors where the genome model is least sure (all counted), half the
+        # first of the other documents (their mean stands for the rest)
+        k = estimate.anchor_count(fraction, docs)
+        if len(promoted) < estimate.MIN_GENOMES:
+            return {i: float((sign * weights) @ values[i][:, :k].mean(axis=1) / weights.sum()) for i in ids}, {}
+        fitted = estimate.fit_genome({t: np.array([values[i][t] for i in promoted]) for t in range(tasks)},
+                                     [genome[i] for i in promoted], [genome[i] for i in ids], max(1, k // 2))
+        found, chosen = {}, {}
+        for t in range(tasks):
+            sure = list(fitted.tasks[t].documents)
+            rest = [d for d in range(docs) if d not in set(sure)][:k - len(sure)]
+            chosen[t] = sorted(sure + rest)
+        for i in ids:
+            per_task = []
+            for t in range(tasks):
+                sure = list(fitted.tasks[t].documents)
+                rest = [d for d in chosen[t] if d not in set(sure)]
+                per_task.append((values[i][t, sure].sum() + (docs - len(sure)) * values[i][t, rest].mean()) / docs)
+            found[i] = float((sign * weights) @ np.array(per_task) / weights.sum())
+        return found, chosen
+    fitted = None
+    if method.startswith("genome") and len(promoted) >= estimate.MIN_GENOMES:
+        partial = [(genome[i], {t: (d, values[i][t, d].tolist()) for t, d in seen.items()})
+                   for i, seen in pruned] if method == "genome+pruned" else []
+        fitted = estimate.fit_genome({t: np.array([values[i][t] for i in promoted]) for t in range(tasks)},
+                                     [genome[i] for i in promoted], [genome[i] for i in ids], fraction,
+                                     partial=partial)
     if fitted is None:
         basis = references + promoted
         fitted = estimate.fit({t: np.array([values[i][t] for i in basis]) for t in range(tasks)}, fraction, "gp-irt")
     guess = estimates(fitted, np.array([values[i] for i in ids]), [genome[i] for i in ids], weights, sign)
-    return {i: float(g) for i, g in zip(ids, guess)}
+    return {i: float(g) for i, g in zip(ids, guess)}, fitted.documents()
 
 
 def _scores(cheap: np.ndarray, full: np.ndarray) -> tuple[float, float, float]:

@@ -52,6 +52,12 @@ def main() -> None:
     parse.add_argument("--seeds", default="0,1,2")
     parse.add_argument("--generations", type=int, default=8, help="generations of the full-evaluation arm")
     parse.add_argument("--arms", default="full,subsample,estimate")
+    parse.add_argument("--limit", type=int, default=None, help="eval.limit (default: the demo's 100)")
+    parse.add_argument("--section", default=SECTION, help="the RESULTS.md section to write")
+    parse.add_argument("--space", choices=("demo", "second"), default="demo",
+                       help="the demo zoo, or the second zoo (evomerge.zoo.second) given by --zoo")
+    parse.add_argument("--documents", type=int, default=None,
+                       help="test documents per demo task, written under --work (default: evals/demo's 200)")
     args = parse.parse_args()
     if args.quick:
         args.seeds, args.generations = "0", 2
@@ -62,8 +68,18 @@ def main() -> None:
     from evomerge.search import genome_layout, run_loop
     from evomerge.workers import CandidateRunner
 
-    work, zoo = harness.work_and_zoo(args)
-    config = harness.demo_config(zoo, work / "estimate_search.yaml", limit=8 if args.quick else None)
+    if args.space == "second":
+        if args.zoo is None:
+            raise SystemExit("--space second needs --zoo: a second zoo (python -m evomerge.cli zoo --second DIR)")
+        work = args.work / "full"
+        work.mkdir(parents=True, exist_ok=True)
+        zoo = {"base": args.zoo / "base"}
+        config = harness.second_config(args.zoo, work / "estimate_search.yaml", limit=args.limit,
+                                       documents=args.documents)
+    else:
+        work, zoo = harness.work_and_zoo(args)
+        config = harness.demo_config(zoo, work / "estimate_search.yaml", limit=8 if args.quick else args.limit,
+                                     documents=args.documents)
     layout = genome_layout(config)
     runner = CandidateRunner(config, threads=max(1, int(config.workers.cpus_per_worker)))
     limit, population = config.eval.limit, config.search.population
@@ -105,7 +121,8 @@ def main() -> None:
     for arm in args.arms.split(","):
         found = [float(r[7]) for r in rows if r[1] == arm and r[7] != "n/a"]
         means.append(f"{arm} {np.mean(found):.4f}" if found else f"{arm} n/a")
-    body = (f"The demo search space (`search_spaces/demo.yaml`, eval.limit {limit}, {len(sizes)} tasks) on "
+    body = (f"The {args.space} search space (`search_spaces/demo.yaml`'s search, eval.limit {limit}, "
+            f"{len(sizes)} tasks) on "
             f"the zoo `{zoo['base'].parent.name}`, CMA-ES population {population}, the real loop in one process "
             f"(no Ray). Documents = every document scored (anchors and subsets by their own count), references "
             f"included; full-eval equivalents = documents / {full_docs}. Best = the best full-limit (measured) "
@@ -113,7 +130,7 @@ def main() -> None:
             + harness.table(rows, ["seed", "arm", "generations", "trials", "full-limit evaluations (evolved)",
                                    "documents", "full-eval equivalents", "best (measured)", "wall s"])
             + f"\n\nMean best over seeds: {', '.join(means)}.")
-    harness.write_section(harness.results_path(args), SECTION, host, body)
+    harness.write_section(harness.results_path(args), args.section, host, body)
 
 
 if __name__ == "__main__":

@@ -189,15 +189,47 @@ def ensure_zoo(folder: Path, quick: bool) -> dict[str, Path]:
     return {name: Path(path) for name, path in build_zoo(folder, quick=quick).items()}
 
 
-def demo_config(zoo: dict[str, Path], path: Path, limit: int | None = None, **sections):
-    """search_spaces/demo.yaml with this zoo, on the CPU (a smaller eval.limit if given, sections updated),
-    written to `path` and loaded."""
+def second_config(folder: Path, path: Path, limit: int | None = None, documents: int | None = None, **sections):
+    """demo_config's search (search_spaces/demo.yaml: per-layer task arithmetic, CMA-ES) on the second zoo
+    built in `folder` (evomerge.zoo.second: Qwen2 models, tasks second_max/succ/even/mix), its tasks
+    from the zoo's tasks/ or, with `documents`, written beside `path` with that many test documents."""
     from evomerge.config import load_config
+    from evomerge.zoo.second import MULTIPLE_CHOICE, SKILLS, TASKS, write_second_tasks
+
+    raw = yaml.safe_load((REPO / "search_spaces" / "demo.yaml").read_text())
+    raw["name"] = "second"
+    raw["models"].update(base=str(folder / "base"), experts=[str(folder / s) for s in SKILLS], device="cpu")
+    tasks = folder / "tasks"
+    if documents is not None:
+        tasks = path.parent / f"second-tasks-{documents}"
+        write_second_tasks(tasks, n=documents)
+    raw["eval"]["include_path"] = str(tasks)
+    raw["eval"]["tasks"] = [{"name": task, "metric": "acc" if task in MULTIPLE_CHOICE else "exact_match"}
+                            for task in TASKS]
+    if limit is not None:
+        raw["eval"]["limit"] = limit
+    for section, values in sections.items():
+        raw[section].update(values)
+    path.write_text(yaml.safe_dump(raw))
+    return load_config(path)
+
+
+def demo_config(zoo: dict[str, Path], path: Path, limit: int | None = None, documents: int | None = None,
+                **sections):
+    """search_spaces/demo.yaml with this zoo, on the CPU (a smaller eval.limit if given, sections updated),
+    written to `path` and loaded. `documents`: the demo tasks written beside `path` with that many test
+    documents per task (evals/demo has 200), for measurements at a larger eval.limit."""
+    from evomerge.config import load_config
+    from evomerge.zoo import write_demo_tasks
 
     raw = yaml.safe_load((REPO / "search_spaces" / "demo.yaml").read_text())
     raw["models"].update(base=str(zoo["base"]), experts=[str(p) for name, p in zoo.items() if name != "base"],
                          device="cpu")
     raw["eval"]["include_path"] = str(REPO / "evals" / "demo")
+    if documents is not None:
+        tasks = path.parent / f"demo-tasks-{documents}"
+        write_demo_tasks(tasks, n=documents)
+        raw["eval"]["include_path"] = str(tasks)
     if limit is not None:
         raw["eval"]["limit"] = limit
     for section, values in sections.items():

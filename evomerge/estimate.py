@@ -26,7 +26,10 @@ Facts this follows (tinyBenchmarks, Polo et al., ICML 2024; MERGE3, arXiv 2502.1
   logit shift per task fitted on the candidate's anchor residuals (MAP, a Gaussian prior whose scale,
   0 included, is chosen by leaving each fitted candidate out). With fewer than `MIN_GENOMES` fully
   evaluated candidates of the stage (the first generations: only the references, which have no
-  genome), the estimate falls back to gp-IRT.
+  genome), the estimate falls back to gp-IRT. With `refit`, the regression also holds the earlier
+  candidates that were scored on anchors only (not promoted): each document's GP is fitted on every
+  candidate that observed it (the anchor documents are journaled with each anchor result). Within one
+  run, those pruned candidates are most of what the run has seen near the current ones.
 
 Here the models are the run's own: generation 0's references (sources and uniform merge, always scored
 on the full limit) and, with `refit`, every candidate promoted to the full limit in an earlier
@@ -116,6 +119,7 @@ class GenomeModel:
     offsets: dict[str, int]
     low: float = 0.0  # the range predictions are kept in: [0, 1], or wider where a metric's values are
     high: float = 1.0
+    partial: int = 0  # of `genomes`, the last `partial` rows: candidates observed on anchor documents only
 
     def predict(self, genome: Any) -> np.ndarray:
         """Every document's predicted value (for 0/1 metrics: the probability of a right answer) for one genome."""
@@ -132,7 +136,8 @@ class GenomeModel:
         return float((observed.sum() + others.sum()) / len(predicted))
 
     def describe(self) -> dict[str, Any]:
-        return {"fitted": len(self.genomes), "scale": self.scale, "noise": self.noise, "shift": self.shift}
+        return {"fitted": len(self.genomes) - self.partial, "partial": self.partial, "scale": self.scale,
+                "noise": self.noise, "shift": self.shift}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,9 +356,13 @@ def _kernel(a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
 
 
 def fit_genome(matrices: dict[str, np.ndarray], genomes: list[Any], candidates: list[Any], anchors: int | float,
-               fitted_on: tuple[int, ...] = ()) -> Anchors:
+               fitted_on: tuple[int, ...] = (), partial: list[tuple[Any, dict[str, tuple[list[int], list[float]]]]]
+               = ()) -> Anchors:
     """The genome model (module docstring) from `matrices[task]` (fitted candidates x documents) and their
-    `genomes`, with anchors chosen for `candidates` (this generation's genomes)."""
+    `genomes`, with anchors chosen for `candidates` (this generation's genomes). `partial`: earlier
+    candidates scored on anchor documents only, `(genome, {task: (documents, values)})`: each document's
+    regression also holds the candidates that observed it (length scale, noise and logit shift are still
+    chosen on the fully evaluated candidates)."""
     tasks = list(matrices)
     sizes = {task: np.asarray(matrices[task]).shape[1] for task in tasks}
     offsets = dict(zip(tasks, np.cumsum([0] + [sizes[t] for t in tasks])[:-1].tolist()))
@@ -375,7 +384,11 @@ def fit_genome(matrices: dict[str, np.ndarray], genomes: list[Any], candidates: 
     coefficients = inverse @ z
     low, high = min(0.0, float(y.min())), max(1.0, float(y.max()))
     held_out = np.clip(y - coefficients / np.diag(inverse)[:, None], low, high)  # each fitted one left out
-    model = GenomeModel(g, coefficients, mean, float(length), float(noise), 0.0, offsets, low, high)
+    rows = g
+    if len(partial):
+        rows, coefficients = with_partial(g, z, mean, offsets, partial, length, noise, coefficients)
+    model = GenomeModel(rows, coefficients, mean, float(length), float(noise), 0.0, offsets, low, high,
+                        len(rows) - len(g))
     predicted = np.array([model.predict(c) for c in candidates]) if len(candidates) else held_out
     spread = (predicted * (1 - predicted)).sum(axis=0)
     chosen: dict[str, TaskAnchors] = {}
@@ -398,6 +411,36 @@ def fit_genome(matrices: dict[str, np.ndarray], genomes: list[Any], candidates: 
         errors.append(error)
     shift = SHIFTS[int(np.argmin(errors))]
     return Anchors(chosen, tuple(fitted_on), dataclasses.replace(model, shift=float(shift)))
+
+
+def with_partial(g: np.ndarray, z: np.ndarray, mean: np.ndarray, offsets: dict[str, int],
+                 partial: list[tuple[Any, dict[str, tuple[list[int], list[float]]]]], length: float, noise: float,
+                 coefficients: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The fitted genomes with the partial candidates' below them, and the regression's coefficients:
+    for each document, the exact GP posterior on the rows that observed it (the fully fitted ones and
+    the partial ones that had it as an anchor; the others' coefficients 0). Documents with the same
+    observing rows share one solve; a document no partial candidate observed keeps `coefficients`."""
+    fitted = len(g)
+    observed = np.zeros((len(partial), z.shape[1]), dtype=bool)
+    values = np.zeros((len(partial), z.shape[1]))
+    for row, (_, found) in enumerate(partial):
+        for task, (documents, got) in found.items():
+            columns = offsets[task] + np.asarray(documents, dtype=int)
+            observed[row, columns] = True
+            values[row, columns] = got
+    every = np.vstack([g, np.asarray([genome for genome, _ in partial], dtype=float)])
+    out = np.zeros((len(every), z.shape[1]))
+    out[:fitted] = coefficients
+    groups: dict[bytes, list[int]] = {}
+    for column in np.flatnonzero(observed.any(axis=0)):  # in column order: the same groups every time
+        groups.setdefault(np.packbits(observed[:, column]).tobytes(), []).append(int(column))
+    kernel = _kernel(every, every, length)
+    for columns in groups.values():
+        rows = np.concatenate([np.arange(fitted), fitted + np.flatnonzero(observed[:, columns[0]])])
+        target = np.vstack([z[:, columns], values[rows[fitted:] - fitted][:, columns] - mean[columns]])
+        out[:, columns] = 0.0
+        out[np.ix_(rows, columns)] = np.linalg.solve(kernel[np.ix_(rows, rows)] + noise * np.eye(len(rows)), target)
+    return every, out
 
 
 def estimated_quality(estimates: dict[str, float], weights: dict[str, float], higher: dict[str, bool]) -> float:
@@ -475,13 +518,31 @@ def run_anchors(eval_config: EvalConfig, records: list[dict[str, Any]], generati
         found, ids = matrices(fitted, tasks)
         if len(ids) >= MIN_GENOMES:
             genome = {r["trial"]: r["genome"] for r in fitted}
-            return fit_genome(found, [genome[i] for i in ids], list(candidates), settings.anchors, ids)
+            partial = anchor_results(records, tasks, limit, width, first, generation) if settings.refit else []
+            return fit_genome(found, [genome[i] for i in ids], list(candidates), settings.anchors, ids, partial)
     found, ids = matrices(basis, tasks)
     if len(ids) < 2:
         raise EvalError(f"eval.estimate: anchors need the full per-document results of at least 2 scored models "
                         f"(the references: search.references must be true), found {len(ids)}; every task's metric "
                         f"must be a mean of per-document scores")
     return fit(found, settings.anchors, "anchors" if settings.method == "anchors" else "gp-irt", settings.mix, ids)
+
+
+def anchor_results(records: list[dict[str, Any]], tasks: list[str], limit: Any, width: int, first: int,
+                   generation: int) -> list[tuple[list[float], dict[str, tuple[list[int], list[float]]]]]:
+    """The anchor results of the stage's candidates of generations first .. generation - 1 that were not
+    promoted (pruned, with their anchor documents journaled), in trial order: `(genome, {task: (documents,
+    values)})`, what fit_genome's `partial` takes."""
+    found = []
+    for r in sorted(records, key=lambda r: r["trial"]):
+        documents = r.get("anchor_documents") or {}
+        if (r.get("state") == "pruned" and first <= r.get("generation", 0) < generation
+                and len(r.get("genome") or ()) == width and (r.get("sample") or {}).get("limit", limit) == limit
+                and all(t in documents and t in (r.get("per_doc") or {}) for t in tasks)):
+            values = {t: decode(r["per_doc"][t]) for t in tasks}
+            if all(len(values[t]) == len(documents[t]) for t in tasks):
+                found.append((r["genome"], {t: (documents[t], values[t]) for t in tasks}))
+    return found
 
 
 def race(eval_config: EvalConfig, pool: Any, references: list[Trial], candidates: list[Trial],
@@ -508,7 +569,8 @@ def race(eval_config: EvalConfig, pool: Any, references: list[Trial], candidates
         return dataclasses.replace(result, quality=value)
 
     def line(trial: Trial, result: TrialResult) -> dict[str, Any]:
-        entry = {**record(trial, result), "anchors": anchors.digest(), "fitted_on": list(anchors.fitted_on)}
+        entry = {**record(trial, result), "anchors": anchors.digest(), "fitted_on": list(anchors.fitted_on),
+                 "anchor_documents": anchors.documents()}
         if result.ok:
             entry["estimate"] = {"quality": estimated(trial, result).quality, "anchor_quality": result.quality,
                                  "method": anchors.method, "cost": anchors.cost()}

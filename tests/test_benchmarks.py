@@ -189,3 +189,21 @@ def test_estimate_search_quick(tmp_path, zoo) -> None:
     for arm, generations in (("full", 2), ("subsample", 2), ("estimate", 5)):  # about the same documents
         assert re.search(rf"\| 0 \| {arm} \| {generations} \|( [^|]+ \|){{6}}", section), section
     assert re.search(r"Mean best over seeds: full 0\.\d{4}, subsample 0\.\d{4}, estimate 0\.\d{4}\.", section), section
+
+
+@pytest.mark.slow
+def test_estimate_documents_replays_a_run_at_fewer_documents(tmp_path, zoo) -> None:
+    run_quick("estimate_search.py", tmp_path, "--zoo", str(zoo["base"].parent), "--arms", "full", "--documents", "12")
+    run = tmp_path / "work" / "quick" / "runs" / "full0"
+    assert "demo-tasks-12" in (run / "config.yaml").read_text()  # the tasks written with 12 documents each
+    results = tmp_path / "R6e.md"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "estimate_documents.py"), "--quick", "--replay",
+                           str(run), "--documents", "4,8", "--fractions", "0.25", "--results", str(results)],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    section = check_section(results.read_text(), "6e. Cheaper fitness vs documents per task", "estimate_documents.py")
+    for n in (4, 8):  # one row per N and estimator, at 25% of N
+        for name in ("subsample (first)", "gp-irt", "genome"):
+            assert re.search(rf"\| {n} \| 25% \({1 if n == 4 else 2}/{n}\) \| {re.escape(name)} \|", section), section
+    assert "**Spearman >= 0.9 at <= 10% of the documents (over the run)**" in section

@@ -166,6 +166,33 @@ def test_genome_model_ranks_near_duplicates_better_than_the_documents_alone() ->
     assert all(0 < values[fitted_on][:, d].mean() < 1 for d in docs)
 
 
+def test_genome_model_with_anchor_only_candidates_is_the_gp_on_each_documents_observers() -> None:
+    genomes, values = _near_duplicates(40)
+    fitted, partial, ranked = slice(0, 12), range(12, 30), slice(30, 40)
+    seen = [sorted({(5 * i + 3 * j) % 60 for j in range(15)}) for i in range(len(partial))]  # docs 60+: unseen
+    anchors_only = [(genomes[i], {"t": (docs, values[i, docs].tolist())}) for i, docs in zip(partial, seen)]
+    plain = estimate.fit_genome({"t": values[fitted]}, list(genomes[fitted]), list(genomes[ranked]), 12)
+    more = estimate.fit_genome({"t": values[fitted]}, list(genomes[fitted]), list(genomes[ranked]), 12,
+                               partial=anchors_only)
+    same = ("fitted", "scale", "noise")  # chosen on the fully evaluated candidates only
+    assert more.model.partial == 18 and all(more.model.describe()[k] == plain.model.describe()[k] for k in same)
+    again = estimate.fit_genome({"t": values[fitted]}, list(genomes[fitted]), list(genomes[ranked]), 12,
+                                partial=anchors_only)
+    assert np.array_equal(again.model.coefficients, more.model.coefficients)
+    model, target = more.model, genomes[35]
+    unseen = sorted(set(range(120)) - {d for docs in seen for d in docs})
+    assert unseen and np.allclose(model.predict(target)[unseen], plain.model.predict(target)[unseen])
+    # a document some anchor-only candidates saw: the GP posterior mean on exactly its observers
+    doc = seen[0][0]
+    rows = list(range(12)) + [12 + i for i, docs in enumerate(seen) if doc in docs]
+    x, y = genomes[rows], values[rows, doc] - values[fitted, doc].mean()
+    k = np.exp(-((x[:, None] - x[None]) ** 2).sum(axis=2) / (2 * model.scale ** 2))
+    k_star = np.exp(-((target - x) ** 2).sum(axis=1) / (2 * model.scale ** 2))
+    exact = values[fitted, doc].mean() + k_star @ np.linalg.solve(k + model.noise * np.eye(len(rows)), y)
+    assert math.isclose(model.predict(target)[doc], min(max(exact, 0.0), 1.0), abs_tol=1e-9)
+    assert not np.allclose(model.predict(target)[seen[0]], plain.model.predict(target)[seen[0]])
+
+
 def test_run_anchors_fall_back_to_gp_irt_until_three_candidates_are_fitted() -> None:
     config = estimate_config()
     genomes, values = _near_duplicates(8, docs=DOCS)
@@ -239,6 +266,12 @@ def test_estimate_run_scores_anchors_promotes_and_ranks_measured_only(tmp_path: 
     # the genome model once three candidates are fully evaluated (after generation 0), gp-irt before
     methods = {line["generation"]: line["estimate"]["method"] for line in lines}
     assert methods == {0: "gp-irt", 1: "genome", 2: "genome", 3: "genome"}
+    # each anchor result names its documents; the genome model also learns from the earlier pruned ones
+    assert all(sorted(line["anchor_documents"]) == ["t"] and len(line["anchor_documents"]["t"]) == 10
+               for line in lines)
+    partial = {line["generation"]: line["estimate"]["model"]["partial"] for line in lines
+               if "model" in line["estimate"]}
+    assert partial == {1: 3, 2: 6, 3: 9}
     assert all(r["estimate"]["method"] == methods[r["generation"]] for r in complete)
 
 

@@ -50,6 +50,9 @@ def test_documents_are_held_out_and_the_mixed_task_needs_two_experts() -> None:
     assert {p.split()[0] for p in prompts["second_mix", "test"]} == set(S.MIXED)
     for doc in S.task_documents("second_even"):
         assert int(doc["choices"][doc["label"]]) % 2 == 0 and sum(int(c) % 2 == 0 for c in doc["choices"]) == 1
+    for task in S.TASKS:  # more test documents (benchmarks at a larger eval.limit): the usual ones first
+        more = S.task_documents(task, "test", S.EVAL_SIZE + 50)
+        assert len(more) == S.EVAL_SIZE + 50 and more[:S.EVAL_SIZE] == S.task_documents(task, "test")
     # no training batch holds a task's prompt, and the batches show every format
     excluded = S.excluded_prompts()
     for mix in (S.SECOND_RECIPE.base_mix, S.SECOND_RECIPE.replay_mix):

@@ -102,6 +102,15 @@ def test_committed_eval_data_and_tasks_are_what_the_generator_writes(tmp_path) -
         assert all(set(row["prompt"] + row["answer"]) <= set(Z.CHARS) for row in rows)
 
 
+def test_more_documents_per_task_start_with_the_committed_ones(tmp_path) -> None:
+    Z.write_demo_tasks(tmp_path, n=Z.EVAL_SIZE + 50)  # what a benchmark at a larger eval.limit writes
+    for skill in Z.SKILLS:
+        rows = (tmp_path / f"demo_{skill}.jsonl").read_text().splitlines()
+        committed = (DEMO_TASKS / f"demo_{skill}.jsonl").read_text().splitlines()
+        assert len(rows) == len(set(rows)) == Z.EVAL_SIZE + 50 and rows[:Z.EVAL_SIZE] == committed
+        assert (tmp_path / f"demo_{skill}.yaml").read_text() == (DEMO_TASKS / f"demo_{skill}.yaml").read_text()
+
+
 def test_eval_prompts_never_appear_in_training_batches() -> None:
     excluded = Z.training_excluded_prompts()
     assert len(excluded) == Z.EVAL_SIZE * len(Z.SKILLS)

@@ -340,9 +340,13 @@ metadata:
 """
 
 
-def write_demo_tasks(task_dir: str | os.PathLike, *, absolute: bool = False) -> dict[str, Path]:
+def write_demo_tasks(task_dir: str | os.PathLike, *, absolute: bool = False, n: int = EVAL_SIZE) -> dict[str, Path]:
     """Write the lm-eval tasks ``demo_<skill>`` into ``task_dir``: ``demo_<skill>.yaml`` with
-    its held-out data ``demo_<skill>.jsonl`` beside it. Returns ``{skill: yaml_path}``.
+    its held-out data ``demo_<skill>.jsonl`` (``n`` documents) beside it. Returns ``{skill: yaml_path}``.
+
+    ``n`` above EVAL_SIZE (the committed evals/demo) is for benchmarks that measure at more documents
+    per task: the first EVAL_SIZE documents are the committed ones (drawn in order from one seeded
+    generator), the later ones were not kept out of the zoo's training batches (two-digit sums repeat).
 
     lm-eval 0.4.13 hands ``dataset_kwargs.data_files`` to ``datasets.load_dataset``
     unchanged, and ``datasets`` resolves a relative path against the current working
@@ -352,7 +356,7 @@ def write_demo_tasks(task_dir: str | os.PathLike, *, absolute: bool = False) -> 
     for plain lm-eval from any working directory.
     """
     task_dir = Path(task_dir)
-    data = write_eval_data(task_dir)
+    data = write_eval_data(task_dir, n=n)
     out: dict[str, Path] = {}
     for skill, path in data.items():
         ref = path.resolve().as_posix() if absolute else path.name

@@ -146,27 +146,29 @@ def _document(task: str, example: dict) -> dict:
 
 
 @functools.cache
-def _documents() -> dict[tuple[str, str], list[dict]]:
-    """Every task's `test` documents, then every task's `train` documents, each drawn from its own
+def _documents(n: int = EVAL_SIZE) -> dict[tuple[str, str], list[dict]]:
+    """Every task's `n` `test` documents, then every task's `train` documents, each drawn from its own
     seeded generator; no prompt is in two of these lists."""
     used: set[str] = set()
     out: dict[tuple[str, str], list[dict]] = {}
-    for split, n, seed in (("test", EVAL_SIZE, EVAL_SEED), ("train", TRAIN_SIZE, TRAIN_SEED)):
+    for split, size, seed in (("test", n, EVAL_SEED), ("train", TRAIN_SIZE, TRAIN_SEED)):
         for task in TASKS:
-            examples = distinct_examples(_generator(task), n, random.Random(f"second-{split}-{task}-{seed}"),
+            examples = distinct_examples(_generator(task), size, random.Random(f"second-{split}-{task}-{seed}"),
                                          "prompt", frozenset(used))
             used.update(ex["prompt"] for ex in examples)
             out[task, split] = [_document(task, ex) for ex in examples]
     return out
 
 
-def task_documents(task: str, split: str = "test") -> list[dict]:
-    """The documents of a second-zoo task: `test` (held out, scored for fitness) or `train` (router
-    training). No training batch of the zoo's models holds one of their prompts."""
-    if (task, split) not in _documents():
+def task_documents(task: str, split: str = "test", n: int = EVAL_SIZE) -> list[dict]:
+    """The documents of a second-zoo task: `test` (held out, scored for fitness; `n` of them) or `train`
+    (router training). With the default `n`, no training batch of the zoo's models holds one of their
+    prompts; a larger `n` (benchmarks at more documents per task) draws test documents the training
+    batches were not kept from, and its train documents differ."""
+    if (task, split) not in _documents(n):
         raise ValueError(f"task/split: unknown {task!r}/{split!r}, expected one of {sorted(TASKS)} and "
                          f"test or train")
-    return [dict(doc) for doc in _documents()[task, split]]
+    return [dict(doc) for doc in _documents(n)[task, split]]
 
 
 def excluded_prompts() -> frozenset[str]:
@@ -188,16 +190,17 @@ metadata:
 """
 
 
-def write_second_tasks(task_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write the lm-eval tasks of the second zoo into ``task_dir``: ``<task>.yaml``, its test documents
-    ``<task>.jsonl`` and train documents ``<task>_train.jsonl``. Returns ``{task: yaml_path}``."""
+def write_second_tasks(task_dir: str | os.PathLike, n: int = EVAL_SIZE) -> dict[str, Path]:
+    """Write the lm-eval tasks of the second zoo into ``task_dir``: ``<task>.yaml``, its ``n`` test
+    documents ``<task>.jsonl`` and train documents ``<task>_train.jsonl``. Returns ``{task: yaml_path}``.
+    ``n`` above EVAL_SIZE is for benchmarks at more documents per task (see task_documents)."""
     task_dir = Path(task_dir)
     task_dir.mkdir(parents=True, exist_ok=True)
     out: dict[str, Path] = {}
     for task, skills in TASKS.items():
         test = task_dir / f"{task}.jsonl"
         for split, path in (("test", test), ("train", train_path(test))):
-            lines = [json.dumps(doc, sort_keys=True) for doc in task_documents(task, split)]
+            lines = [json.dumps(doc, sort_keys=True) for doc in task_documents(task, split, n)]
             path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         template = _CHOICE_TASK_YAML if task in MULTIPLE_CHOICE else GENERATE_TASK_YAML
         header = (f"The second zoo's task {task}: documents of skill(s) {', '.join(skills)}, written by "
