@@ -189,11 +189,22 @@ def ensure_zoo(folder: Path, quick: bool) -> dict[str, Path]:
     return {name: Path(path) for name, path in build_zoo(folder, quick=quick).items()}
 
 
+def _written(raw: dict, path: Path, limit: int | None, sections: dict):
+    """`raw` with a smaller eval.limit if given and its sections updated, written to `path` and loaded."""
+    from evomerge.config import load_config
+
+    if limit is not None:
+        raw["eval"]["limit"] = limit
+    for section, values in sections.items():
+        raw[section].update(values)
+    path.write_text(yaml.safe_dump(raw))
+    return load_config(path)
+
+
 def second_config(folder: Path, path: Path, limit: int | None = None, documents: int | None = None, **sections):
     """demo_config's search (search_spaces/demo.yaml: per-layer task arithmetic, CMA-ES) on the second zoo
     built in `folder` (evomerge.zoo.second: Qwen2 models, tasks second_max/succ/even/mix), its tasks
     from the zoo's tasks/ or, with `documents`, written beside `path` with that many test documents."""
-    from evomerge.config import load_config
     from evomerge.zoo.second import MULTIPLE_CHOICE, SKILLS, TASKS, write_second_tasks
 
     raw = yaml.safe_load((REPO / "search_spaces" / "demo.yaml").read_text())
@@ -206,12 +217,7 @@ def second_config(folder: Path, path: Path, limit: int | None = None, documents:
     raw["eval"]["include_path"] = str(tasks)
     raw["eval"]["tasks"] = [{"name": task, "metric": "acc" if task in MULTIPLE_CHOICE else "exact_match"}
                             for task in TASKS]
-    if limit is not None:
-        raw["eval"]["limit"] = limit
-    for section, values in sections.items():
-        raw[section].update(values)
-    path.write_text(yaml.safe_dump(raw))
-    return load_config(path)
+    return _written(raw, path, limit, sections)
 
 
 def demo_config(zoo: dict[str, Path], path: Path, limit: int | None = None, documents: int | None = None,
@@ -219,7 +225,6 @@ def demo_config(zoo: dict[str, Path], path: Path, limit: int | None = None, docu
     """search_spaces/demo.yaml with this zoo, on the CPU (a smaller eval.limit if given, sections updated),
     written to `path` and loaded. `documents`: the demo tasks written beside `path` with that many test
     documents per task (evals/demo has 200), for measurements at a larger eval.limit."""
-    from evomerge.config import load_config
     from evomerge.zoo import write_demo_tasks
 
     raw = yaml.safe_load((REPO / "search_spaces" / "demo.yaml").read_text())
@@ -230,9 +235,4 @@ def demo_config(zoo: dict[str, Path], path: Path, limit: int | None = None, docu
         tasks = path.parent / f"demo-tasks-{documents}"
         write_demo_tasks(tasks, n=documents)
         raw["eval"]["include_path"] = str(tasks)
-    if limit is not None:
-        raw["eval"]["limit"] = limit
-    for section, values in sections.items():
-        raw[section].update(values)
-    path.write_text(yaml.safe_dump(raw))
-    return load_config(path)
+    return _written(raw, path, limit, sections)
