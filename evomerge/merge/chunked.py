@@ -135,8 +135,8 @@ def mix_task_vectors_into(
     if not live:
         return copy_into(out, base)
     experts, masks, scale, weight = ([xs[i] for i in live] for xs in (experts, masks, scale, weight))
-    if work == torch.float32 and fused.mix_into(out, base, experts, masks, scale, weight, consensus=consensus,
-                                                normalize=normalize, lambda_=lambda_, divisor=plain_divisor):
+    if fused.mix_into(out, base, experts, masks, scale, weight, consensus=consensus, normalize=normalize,
+                      lambda_=lambda_, divisor=plain_divisor):  # float32 or bfloat16 on the CPU: one compiled pass
         return out
     count = len(experts)
     stream = Stream([base, *experts], work, out)
@@ -337,7 +337,7 @@ def rescale_factor(base: torch.Tensor, expert: torch.Tensor, keep: torch.Tensor 
         return 1.0 / density
     if mode != "l1":
         return 1.0
-    sums = fused.l1_norms(base, expert, keep) if work == torch.float32 else None  # one pass, any mask form
+    sums = fused.l1_norms(base, expert, keep)  # float32 or bfloat16 on the CPU: one compiled pass, any mask form
     if sums is not None:
         before, after = sums
     else:

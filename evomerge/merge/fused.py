@@ -47,7 +47,6 @@ from evomerge.merge import prepared
 log = logging.getLogger(__name__)
 
 MAX_EXPERTS = 8  # the loop is compiled for 1..8 live experts; more: the eager path
-CHUNK = 1 << 18  # bfloat16 targets: entries computed in float32 at a time, then narrowed
 
 SOURCE = r"""
 #include <math.h>
@@ -343,10 +342,17 @@ class Rule(NamedTuple):
     ranks: torch.Tensor | None = None
 
 
+def _keep_all(kind: int) -> Rule:
+    """No mask, as a rule of `kind`: |delta| > -inf, or u < +inf (an expert without a mask in a call
+    whose masks draw: its draws and ranks are read from the base, any finite values)."""
+    bounds = {DRAWS: (_INF, _INF, 0.0, 0.0), MAGPRUNE: (0.0, 0.0, _INF, _INF)}.get(kind, (-_INF, -_INF, _INF, _INF))
+    return Rule(kind, (0, 0), bounds)
+
+
 def _rule(keep: prepared.Keep | None, numel: int) -> Rule | None:
-    """A mask as a `Rule`; None (keep everything) as ABOVE -inf; None for a mask it cannot express."""
+    """A mask as a `Rule` (None: keep everything); None for a mask it cannot express."""
     if keep is None:
-        return Rule(ABOVE, (0, 0), (-_INF, -_INF, _INF, _INF))
+        return _keep_all(ABOVE)
     if isinstance(keep, prepared.ThresholdKeep):  # |delta| >= t up to the cut-off (ties kept), > t after
         split = numel if keep.cutoff is None else keep.cutoff + 1
         return Rule(ABOVE, (split, 0), (prepared.at_least(keep.threshold, torch.float32), keep.threshold, _INF, _INF))
@@ -363,14 +369,6 @@ def _rule(keep: prepared.Keep | None, numel: int) -> Rule | None:
         return Rule(MAGPRUNE, (0, 0), (keep.epsilon, keep.epsilon, shift, shift), draws=keep.draws,
                     ranks=keep.twice_rank_norm)
     return None
-
-
-def _drawn(rule: Rule, kind: int) -> Rule:
-    """An expert with no mask in a call whose masks draw: keep all (u < +inf; its draws and ranks
-    are read from the base, any finite values)."""
-    if rule.kind == kind or rule.bounds[0] != -_INF:
-        return rule
-    return Rule(kind, (0, 0), (_INF, _INF, 0.0, 0.0) if kind == DRAWS else (0.0, 0.0, _INF, _INF))
 
 
 def _f32(values: Sequence[float]) -> torch.Tensor:
@@ -405,9 +403,9 @@ def mix_into(out: torch.Tensor, base: torch.Tensor, experts: Sequence[torch.Tens
         return False
     kind = max(rule.kind for rule in rules)  # type: ignore[union-attr]
     if kind >= DRAWS:  # experts without a mask join the draws' rule; a magnitude rule beside draws: eager
-        if dtype != torch.float32 and any(rule.draws is None for rule in rules):  # type: ignore[union-attr]
+        if dtype != torch.float32 and any(mask is None for mask in masks):
             return False  # (their stand-in draws are the base's entries, read as float32)
-        rules = [_drawn(rule, kind) for rule in rules]  # type: ignore[arg-type]
+        rules = [_keep_all(kind) if mask is None else rule for mask, rule in zip(masks, rules)]
     if ({rule.kind for rule in rules} - {kind} - ({ABOVE} if kind == BAND else set())  # type: ignore[union-attr]
             or not _usable([t for rule in rules for t in (rule.draws, rule.ranks)])):  # type: ignore[union-attr]
         return False
@@ -426,12 +424,14 @@ def mix_into(out: torch.Tensor, base: torch.Tensor, experts: Sequence[torch.Tens
     if dtype == torch.float32:
         mix(out, 0, base.numel())
         return True
-    # bfloat16: each slice computed in float32, then narrowed by torch as the eager path narrows it
-    target, scratch = out.view(-1), torch.empty(min(base.numel(), CHUNK), dtype=torch.float32)
-    for start in range(0, base.numel(), CHUNK):
-        stop = min(start + CHUNK, base.numel())
-        mix(scratch, start, stop)
-        target[start:stop].copy_(scratch[: stop - start])
+    # bfloat16: each of the eager path's slices computed in float32, then narrowed by torch as it narrows them
+    from evomerge.merge.chunked import chunk_size, slices  # (chunked calls this module)
+
+    target = out.view(-1)
+    scratch = torch.empty(min(base.numel(), chunk_size(out.device)), dtype=torch.float32)
+    for part in slices(base.numel(), out.device):
+        mix(scratch, part.start, part.stop)
+        target[part].copy_(scratch[: part.stop - part.start])
     return True
 
 
