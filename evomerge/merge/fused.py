@@ -46,7 +46,7 @@ from evomerge.merge import prepared
 
 log = logging.getLogger(__name__)
 
-MAX_EXPERTS = 8  # the loop is compiled for 1..8 live experts; more: the eager path
+MAX_EXPERTS = 8  # the loop is compiled for 1..8 live experts (SOURCE: its #define and switch); more: eager
 
 SOURCE = r"""
 #include <math.h>
@@ -328,7 +328,7 @@ def library() -> ctypes.CDLL | None:
 
 
 _INF = float("inf")
-ABOVE, BAND, DRAWS, MAGPRUNE, MASK = range(5)  # the C source's rules
+ABOVE, BAND, DRAWS, MAGPRUNE, MASK = range(5)  # SOURCE's enum of rules, in its order
 
 
 class Rule(NamedTuple):
